@@ -1,0 +1,32 @@
+# Every target creates the virtual environment when it is missing (or when pyproject.toml changed).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= out
+export SAM2_BUILD_CUDA = 0
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	# sam2 builds from source and imports torch in its setup.py: build it against the torch just installed.
+	$(PY) -m pip install -q --no-build-isolation sam2==1.1.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/groundseg predict --image examples/shapes.png --question "Where is the red circle?" \
+		--out $(OUT)/demo/result.json --overlay $(OUT)/demo/overlay.png
+	$(VENV)/bin/groundseg predict --image examples/shapes.png --points 120,80,1 \
+		--out $(OUT)/demo/click.json --overlay $(OUT)/demo/click.png
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache

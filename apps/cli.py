@@ -1,0 +1,120 @@
+"""The ``groundseg`` command line. Every user-facing failure prints one line and exits non-zero;
+set GROUNDSEG_DEBUG=1 to see the traceback of an unexpected one."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from grounding.errors import GroundsegError, PromptError
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "shapes-tiny"
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Grounding and segmentation: boxes and masks for what a question names.")
+console = Console(stderr=True)
+
+
+def _numbers(text: str, n: tuple[int, ...], what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise PromptError(f"{what} {text!r} is not a list of numbers") from None
+    if len(values) not in n:
+        raise PromptError(f"{what} {text!r} needs {' or '.join(map(str, n))} comma-separated numbers")
+    return values
+
+
+def _model_dir(model: Optional[Path]) -> Path:
+    return model if model is not None else DEFAULT_MODEL
+
+
+@app.command()
+def predict(
+    image: Path = typer.Option(..., help="Image file (any format Pillow reads; EXIF orientation is applied)."),
+    question: Optional[str] = typer.Option(None, help="Question; without it, --points/--box go to the mask decoder alone."),
+    points: list[str] = typer.Option([], "--points", help="Click x,y[,label] in pixels (label 1 object, 0 background); repeat."),
+    box: list[str] = typer.Option([], "--box", help="Box x1,y1,x2,y2 in pixels; repeat for several."),
+    out: Path = typer.Option(Path("result.json"), help="Where to write the JSON result (masks as COCO RLE)."),
+    overlay: Optional[Path] = typer.Option(None, help="Also write a picture of the masks and boxes (PNG/JPEG)."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: the embedded shapes-tiny)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
+    max_new_tokens: int = typer.Option(128, min=1, help="Longest answer to generate."),
+) -> None:
+    """Answer a question about an image with boxes and masks, or segment clicks and boxes."""
+    from apps.overlay import draw_overlay, save_image
+    from grounding.predictor import Grounder
+
+    pts = [_numbers(p, (2, 3), "point") for p in points]
+    labels = [int(p[2]) if len(p) == 3 else 1 for p in pts]
+    boxes = [_numbers(b, (4,), "box") for b in box]
+    if question is None and not pts and not boxes:
+        raise PromptError("give --question, or --points / --box for the click path")
+    grounder = Grounder.from_pretrained(_model_dir(model), device=device, max_new_tokens=max_new_tokens)
+    xy = [p[:2] for p in pts] or None
+    if question is None:
+        result = grounder.segment(image, points=xy, point_labels=labels or None, boxes=boxes or None)
+    else:
+        result = grounder.predict(image, question, points=xy, point_labels=labels or None, boxes=boxes or None)
+    result.save_json(out)
+    if overlay is not None:
+        pixels = grounder.prepare([image])[0].pixels
+        save_image(overlay, draw_overlay(pixels, result, points=xy, point_labels=labels or None, boxes=boxes or None))
+    _print_result(result, out, overlay)
+
+
+@app.command("init-tiny")
+def init_tiny(
+    directory: Path = typer.Argument(..., help="Where to write the checkpoint."),
+    seed: int = typer.Option(0, help="Random seed of the weights."),
+    backend: str = typer.Option("sam", help="Mask decoder backend: sam or sam2."),
+) -> None:
+    """Write a tiny random checkpoint: for tests, and to try the CLI before trained weights exist."""
+    from grounding.presets import init_tiny as write_tiny
+
+    path = write_tiny(directory, seed=seed, backend=backend)
+    console.print(f"wrote a tiny random {backend} checkpoint to {path}")
+
+
+def _print_result(result, out: Path, overlay: Optional[Path]) -> None:
+    stdout = Console()
+    if result.answer:
+        stdout.print(f"[bold]answer:[/bold] {result.answer}", markup=True, highlight=False)
+    for i, t in enumerate(result.targets):
+        box = "none" if t.box is None else "(" + ", ".join(f"{v:.1f}" for v in t.box) + ")"
+        area = 0 if t.mask is None else int(t.mask.sum())
+        stdout.print(f"  target {i}: {t.phrase or '-'}  box {box}  mask area {area} px", highlight=False)
+    for note in result.notes:
+        stdout.print(f"  note: {note}", highlight=False)
+    stdout.print(f"wrote {out}" + (f" and {overlay}" if overlay else ""), highlight=False)
+
+
+def _fail(message: str, code: int) -> None:
+    """One line on stderr (never wrapped, whatever the terminal width), then exit."""
+    sys.stderr.write(" ".join(message.split()) + "\n")
+    sys.exit(code)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except GroundsegError as err:
+        _fail(f"error: {err}", 2)
+    except (typer.Exit, typer.Abort) as err:
+        sys.exit(getattr(err, "exit_code", 1))
+    except Exception as err:  # click usage errors and the unexpected
+        import click
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if os.environ.get("GROUNDSEG_DEBUG"):
+            raise
+        _fail(f"error: {type(err).__name__}: {err} (set GROUNDSEG_DEBUG=1 for the traceback)", 1)
+
+
+if __name__ == "__main__":
+    main()

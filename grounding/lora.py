@@ -1,0 +1,65 @@
+"""LoRA setup for stage-2 fine-tuning, and the ONE place that says which parameters train.
+
+Trainable (reference §3, LISA's recipe):
+  - LoRA adapters on the language model's q_proj / v_proj (never on the CLIP tower);
+  - the rows of the input embedding that belong to the project's new tokens ([SEG], <ref>, ...);
+  - the LM head (full copy, so new tokens can be predicted);
+  - the [SEG] projection;
+  - the mask decoder of SAM / SAM2 (its light transformer + heads).
+Frozen: the vision tower, the multimodal projector, the language model's base weights, SAM's image encoder
+and prompt encoder.
+"""
+from __future__ import annotations
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from grounding.config import LoraSettings
+from grounding.model import GroundingModel
+from grounding.tokens import SPECIAL_TOKENS
+
+
+def lora_config(settings: LoraSettings, new_token_ids: list[int]) -> LoraConfig:
+    return LoraConfig(
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        trainable_token_indices={"embed_tokens": sorted(new_token_ids)},
+        modules_to_save=["lm_head"],
+    )
+
+
+def new_token_ids(model: GroundingModel, tokenizer) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+
+
+def apply_lora(model: GroundingModel, settings: LoraSettings, token_ids: list[int]) -> GroundingModel:
+    """Wrap the VLM with peft in place and set every requires_grad flag; records ``settings`` in the config."""
+    model.vlm = get_peft_model(model.vlm, lora_config(settings, token_ids))
+    model.config.lora = settings
+    set_trainable(model)
+    return model
+
+
+def set_trainable(model: GroundingModel) -> None:
+    """requires_grad per the list in the module docstring. peft has already frozen the VLM's base weights and
+    made its adapters, token rows and lm_head copy trainable; the rest is set here."""
+    if not isinstance(model.vlm, PeftModel):
+        raise ValueError("apply LoRA first: set_trainable describes stage 2 (LoRA) training")
+    for p in model.mask_decoder.parameters():
+        p.requires_grad_(False)
+    for p in model.mask_decoder.trainable_decoder_module().parameters():
+        p.requires_grad_(True)
+    for p in model.seg_projection.parameters():
+        p.requires_grad_(True)
+
+
+def merge_lora(model: GroundingModel) -> GroundingModel:
+    """Fold the adapters, token rows and lm_head copy into plain weights (for faster inference and export)."""
+    if isinstance(model.vlm, PeftModel):
+        model.vlm = model.vlm.merge_and_unload()
+        model.config.lora = None
+    return model
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]

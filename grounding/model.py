@@ -1,0 +1,157 @@
+"""GroundingModel: a LLaVA VLM whose [SEG] hidden states become prompts for a SAM / SAM2 mask decoder.
+
+    image ──► vision tower ─► projector ─┐
+    text ─────────────────────────────────► language model ─► last hidden state at each [SEG] (or before it)
+                                                                   │ seg_projection: h -> h -> prompt_dim
+    image ──► mask decoder's image encoder (frozen) ─► mask decoder ◄┘ one sparse prompt token per [SEG]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerBase
+
+from grounding.config import GroundingConfig
+from grounding.errors import CheckpointError
+from grounding.tokens import IMAGE, SEG
+from segdecoder import ImageEmbedding, MaskDecoderBackend, build_decoder
+
+
+class SegProjection(nn.Module):
+    """``[n, hidden]`` -> ``[n, prompt_dim]``: Linear(h, h) -> ReLU -> Linear(h, prompt_dim), as in LISA."""
+
+    def __init__(self, hidden_size: int, prompt_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, prompt_dim))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.net(states)
+
+
+@dataclass
+class GroundingOutput:
+    """Losses are scalars; ``mask_logits[i]`` is ``[n_i, H_i, W_i]`` at sample i's original size (one per [SEG]);
+    ``seg_embeddings[i]`` is ``[n_i, prompt_dim]``."""
+    loss: torch.Tensor
+    ce_loss: torch.Tensor
+    bce_loss: torch.Tensor
+    dice_loss: torch.Tensor
+    mask_logits: list[torch.Tensor] = field(default_factory=list)
+    seg_embeddings: list[torch.Tensor] = field(default_factory=list)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Mean over masks of 1 - DICE on sigmoid probabilities; ``[n, H, W]`` each."""
+    prob = logits.sigmoid().flatten(1)
+    target = target.flatten(1)
+    inter = (prob * target).sum(-1)
+    return (1 - (2 * inter + smooth) / (prob.sum(-1) + target.sum(-1) + smooth)).mean()
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over masks of the per-pixel mean BCE; ``[n, H, W]`` each."""
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(-1).mean()
+
+
+class GroundingModel(nn.Module):
+    def __init__(self, config: GroundingConfig, vlm: LlavaForConditionalGeneration,
+                 mask_decoder: MaskDecoderBackend, seg_token_id: int):
+        super().__init__()
+        self.config = config
+        self.vlm = vlm
+        self.mask_decoder = mask_decoder
+        self.seg_token_id = seg_token_id
+        self.seg_projection = SegProjection(self.llava_config.text_config.hidden_size, mask_decoder.prompt_dim)
+
+    # ---- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, config: GroundingConfig, tokenizer: PreTrainedTokenizerBase,
+              dtype: torch.dtype = torch.float32) -> "GroundingModel":
+        """A model with random weights (``config.vlm``) or the LLaVA folder at ``config.vlm_path``, the
+        project's tokens added to its vocabulary, and the decoder of ``config.decoder``."""
+        if config.vlm_path:
+            from pathlib import Path
+            if not (Path(config.vlm_path) / "config.json").is_file():
+                raise CheckpointError(
+                    f"no LLaVA model at {config.vlm_path} (looked for {Path(config.vlm_path) / 'config.json'}); "
+                    "see weights/README.md for the files to place there"
+                )
+            vlm = LlavaForConditionalGeneration.from_pretrained(config.vlm_path, local_files_only=True, dtype=dtype)
+        else:
+            vlm = LlavaForConditionalGeneration(LlavaConfig(**config.vlm)).to(dtype)
+        if len(tokenizer) > vlm.get_input_embeddings().num_embeddings:
+            vlm.resize_token_embeddings(len(tokenizer), mean_resizing=config.vlm_path is not None)
+        vlm.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE)
+        decoder = build_decoder(**config.decoder, checkpoint=config.decoder_checkpoint)
+        model = cls(config, vlm, decoder, tokenizer.convert_tokens_to_ids(SEG))
+        return model.to(dtype)
+
+    @property
+    def llava_config(self) -> LlavaConfig:
+        return self.vlm.config
+
+    @property
+    def vision_image_size(self) -> int:
+        return self.llava_config.vision_config.image_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        vc = self.llava_config.vision_config
+        patches = (vc.image_size // vc.patch_size) ** 2
+        return patches + (1 if self.llava_config.vision_feature_select_strategy == "full" else 0)
+
+    # ---- [SEG] states -----------------------------------------------------------------------------------
+    def seg_embeddings(self, last_hidden: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """last_hidden ``[B, T, h]``, input_ids ``[B, T]`` -> per sample ``[n_i, prompt_dim]``, in text order."""
+        is_seg = input_ids == self.seg_token_id
+        if attention_mask is not None:
+            is_seg &= attention_mask.bool()
+        out = []
+        for b in range(input_ids.shape[0]):
+            pos = is_seg[b].nonzero().flatten()
+            if self.config.seg_state == "before":  # LISA / GLaMM: the state that predicts [SEG]
+                pos = (pos - 1).clamp(min=0)
+            out.append(self.seg_projection(last_hidden[b, pos]))
+        return out
+
+    def decode_masks(self, embedding: ImageEmbedding, seg_embeddings: torch.Tensor) -> torch.Tensor:
+        """Differentiable: ``[n, prompt_dim]`` -> mask logits ``[n, H, W]`` at the image's original size."""
+        low_res, _ = self.mask_decoder.mask_logits(embedding, seg_embeddings=seg_embeddings)
+        return self.mask_decoder.upscale(low_res, embedding)[:, 0]
+
+    # ---- training forward -------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                decoder_embeddings: list[ImageEmbedding] | None = None,
+                gt_masks: list[torch.Tensor] | None = None) -> GroundingOutput:
+        """input_ids/attention_mask/labels ``[B, T]``; pixel_values ``[B, 3, s, s]`` (vision tower input);
+        decoder_embeddings: one per sample (from ``mask_decoder.encode``); gt_masks[i]: ``[n_i, H_i, W_i]``
+        aligned with the [SEG] tokens of sample i in order. Without gt_masks only the CE loss is computed."""
+        out = self.vlm(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                       position_ids=position_ids, labels=labels, output_hidden_states=True)
+        zero = out.logits.new_zeros(())
+        ce = out.loss if labels is not None else zero
+        segs = self.seg_embeddings(out.hidden_states[-1], input_ids, attention_mask)
+        mask_logits: list[torch.Tensor] = []
+        bce, dice = zero, zero
+        if decoder_embeddings is not None:
+            preds, targets = [], []
+            for i, (emb, seg) in enumerate(zip(decoder_embeddings, segs)):
+                logits = self.decode_masks(emb, seg) if len(seg) else seg.new_zeros((0, *emb.original_size))
+                mask_logits.append(logits)
+                if gt_masks is not None:
+                    if gt_masks[i].shape[0] != logits.shape[0]:
+                        raise ValueError(f"sample {i}: {logits.shape[0]} [SEG] tokens but {gt_masks[i].shape[0]} masks")
+                    preds.append(logits.flatten(1).float())
+                    targets.append(gt_masks[i].flatten(1).to(logits.device, torch.float32))
+            # Masks of different images have different sizes: losses are per mask, then averaged.
+            if preds and sum(p.shape[0] for p in preds):
+                bce = torch.cat([bce_loss(p, t).reshape(1).expand(len(p)) for p, t in zip(preds, targets) if len(p)]).mean()
+                dice = torch.cat([dice_loss(p, t).reshape(1).expand(len(p)) for p, t in zip(preds, targets) if len(p)]).mean()
+        w = self.config.loss_weights
+        loss = w.ce * ce + w.bce * bce + w.dice * dice
+        return GroundingOutput(loss, ce, bce, dice, mask_logits, segs)

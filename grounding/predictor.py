@@ -1,0 +1,260 @@
+"""Grounder: image(s) + question -> Prediction (answer text, targets with phrase, pixel box, mask, score).
+
+One path for one or many questions: ``predict`` is ``predict_batch`` of one. Per batch:
+  1. images are loaded and encoded by the mask decoder once per distinct content (an LRU cache keyed by a
+     digest of the pixels, so a second question or click on the same image never re-encodes it);
+  2. the answers are generated together (left padding, greedy) — or given, for teacher forcing;
+  3. ``generate`` never computes the hidden state of the last token it emits, so one forward pass over
+     prompt + answer reads the last-layer states at the answer's [SEG] positions;
+  4. each [SEG] state is projected and decoded into one mask, aligned with its phrase by order.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from transformers import GenerationConfig
+
+from grounding.boxes import parse_answer
+from grounding.checkpoint import load_checkpoint
+from grounding.device import resolve_device
+from grounding.errors import PromptError, QuestionError
+from grounding.images import image_digest, load_image
+from grounding.model import GroundingModel
+from grounding.processor import EncodedText, GroundingProcessor
+from grounding.prompts import build_prompt, visual_prompt_text
+from grounding.result import Prediction, Target
+from grounding.tokens import IMAGE, SEG
+from segdecoder import ImageEmbedding
+
+
+@dataclass
+class PreparedImage:
+    """An image as both models see it: ``pixels`` uint8 ``H x W x 3``, the decoder's embedding and the
+    vision tower's input ``[3, s, s]``."""
+    pixels: np.ndarray
+    digest: str
+    embedding: ImageEmbedding
+    vision: torch.Tensor
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.pixels.shape[0], self.pixels.shape[1]
+
+
+@dataclass
+class Query:
+    """One question about one image. Points are pixel (x, y) with labels 1/0; boxes pixel xyxy."""
+    image: Any
+    question: str
+    points: Sequence[Sequence[float]] | None = None
+    point_labels: Sequence[int] | None = None
+    boxes: Sequence[Sequence[float]] | None = None
+    answer: str | None = None  # given answer => teacher forcing, no generation
+
+
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """Tight pixel xyxy box of a bool mask with continuous coordinates (x2 = last column + 1)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
+
+
+class Grounder:
+    def __init__(self, model: GroundingModel, tokenizer, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, cache_size: int = 32, max_new_tokens: int = 128,
+                 max_pixels: int = 100_000_000):
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.device, self.dtype = torch.device(device), dtype
+        self.processor = GroundingProcessor(tokenizer, model.config, model.vision_image_size, model.num_image_tokens)
+        self.max_new_tokens = max_new_tokens
+        self.max_pixels = max_pixels
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, PreparedImage] = OrderedDict()
+        self.encoder_calls = 0  # images run through the decoder's image encoder (the expensive part)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str = "auto", dtype: str = "auto", **kwargs) -> "Grounder":
+        dev, dt = resolve_device(device, dtype)
+        model, tokenizer = load_checkpoint(directory, device=dev, dtype=dt)
+        return cls(model, tokenizer, dev, dt, **kwargs)
+
+    # ---- images ---------------------------------------------------------------------------------------
+    def prepare(self, images: Sequence[Any]) -> list[PreparedImage]:
+        """Load and encode images; distinct contents not in the cache are encoded in one batch."""
+        arrays = [load_image(im, max_pixels=self.max_pixels) for im in images]
+        digests = [image_digest(a) for a in arrays]
+        missing = list(dict.fromkeys(d for d in digests if d not in self._cache))
+        if missing:
+            first = {d: a for d, a in zip(reversed(digests), reversed(arrays))}
+            todo = [first[d] for d in missing]
+            with torch.no_grad():
+                embeddings = self.model.mask_decoder.encode(todo)
+            self.encoder_calls += len(todo)
+            for d, a, e in zip(missing, todo, embeddings):
+                vision = self.processor.vision_pixels(a)
+                self._cache[d] = PreparedImage(a, d, e, vision)
+        out = []
+        for d in digests:
+            self._cache.move_to_end(d)
+            out.append(self._cache[d])
+        while len(self._cache) > max(self.cache_size, len(set(digests))):
+            self._cache.popitem(last=False)
+        return out
+
+    # ---- the click path: decoder only -----------------------------------------------------------------
+    def segment(self, image: Any, points: Sequence[Sequence[float]] | None = None,
+                point_labels: Sequence[int] | None = None,
+                boxes: Sequence[Sequence[float]] | None = None) -> Prediction:
+        """Clicks and/or boxes -> masks, no language model. All points (and at most one box) describe ONE
+        object; several boxes without points give one mask each."""
+        prep = self.prepare([image])[0]
+        pts, labels, bxs = _check_prompts(prep.size, points, point_labels, boxes)
+        if pts is None and bxs is None:
+            raise PromptError("give at least one point or box to segment")
+        if bxs is not None and len(bxs) > 1 and pts is not None:
+            raise PromptError("several boxes cannot be combined with points: give one box, or boxes alone")
+        n = len(bxs) if bxs is not None else 1
+        t = lambda a: None if a is None else torch.as_tensor(a, dtype=self.dtype, device=self.device)
+        points_t = t(pts)[None].expand(n, -1, -1) if pts is not None else None
+        labels_t = torch.as_tensor(labels, device=self.device)[None].expand(n, -1) if pts is not None else None
+        # One click is ambiguous (part or whole?): let SAM propose 3 masks and keep the best, as SAM advises.
+        multimask = pts is not None and len(pts) == 1 and bxs is None
+        emb = prep.embedding.to(self.device)
+        pred = self.model.mask_decoder.decode(emb, points=points_t, point_labels=labels_t, boxes=t(bxs), multimask=multimask)
+        targets = [Target(phrase=None, box=mask_box(m), mask=m, score=float(s), seg_index=None)
+                   for m, s in zip(pred.masks, pred.scores)]
+        return Prediction(answer="", targets=targets, image_size=prep.size, question=None, notes=[])
+
+    # ---- the language path -------------------------------------------------------------------------------
+    def predict(self, image: Any, question: str, points=None, point_labels=None, boxes=None,
+                answer: str | None = None, max_new_tokens: int | None = None) -> Prediction:
+        return self.predict_batch([Query(image, question, points, point_labels, boxes, answer)],
+                                  max_new_tokens=max_new_tokens)[0]
+
+    def predict_batch(self, queries: Sequence[Query | tuple], batch_size: int = 8,
+                      max_new_tokens: int | None = None) -> list[Prediction]:
+        queries = [q if isinstance(q, Query) else Query(*q) for q in queries]
+        out: list[Prediction] = []
+        for start in range(0, len(queries), batch_size):
+            out.extend(self._predict_chunk(queries[start:start + batch_size], max_new_tokens or self.max_new_tokens))
+        return out
+
+    def _predict_chunk(self, queries: list[Query], max_new_tokens: int) -> list[Prediction]:
+        preps = self.prepare([q.image for q in queries])
+        prompts = [self._encode_question(q, p, max_new_tokens) for q, p in zip(queries, preps)]
+        pixel_values = torch.stack([p.vision for p in preps]).to(self.device, self.dtype)
+        answers = self._answers(queries, prompts, pixel_values, max_new_tokens)
+        full = [EncodedText(p.input_ids + a, [0] * len(p.input_ids) + [1] * len(a)) for p, a in zip(prompts, answers)]
+        batch = {k: v.to(self.device) for k, v in self.processor.pad(full, side="left").items()}
+        with torch.no_grad():
+            out = self.model.vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 position_ids=batch["position_ids"], pixel_values=pixel_values,
+                                 output_hidden_states=True)
+            # labels hold 1 on answer tokens: only [SEG]s the model wrote (not ones in the prompt) count.
+            segs = self.model.seg_embeddings(out.hidden_states[-1], batch["input_ids"], batch["labels"] == 1)
+        return [self._prediction(q, p, a, s) for q, p, a, s in zip(queries, preps, answers, segs)]
+
+    def _encode_question(self, query: Query, prep: PreparedImage, max_new_tokens: int) -> EncodedText:
+        question = query.question
+        if not isinstance(question, str):
+            raise QuestionError(f"the question must be text, got {type(question).__name__}")
+        # A user's text must not smuggle in image slots or [SEG] tokens; <point>/<box> are welcome.
+        question = question.replace(IMAGE, " ").replace(SEG, " ").strip()
+        if not question:
+            raise QuestionError("the question is empty")
+        pts, labels, bxs = _check_prompts(prep.size, query.points, query.point_labels, query.boxes)
+        prompt = build_prompt(question, visual_prompt_text(prep.size, pts, labels, bxs, self.model.config.box_format))
+        encoded = self.processor.encode(prompt)
+        room = self.model.config.max_length - len(encoded.input_ids)
+        if query.answer is None and room < max_new_tokens:
+            raise QuestionError(
+                f"the question is too long: {len(encoded.input_ids)} tokens with the image leave {max(room, 0)} of "
+                f"the {max_new_tokens} needed for the answer (the model accepts {self.model.config.max_length})"
+            )
+        return encoded
+
+    def _answers(self, queries: list[Query], prompts: list[EncodedText], pixel_values: torch.Tensor,
+                 max_new_tokens: int) -> list[list[int]]:
+        """Answer token ids per query: the given answers (teacher forcing) or greedy generation."""
+        answers: list[list[int] | None] = [None] * len(queries)
+        for i, q in enumerate(queries):
+            if q.answer is not None:
+                full = self.processor.encode("", q.answer)
+                answers[i] = [t for t, lab in zip(full.input_ids, full.labels) if lab != -100]
+        todo = [i for i, a in enumerate(answers) if a is None]
+        if todo:
+            batch = {k: v.to(self.device) for k, v in self.processor.pad([prompts[i] for i in todo], side="left").items()}
+            tok = self.processor.tokenizer
+            gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            with torch.no_grad():
+                generated = self.model.vlm.generate(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=pixel_values[todo], generation_config=gen_config,
+                )
+            new = generated[:, batch["input_ids"].shape[1]:].tolist()
+            for i, ids in zip(todo, new):
+                answers[i] = _cut_at(ids, tok.eos_token_id, tok.pad_token_id)
+        return answers  # type: ignore[return-value]
+
+    def _prediction(self, query: Query, prep: PreparedImage, answer_ids: list[int], seg: torch.Tensor) -> Prediction:
+        text = self.processor.decode_answer(answer_ids)
+        notes: list[str] = []
+        masks, scores = np.zeros((0, *prep.size), bool), np.zeros((0,), np.float32)
+        if len(seg):
+            pred = self.model.mask_decoder.decode(prep.embedding.to(self.device), seg_embeddings=seg)
+            masks, scores = pred.masks, pred.scores
+        targets = []
+        for parsed in parse_answer(text, prep.size):
+            idx = parsed.seg_index
+            mask = masks[idx] if idx is not None and idx < len(masks) else None
+            if idx is not None and mask is None:
+                notes.append(f"[SEG] number {idx + 1} was written as plain text, not the [SEG] token: no mask")
+            box = parsed.box if parsed.box is not None else (mask_box(mask) if mask is not None else None)
+            if box is None and mask is None:
+                notes.append(f"target {parsed.phrase or '(unnamed)'!r} has no readable box and no [SEG]: dropped")
+                continue
+            score = float(scores[idx]) if mask is not None else None
+            targets.append(Target(phrase=parsed.phrase, box=box, mask=mask, score=score, seg_index=idx))
+        if not targets:
+            notes.append("the answer names no object: it has no [SEG] token and no readable box")
+        return Prediction(answer=text, targets=targets, image_size=prep.size, question=query.question, notes=notes)
+
+
+def _cut_at(ids: list[int], eos: int, pad: int) -> list[int]:
+    out = []
+    for t in ids:
+        if t in (eos, pad):
+            break
+        out.append(t)
+    return out
+
+
+def _check_prompts(size: tuple[int, int], points, point_labels, boxes):
+    """Validate clicks/boxes against the image ``size`` (H, W) -> float arrays (or None)."""
+    h, w = size
+    pts = labels = bxs = None
+    if points is not None and len(points):
+        pts = np.asarray(points, dtype=np.float64)
+        if pts.ndim != 2 or pts.shape[1] != 2 or not np.isfinite(pts).all():
+            raise PromptError("points must be a list of (x, y) pixel pairs")
+        if ((pts[:, 0] < 0) | (pts[:, 0] > w) | (pts[:, 1] < 0) | (pts[:, 1] > h)).any():
+            raise PromptError(f"a point lies outside the {w}x{h} image")
+        labels = np.ones(len(pts), np.int64) if point_labels is None else np.asarray(point_labels, np.int64)
+        if labels.shape != (len(pts),) or not np.isin(labels, (0, 1)).all():
+            raise PromptError("point labels must be 1 (object) or 0 (background), one per point")
+    if boxes is not None and len(boxes):
+        bxs = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if np.size(boxes) % 4 == 0 else None
+        if bxs is None or not np.isfinite(bxs).all():
+            raise PromptError("boxes must be (x1, y1, x2, y2) pixel quadruples")
+        if (bxs[:, 2] <= bxs[:, 0]).any() or (bxs[:, 3] <= bxs[:, 1]).any():
+            raise PromptError("a box must have x2 > x1 and y2 > y1")
+        bxs[:, [0, 2]] = bxs[:, [0, 2]].clip(0, w)
+        bxs[:, [1, 3]] = bxs[:, [1, 3]].clip(0, h)
+    return pts, labels, bxs

@@ -1,0 +1,53 @@
+"""Size presets of the VLM, as data. ``tiny`` is for tests and for trying the CLI before trained weights exist."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grounding.checkpoint import save_checkpoint
+from grounding.config import GroundingConfig
+from grounding.model import GroundingModel
+from grounding.tokenizer import train_tokenizer
+
+VLM_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       image_size=64, patch_size=16, projection_dim=32),
+        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False),
+        "max_length": 512,
+    },
+}
+
+
+def vlm_config(preset: str, vocab_size: int, image_token_id: int, pad_token_id: int) -> dict[str, Any]:
+    """A ``LlavaConfig`` kwargs dict (vision + text configs as plain dicts, as ``LlavaConfig.to_dict`` gives)."""
+    if preset not in VLM_PRESETS:
+        raise ValueError(f"unknown VLM preset {preset!r}; choose one of {', '.join(VLM_PRESETS)}")
+    p = VLM_PRESETS[preset]
+    vision = dict(model_type="clip_vision_model", **p["vision"])
+    text = dict(model_type="llama", vocab_size=vocab_size, pad_token_id=pad_token_id, **p["text"])
+    n_tokens = (p["vision"]["image_size"] // p["vision"]["patch_size"]) ** 2
+    return dict(vision_config=vision, text_config=text, image_token_id=image_token_id, image_seq_length=n_tokens,
+                vision_feature_select_strategy="default", vision_feature_layer=-2)
+
+
+def build_random(vlm_preset: str = "tiny", decoder: dict[str, Any] | None = None, seed: int = 0,
+                 seg_state: str = "seg") -> tuple[GroundingModel, Any]:
+    """A random-weight model of the given sizes and a freshly trained tiny tokenizer."""
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer()
+    config = GroundingConfig(
+        vlm=vlm_config(vlm_preset, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id),
+        decoder=decoder or {"backend": "sam", "preset": "tiny"},
+        seg_state=seg_state, max_length=VLM_PRESETS[vlm_preset]["max_length"],
+    )
+    return GroundingModel.build(config, tokenizer), tokenizer
+
+
+def init_tiny(directory: str | Path, seed: int = 0, backend: str = "sam") -> Path:
+    """Write a tiny random checkpoint (for tests, and to try the CLI before trained weights exist)."""
+    model, tokenizer = build_random("tiny", {"backend": backend, "preset": "tiny"}, seed)
+    return save_checkpoint(model, tokenizer, directory)

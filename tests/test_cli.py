@@ -1,0 +1,80 @@
+"""The groundseg CLI as a user runs it: JSON with RLE masks, overlays, one-line errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "apps.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory, scene):
+    path = tmp_path_factory.mktemp("img") / "scene.jpg"
+    Image.fromarray(scene[0]).save(path, quality=95)
+    return path
+
+
+def test_predict_question_writes_json_with_rle_and_overlay(tiny_dir, image_path, tmp_path):
+    from pycocotools import mask as mask_utils
+    out, overlay = tmp_path / "r.json", tmp_path / "o.png"
+    r = run("predict", "--model", tiny_dir, "--image", image_path, "--question", "where is the red circle?",
+            "--out", out, "--overlay", overlay, "--device", "cpu", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert "answer" in data and "targets" in data
+    shown = np.asarray(Image.open(overlay))
+    assert shown.shape[:2] == (72, 96)
+    for t in data["targets"]:
+        if t["mask"] is not None:
+            assert mask_utils.decode(t["mask"]).shape == (72, 96)
+
+
+def test_click_path_without_question(tiny_dir, image_path, tmp_path):
+    from pycocotools import mask as mask_utils
+    out = tmp_path / "click.json"
+    r = run("predict", "--model", tiny_dir, "--image", image_path, "--points", "28,40,1", "--points", "80,20,0",
+            "--out", out, "--overlay", tmp_path / "click.png")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert len(data["targets"]) == 1
+    assert mask_utils.decode(data["targets"][0]["mask"]).shape == (72, 96)
+    assert (tmp_path / "click.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--image", "{missing}", "--question", "q"], "missing.png"),
+    (["--image", "{corrupt}", "--question", "q"], "corrupt.png"),
+    (["--image", "{image}", "--question", "   "], "empty"),
+    (["--image", "{image}", "--points", "1,x"], "not a list of numbers"),
+    (["--image", "{image}", "--box", "1,2,3"], "4 comma-separated"),
+    (["--image", "{image}"], "--question"),
+    (["--image", "{image}", "--question", "q", "--model", "{nomodel}"], "nomodel"),
+])
+def test_bad_input_exits_non_zero_with_one_line(tiny_dir, image_path, tmp_path, args, match):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG garbage")
+    subs = {"{missing}": tmp_path / "missing.png", "{corrupt}": corrupt, "{image}": image_path,
+            "{nomodel}": tmp_path / "nomodel"}
+    args = [str(subs.get(a, a)) for a in args]
+    if "--model" not in args:
+        args += ["--model", str(tiny_dir)]
+    r = run("predict", *args, "--out", tmp_path / "x.json")
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and match in lines[0], r.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_init_tiny_writes_a_loadable_checkpoint(tmp_path):
+    r = run("init-tiny", tmp_path / "t", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "t" / "model.safetensors").is_file()

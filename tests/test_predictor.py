@@ -1,0 +1,170 @@
+"""Grounder end to end on tiny models: generation, [SEG] alignment, the click path, caching, bad inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from grounding.errors import ImageError, PromptError, QuestionError
+from tests.conftest import ANSWER, QUESTION
+
+
+@pytest.fixture(scope="module")
+def grounder(tiny):
+    from grounding.predictor import Grounder
+    model, tok = tiny
+    return Grounder(model, tok, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def trained(overfit):
+    from grounding.predictor import Grounder
+    return Grounder(overfit["model"], overfit["tokenizer"], max_new_tokens=16)
+
+
+def iou(a, b):
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+def test_trained_model_generates_its_answer_and_a_mask_on_the_object(trained, overfit):
+    pred = trained.predict(overfit["image"], QUESTION)
+    assert pred.answer.replace(" ", "") == ANSWER.replace(" ", "")
+    assert len(pred.targets) == 1
+    t = pred.targets[0]
+    assert t.phrase.strip() == "the red circle" and t.seg_index == 0
+    assert t.mask.shape == overfit["image"].shape[:2] and t.mask.dtype == bool
+    assert iou(t.mask, overfit["mask"]) > 0.6
+    assert t.box is not None
+
+
+def test_random_model_runs_end_to_end(grounder, scene):
+    image, _ = scene
+    pred = grounder.predict(image, QUESTION)
+    assert isinstance(pred.answer, str)
+    for t in pred.targets:
+        assert t.mask is None or t.mask.shape == image.shape[:2]
+    assert pred.targets or pred.notes
+
+
+def test_every_seg_yields_a_mask_aligned_with_its_phrase(grounder, scene):
+    image, _ = scene
+    answer = ("<ref>the red circle</ref><box>(100,200),(400,700)</box>[SEG] is left of "
+              "<ref>the blue square</ref>[SEG] and [SEG]")
+    pred = grounder.predict(image, QUESTION, answer=answer)
+    assert [t.phrase for t in pred.targets] == ["the red circle", "the blue square", None]
+    assert [t.seg_index for t in pred.targets] == [0, 1, 2]
+    assert all(t.mask.shape == image.shape[:2] for t in pred.targets)
+    h, w = image.shape[:2]
+    assert pred.targets[0].box == pytest.approx((100 / 999 * w, 200 / 999 * h, 400 / 999 * w, 700 / 999 * h))
+
+
+@pytest.mark.parametrize("answer,reason", [
+    ("There is no red circle here.", "no [SEG]"),
+    ("<ref>the red circle</ref><box>(12,ab),(3", "no [SEG]"),
+    ("<ref>x</ref><box></box><box>((((,,,</box>", "no [SEG]"),
+])
+def test_malformed_answers_give_empty_targets_with_a_reason(grounder, scene, answer, reason):
+    pred = grounder.predict(scene[0], QUESTION, answer=answer)
+    assert pred.targets == []
+    assert any(reason in n for n in pred.notes)
+
+
+def test_box_only_answer_gives_a_box_target_without_mask(grounder, scene):
+    pred = grounder.predict(scene[0], QUESTION, answer="<ref>the circle</ref><box>(0,0),(999,999)</box>")
+    assert len(pred.targets) == 1 and pred.targets[0].mask is None
+    h, w = scene[0].shape[:2]
+    assert pred.targets[0].box == pytest.approx((0, 0, w, h))
+
+
+def test_image_embedding_is_computed_once_per_image(tiny, scene, tmp_path):
+    from PIL import Image
+    from grounding.predictor import Grounder
+    model, tok = tiny
+    g = Grounder(model, tok, max_new_tokens=4)
+    image = scene[0]
+    path = tmp_path / "scene.png"
+    Image.fromarray(image).save(path)
+    g.predict(image, "first question")
+    g.predict(path, "second question about the same pixels")
+    g.segment(image, points=[[28, 40]])
+    g.segment(path, boxes=[[10, 20, 50, 60]])
+    assert g.encoder_calls == 1
+    g.predict(image[:, ::-1].copy(), "another image")
+    assert g.encoder_calls == 2
+    g.predict_batch([(image, "a"), (image, "b"), (image[::-1].copy(), "c")])
+    assert g.encoder_calls == 3
+
+
+def test_predict_batch_equals_one_by_one(grounder, scene):
+    image, _ = scene
+    other = np.ascontiguousarray(np.rot90(image))
+    queries = [(image, QUESTION), (other, "what is this shape?"), (image, "describe the scene in detail please")]
+    batched = grounder.predict_batch(queries, batch_size=3)
+    for q, b in zip(queries, batched):
+        single = grounder.predict(*q)
+        assert single.answer == b.answer
+        assert len(single.targets) == len(b.targets)
+        for s, t in zip(single.targets, b.targets):
+            assert (s.mask is None) == (t.mask is None)
+            if s.mask is not None:
+                assert iou(s.mask, t.mask) > 0.99 or (s.mask.sum() == t.mask.sum() == 0)
+
+
+def test_click_and_box_path(grounder, scene):
+    image, _ = scene
+    h, w = image.shape[:2]
+    one = grounder.segment(image, points=[[28, 40]])
+    assert len(one.targets) == 1 and one.targets[0].mask.shape == (h, w)
+    boxes = grounder.segment(image, boxes=[[5, 5, 50, 60], [55, 8, 90, 40]])
+    assert len(boxes.targets) == 2
+    mixed = grounder.segment(image, points=[[28, 40], [80, 20]], point_labels=[1, 0], boxes=[[5, 5, 50, 60]])
+    assert len(mixed.targets) == 1
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(points=[[500, 10]]), "outside"),
+    (dict(points=[[1, 2, 3]]), "pairs"),
+    (dict(points=[[1, 2]], point_labels=[3]), "labels"),
+    (dict(boxes=[[10, 10, 5, 50]]), "x2 > x1"),
+    (dict(), "at least one"),
+])
+def test_bad_prompts_are_clear_errors(grounder, scene, kwargs, match):
+    with pytest.raises(PromptError, match=match):
+        grounder.segment(scene[0], **kwargs)
+
+
+def test_questions_empty_long_and_non_english(grounder, scene):
+    image = scene[0]
+    for empty in ("", "   ", "[SEG]", "<image>"):
+        with pytest.raises(QuestionError, match="empty"):
+            grounder.predict(image, empty)
+    with pytest.raises(QuestionError, match="too long"):
+        grounder.predict(image, "where is the red circle " * 210)  # 5,040 characters
+    for q in ("红色的圆在哪里？", "أين الدائرة الحمراء؟", "¿Dónde está el círculo? 🔴"):
+        pred = grounder.predict(image, q)
+        assert pred.question == q
+
+
+def test_clicks_go_into_the_question_as_text(grounder, scene):
+    from grounding.prompts import build_prompt, visual_prompt_text
+    image = scene[0]
+    h, w = image.shape[:2]
+    text = visual_prompt_text((h, w), points=[[48, 36]], point_labels=[1], boxes=[[0, 0, w, h]])
+    assert text == "<point>(500,500)</point> <box>(0,0),(999,999)</box>"
+    assert build_prompt("what is this?", text).endswith("what is this? " + text + " ASSISTANT:")
+    pred = grounder.predict(image, "what is this?", points=[[48, 36]])
+    assert isinstance(pred.answer, str)
+
+
+@pytest.mark.parametrize("payload", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 40])
+def test_bad_image_files_are_clear_errors(grounder, tmp_path, payload):
+    path = tmp_path / "bad.png"
+    path.write_bytes(payload)
+    with pytest.raises(ImageError, match="bad.png"):
+        grounder.predict(path, QUESTION)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 1), (300, 7, 4)])
+def test_odd_image_shapes_work(grounder, shape):
+    image = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
+    pred = grounder.predict(image, QUESTION, answer="[SEG]")
+    assert pred.targets[0].mask.shape == shape[:2]
