@@ -27,7 +27,7 @@ from grounding.images import image_digest, load_image
 from grounding.model import GroundingModel
 from grounding.processor import EncodedText, GroundingProcessor
 from grounding.prompts import build_prompt, visual_prompt_text
-from grounding.result import Prediction, Target
+from grounding.result import Prediction, Target, box_from_mask
 from grounding.tokens import IMAGE, SEG
 from segdecoder import ImageEmbedding
 
@@ -55,14 +55,6 @@ class Query:
     point_labels: Sequence[int] | None = None
     boxes: Sequence[Sequence[float]] | None = None
     answer: str | None = None  # given answer => teacher forcing, no generation
-
-
-def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
-    """Tight pixel xyxy box of a bool mask with continuous coordinates (x2 = last column + 1)."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
 
 
 class Grounder:
@@ -127,7 +119,7 @@ class Grounder:
         multimask = pts is not None and len(pts) == 1 and bxs is None
         emb = prep.embedding.to(self.device)
         pred = self.model.mask_decoder.decode(emb, points=points_t, point_labels=labels_t, boxes=t(bxs), multimask=multimask)
-        targets = [Target(phrase=None, box=mask_box(m), mask=m, score=float(s), seg_index=None)
+        targets = [Target(phrase=None, box=box_from_mask(m), mask=m, score=float(s), seg_index=None)
                    for m, s in zip(pred.masks, pred.scores)]
         return Prediction(answer="", targets=targets, image_size=prep.size, question=None, notes=[])
 
@@ -216,7 +208,7 @@ class Grounder:
             mask = masks[idx] if idx is not None and idx < len(masks) else None
             if idx is not None and mask is None:
                 notes.append(f"[SEG] number {idx + 1} was written as plain text, not the [SEG] token: no mask")
-            box = parsed.box if parsed.box is not None else (mask_box(mask) if mask is not None else None)
+            box = parsed.box if parsed.box is not None else (box_from_mask(mask) if mask is not None else None)
             if box is None and mask is None:
                 notes.append(f"target {parsed.phrase or '(unnamed)'!r} has no readable box and no [SEG]: dropped")
                 continue
