@@ -19,9 +19,12 @@ import torch
 class ImageEmbedding:
     """The mask decoder's view of one image, computed once and reused for every prompt.
 
-    features:      ``[1, C, h, w]`` image embedding (C = prompt_dim).
-    high_res:      SAM2's extra feature maps (``[1, C/8, 4h, 4w]``, ``[1, C/4, 2h, 2w]``); empty for SAM.
-    input_size:    ``(h, w)`` of the resized image inside the square model input, before padding.
+    features:      ``[1, C, h, w]`` image embedding (C = prompt_dim, h = w = image_size / 16),
+                   in the module's dtype, on its device.
+    high_res:      SAM2's extra feature maps (``[1, C/8, 4h, 4w]``, ``[1, C/4, 2h, 2w]``, already
+                   through the decoder's ``conv_s0`` / ``conv_s1``); empty for SAM.
+    input_size:    ``(h, w)`` of the resized image inside the square model input, before padding
+                   (SAM: longest side = image_size; SAM2: always ``(image_size, image_size)``).
     original_size: ``(H, W)`` of the image the user gave.
     """
 
