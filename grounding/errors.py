@@ -21,3 +21,7 @@ class PromptError(GroundsegError):
 
 class CheckpointError(GroundsegError):
     """A checkpoint is missing or does not match what was asked for; the message names the path."""
+
+
+class DatasetError(GroundsegError):
+    """A dataset folder or file is missing, malformed or unsafe; the message names the path."""

@@ -153,6 +153,10 @@ class Sam2Backend(SamFamilyBackend, nn.Module):
     @torch.no_grad()
     def encode(self, images: Sequence[np.ndarray]) -> list[ImageEmbedding]:
         """Image encoder on ``encode_batch_size`` images at a time; see the module docstring."""
+        return self.encode_with_grad(images)
+
+    def encode_with_grad(self, images: Sequence[np.ndarray]) -> list[ImageEmbedding]:
+        """``encode`` that keeps the autograd graph: for pretraining the image encoder itself (stage 1)."""
         dtype = self.sam2.no_mem_embed.dtype
         out: list[ImageEmbedding] = []
         for start in range(0, len(images), self.encode_batch_size):

@@ -168,3 +168,15 @@ def test_odd_image_shapes_work(grounder, shape):
     image = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
     pred = grounder.predict(image, QUESTION, answer="[SEG]")
     assert pred.targets[0].mask.shape == shape[:2]
+
+
+def test_sam2_backend_end_to_end(scene, tmp_path):
+    """The same model with a SAM2 mask decoder: [SEG] masks and clicks at the image's size, saved and reloaded."""
+    from grounding.predictor import Grounder
+    from grounding.presets import init_tiny
+    g = Grounder.from_pretrained(init_tiny(tmp_path / "sam2", backend="sam2"), device="cpu", max_new_tokens=6)
+    image = scene[0]
+    pred = g.predict(image, QUESTION, answer="<ref>a</ref>[SEG] <ref>b</ref>[SEG]")
+    assert [t.mask.shape for t in pred.targets] == [image.shape[:2]] * 2
+    assert g.segment(image, points=[[28, 40]]).targets[0].mask.shape == image.shape[:2]
+    assert g.model.mask_decoder.backend_name == "sam2"
