@@ -80,6 +80,38 @@ def init_tiny(
     console.print(f"wrote a tiny random {backend} checkpoint to {path}")
 
 
+@app.command()
+def synth(
+    out: Path = typer.Option(..., help="Folder to write the REFER-format dataset to."),
+    images: int = typer.Option(1000, min=1, help="Number of scenes."),
+    seed: int = typer.Option(0, help="Random seed: the same seed writes the same bytes."),
+    videos: int = typer.Option(0, min=0, help="Also write this many moving-shape videos under OUT/videos."),
+) -> None:
+    """Generate a synthetic referring dataset (REFER format: images/, instances.json, refs(unc).p)."""
+    from grounding.data.synthetic import generate_dataset, generate_video_dataset
+
+    path = generate_dataset(out, images, seed)
+    if videos:
+        generate_video_dataset(Path(out) / "videos", videos, seed)
+    console.print(f"wrote {images} scenes to {path}")
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(..., help="Training config (JSON or YAML; fields of grounding.train.TrainConfig)."),
+    resume: bool = typer.Option(False, help="Continue from the newest checkpoint in the config's out folder."),
+    steps: Optional[int] = typer.Option(None, help="Override the number of optimizer steps."),
+    out: Optional[str] = typer.Option(None, help="Override the output folder."),
+) -> None:
+    """Train one stage (1: base VLM + mask decoder; 2: LoRA + [SEG], LISA's recipe)."""
+    from grounding.train import TrainConfig, train as run_training
+
+    if not config.is_file():
+        raise PromptError(f"no training config at {config}")
+    final = run_training(TrainConfig.load(config, steps=steps, out=out), resume=resume)
+    console.print(f"trained model written to {final}")
+
+
 def _print_result(result, out: Path, overlay: Optional[Path]) -> None:
     stdout = Console()
     if result.answer:

@@ -1,6 +1,9 @@
-"""LoRA setup for stage-2 fine-tuning, and the ONE place that says which parameters train.
+"""LoRA setup, and the ONE place that says which parameters train in each stage.
 
-Trainable (reference §3, LISA's recipe):
+Stage 1 (pretraining stand-in, because no pretrained LLaVA or SAM can be downloaded here): the whole VLM on
+text answers, and the whole mask decoder backend (image encoder included) on click/box prompts.
+
+Stage 2 (reference §3, LISA's recipe) trains:
   - LoRA adapters on the language model's q_proj / v_proj (never on the CLIP tower);
   - the rows of the input embedding that belong to the project's new tokens ([SEG], <ref>, ...);
   - the LM head (full copy, so new tokens can be predicted);
@@ -51,6 +54,16 @@ def set_trainable(model: GroundingModel) -> None:
         p.requires_grad_(True)
     for p in model.seg_projection.parameters():
         p.requires_grad_(True)
+
+
+def set_stage1_trainable(model: GroundingModel) -> None:
+    """Stage 1: everything trains but the [SEG] projection (stage 1 answers carry no [SEG])."""
+    if isinstance(model.vlm, PeftModel):
+        raise ValueError("stage 1 trains the plain VLM; LoRA belongs to stage 2")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for p in model.seg_projection.parameters():
+        p.requires_grad_(False)
 
 
 def merge_lora(model: GroundingModel) -> GroundingModel:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -17,6 +17,14 @@ VLM_PRESETS: dict[str, dict[str, Any]] = {
                        image_size=64, patch_size=16, projection_dim=32),
         "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False),
+        "max_length": 512,
+    },
+    # The embedded default model: ~6M parameters (~24 MB fp32), fast enough to train on a 2-core CPU.
+    "small": {
+        "vision": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
+                       image_size=128, patch_size=16, projection_dim=192),
+        "text": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False),
         "max_length": 512,
     },
 }
@@ -35,10 +43,11 @@ def vlm_config(preset: str, vocab_size: int, image_token_id: int, pad_token_id: 
 
 
 def build_random(vlm_preset: str = "tiny", decoder: dict[str, Any] | None = None, seed: int = 0,
-                 seg_state: str = "seg") -> tuple[GroundingModel, Any]:
-    """A random-weight model of the given sizes and a freshly trained tiny tokenizer."""
+                 seg_state: str = "seg", corpus: Iterable[str] | None = None,
+                 vocab_size: int = 512) -> tuple[GroundingModel, Any]:
+    """A random-weight model of the given sizes and a tokenizer trained on ``corpus`` (default: a word list)."""
     torch.manual_seed(seed)
-    tokenizer = train_tokenizer()
+    tokenizer = train_tokenizer(corpus, vocab_size) if corpus is not None else train_tokenizer()
     config = GroundingConfig(
         vlm=vlm_config(vlm_preset, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id),
         decoder=decoder or {"backend": "sam", "preset": "tiny"},

@@ -119,6 +119,10 @@ class SamBackend(SamFamilyBackend, nn.Module):
     @torch.no_grad()
     def encode(self, images: Sequence[np.ndarray]) -> list[ImageEmbedding]:
         """Image encoder on ``encode_batch_size`` images at a time; one ``[1, C, S/16, S/16]`` each."""
+        return self.encode_with_grad(images)
+
+    def encode_with_grad(self, images: Sequence[np.ndarray]) -> list[ImageEmbedding]:
+        """``encode`` that keeps the autograd graph: for pretraining the image encoder itself (stage 1)."""
         encoder = self.sam.image_encoder
         dtype = next(encoder.parameters()).dtype
         out: list[ImageEmbedding] = []

@@ -1,0 +1,91 @@
+"""Conversations for training: REFER sentences (+ the synthetic ``extra.json``) -> question / answer / masks.
+
+Kinds (each with several phrasings, chosen by a seeded RNG):
+  seg        "Please segment the red circle."     -> "<ref>the red circle</ref><box>(..),(..)</box>[SEG]"
+  rec        "Where is the red circle? ..."       -> "<ref>the red circle</ref><box>(..),(..)</box>"
+  no_target  "Please segment the purple star."    -> "There is no purple star in the image."
+  multi      "Please segment all red shapes."     -> one "<ref>..</ref><box>..</box>[SEG]" per object
+  region     "What is in <box>(..),(..)</box>?"   -> "a large red striped circle"
+Masks are listed in the order of the answer's [SEG] tokens. Stage 1 (no mask decoder) drops the [SEG]s.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from grounding.boxes import format_box, format_point
+from grounding.data.refer import ReferDataset
+from grounding.tokens import SEG
+
+SEG_QUESTIONS = ("Please segment {s}.", "Can you segment {s} in this image?", "Where is {s}? Please give its mask.",
+                 "Find {s}.", "Show me {s}.")
+REC_QUESTIONS = ("Where is {s}? Answer with a box.", "Give the bounding box of {s}.", "Locate {s} with a box.")
+REGION_QUESTIONS = ("What is in {r}?", "Describe the object at {r}.", "What shape is at {r}?")
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """image_id of a REFER dataset; ann_ids: the objects whose masks the answer's [SEG]s stand for, in order."""
+    image_id: int
+    question: str
+    answer: str
+    kind: str
+    ann_ids: tuple[int, ...] = field(default=())
+
+
+def _ref(phrase: str, box: tuple[float, ...], size: tuple[int, int], seg: bool) -> str:
+    return f"<ref>{phrase}</ref>{format_box(box, size)}" + (SEG if seg else "")
+
+
+def _no_article(sent: str) -> str:
+    for article in ("the ", "a ", "an "):
+        if sent.lower().startswith(article):
+            return sent[len(article):]
+    return sent
+
+
+def build_conversations(ds: ReferDataset, split: str, seed: int, with_masks: bool = True,
+                        extra: str | Path | None = None, kinds: tuple[str, ...] = ("seg", "rec", "no_target", "multi", "region")
+                        ) -> list[Conversation]:
+    """Every sentence of ``split`` as a seg and a rec conversation, plus the extra samples of that split.
+
+    with_masks=False (stage 1) keeps the boxes and drops [SEG] (and so the seg kind equals rec)."""
+    rng = np.random.default_rng(seed)
+    pick = lambda options: options[int(rng.integers(len(options)))]
+    out: list[Conversation] = []
+    for sent in ds.sentences(split):
+        size, box = ds.image_size(sent.image_id), ds.box_xyxy(sent.ann_id)
+        if "seg" in kinds and with_masks:
+            out.append(Conversation(sent.image_id, pick(SEG_QUESTIONS).format(s=sent.text),
+                                    _ref(sent.text, box, size, True), "seg", (sent.ann_id,)))
+        if "rec" in kinds:
+            out.append(Conversation(sent.image_id, pick(REC_QUESTIONS).format(s=sent.text),
+                                    _ref(sent.text, box, size, False), "rec"))
+    extra = Path(extra) if extra is not None else ds.data_root / "extra.json"
+    samples = json.loads(extra.read_text())["samples"] if extra.is_file() else []
+    for s in samples:
+        if s.get("split") != split or s["kind"] not in kinds:
+            continue
+        image_id, size = s["image_id"], ds.image_size(s["image_id"])
+        if s["kind"] == "no_target":
+            out.append(Conversation(image_id, pick(SEG_QUESTIONS).format(s=s["sent"]),
+                                    f"There is no {_no_article(s['sent'])} in the image.", "no_target"))
+        elif s["kind"] == "multi":
+            ids = tuple(s["ann_ids"])
+            phrase = _no_article(s["sent"])
+            answer = " ".join(_ref(phrase, ds.box_xyxy(a), size, with_masks) for a in ids)
+            out.append(Conversation(image_id, pick(SEG_QUESTIONS).format(s=s["sent"]), answer, "multi",
+                                    ids if with_masks else ()))
+        elif s["kind"] == "region":
+            box = ds.box_xyxy(s["ann_id"])
+            if rng.random() < 0.5:
+                region = format_box(box, size)
+            else:  # a click inside the object's mask, as a user would give it
+                ys, xs = np.nonzero(ds.mask(s["ann_id"]))
+                i = int(rng.integers(len(xs)))
+                region = format_point((xs[i] + 0.5, ys[i] + 0.5), size)
+            out.append(Conversation(image_id, pick(REGION_QUESTIONS).format(r=region), s["description"], "region"))
+    return out

@@ -1,0 +1,314 @@
+"""Training: ``groundseg train --config FILE [--resume]``.
+
+Stage 1 stands in for the pretraining a user downloads (LLaVA, SAM): the whole VLM learns the text answers
+(boxes, descriptions, "there is no ...") and the whole mask decoder learns click/box prompts. Stage 2 is
+LISA's recipe (reference §3): LoRA on the language model, new token rows, lm_head, [SEG] projection and SAM's
+mask decoder; loss 1.0 CE + 2.0 BCE + 0.5 DICE. ``grounding/lora.py`` lists what trains in each stage.
+
+Determinism and resume: the batch of optimizer step ``s`` is a pure function of (seed, s), and accelerate's
+``save_state`` keeps model, optimizer, scheduler and RNG states, so a resumed run gives the same weights as
+an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from grounding.checkpoint import load_checkpoint, save_checkpoint
+from grounding.config import LoraSettings
+from grounding.data.collate import TrainSample, collate, make_sample
+from grounding.data.refer import ReferDataset
+from grounding.data.tasks import Conversation, build_conversations
+from grounding.images import load_image
+from grounding.lora import apply_lora, new_token_ids, set_stage1_trainable
+from grounding.model import bce_loss, dice_loss
+from grounding.presets import build_random
+from grounding.processor import GroundingProcessor
+
+
+@dataclass
+class TrainConfig:
+    """data: a REFER folder (synthetic or real); init: checkpoint to start from (stage 2 starts from stage 1's
+    ``model``), else a random model of ``vlm_preset`` + ``decoder``. Batches are per process."""
+    data: str
+    out: str
+    stage: int = 2
+    init: str | None = None
+    dataset: str = "refcoco"
+    split_by: str = "unc"
+    split: str = "train"
+    vlm_preset: str = "small"
+    decoder: dict[str, Any] = field(default_factory=lambda: {"backend": "sam", "preset": "tiny"})
+    kinds: tuple[str, ...] = ("seg", "rec", "no_target", "multi", "region")
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup: int = 100
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    seed: int = 0
+    mixed_precision: str = "auto"   # auto: bf16 on GPU, none on CPU
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    prompts_per_image: int = 3      # stage 1: click/box prompts per image for the mask decoder
+    vocab_size: int = 1024          # stage 1 from scratch: size of the tokenizer trained on the data
+    merge_lora: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+        self.kinds, self.betas = tuple(self.kinds), tuple(self.betas)
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        text = Path(path).read_text()
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
+    """Indices of the (global) batch of ``step``: epochs are seeded permutations, concatenated."""
+    start = step * batch_size
+    out, pos = [], start
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = perm[offset:offset + batch_size - len(out)]
+        out.extend(take.tolist())
+        pos += len(take)
+    return np.asarray(out)
+
+
+class _Data:
+    """Conversations and the images and masks they need, with small LRU caches (decoding PNGs and polygons
+    costs more than the tiny models' forward passes)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.ds = ReferDataset(cfg.data, dataset=cfg.dataset, split_by=cfg.split_by)
+        self.conversations: list[Conversation] = build_conversations(
+            self.ds, cfg.split, cfg.seed, with_masks=cfg.stage == 2, kinds=cfg.kinds)
+        if not self.conversations:
+            raise ValueError(f"no training conversations in split {cfg.split!r} of {cfg.data}")
+        self.anns_by_image: dict[int, list[int]] = {}
+        for ref in self.ds.refs(cfg.split):
+            anns = self.anns_by_image.setdefault(ref.image_id, [])
+            if ref.ann_id not in anns:
+                anns.append(ref.ann_id)
+        self._images: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._masks: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def image(self, image_id: int) -> np.ndarray:
+        return _cached(self._images, image_id, lambda: load_image(self.ds.image_path(image_id)), 2048)
+
+    def mask(self, ann_id: int) -> np.ndarray:
+        return _cached(self._masks, ann_id, lambda: self.ds.mask(ann_id), 8192)
+
+
+def _cached(cache: OrderedDict, key, make, limit: int):
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    cache[key] = value = make()
+    if len(cache) > limit:
+        cache.popitem(last=False)
+    return value
+
+
+def _prompt_loss(model, data: _Data, samples: list[TrainSample], image_ids: list[int], rng: np.random.Generator,
+                 per_image: int) -> torch.Tensor:
+    """Stage 1: the mask decoder (image encoder included) learns SAM's task on click and box prompts."""
+    backend = model.mask_decoder
+    embeddings = backend.encode_with_grad([s.image for s in samples])
+    losses = []
+    device = next(model.parameters()).device
+    for emb, image_id in zip(embeddings, image_ids):
+        anns = data.anns_by_image.get(image_id, [])
+        for ann in rng.permutation(anns)[:per_image]:
+            mask = data.mask(int(ann))
+            ys, xs = np.nonzero(mask)
+            if len(xs) == 0:
+                continue
+            points = labels = boxes = None
+            if rng.random() < 0.5:  # a box, jittered as a user would draw it
+                x1, y1, x2, y2 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+                j = 0.1 * np.array([x2 - x1, y2 - y1, x2 - x1, y2 - y1]) * rng.uniform(-1, 1, 4)
+                boxes = torch.tensor([[x1, y1, x2, y2]] + j[None], dtype=torch.float32, device=device)
+            else:  # 1-3 clicks inside the object
+                k = int(rng.integers(1, 4))
+                i = rng.integers(len(xs), size=k)
+                points = torch.tensor(np.stack([xs[i], ys[i]], 1)[None] + 0.5, dtype=torch.float32, device=device)
+                labels = torch.ones((1, k), dtype=torch.long, device=device)
+            low, _ = backend.mask_logits(emb, points=points, point_labels=labels, boxes=boxes)
+            logits = backend.upscale(low, emb)[:, 0].flatten(1).float()
+            target = torch.from_numpy(mask).to(device).flatten()[None].float()
+            losses.append(bce_loss(logits, target) * model.config.loss_weights.bce
+                          + dice_loss(logits, target) * model.config.loss_weights.dice)
+    return torch.stack(losses).mean() if losses else torch.zeros((), device=device)
+
+
+def _initial_model(cfg: TrainConfig, data: "_Data"):
+    if cfg.init:
+        model, tokenizer = load_checkpoint(cfg.init)
+    else:  # the tokenizer learns the words of the training text
+        corpus = [t for c in data.conversations for t in (c.question, c.answer)]
+        model, tokenizer = build_random(cfg.vlm_preset, cfg.decoder, seed=cfg.seed, corpus=corpus,
+                                        vocab_size=cfg.vocab_size)
+    if cfg.stage == 1:
+        set_stage1_trainable(model)
+    else:
+        apply_lora(model, cfg.lora, new_token_ids(model, tokenizer))
+    return model, tokenizer
+
+
+def _lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    steps = sorted((out / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    return steps[-1] if steps else None
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path | None:
+    """Run (or resume) one stage; returns the directory of the final checkpoint (``OUT/model``).
+
+    stop_after: end this run after that global step, with its state saved (a time-boxed run that a later
+    ``resume`` continues exactly); returns None then."""
+    out = Path(cfg.out)
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+    torch.manual_seed(cfg.seed)
+    data = _Data(cfg)
+    model, tokenizer = _initial_model(cfg, data)
+    processor = GroundingProcessor(tokenizer, model.config, model.vision_image_size, model.num_image_tokens)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    raw = accelerator.unwrap_model(model)
+    start = 0
+    if resume and (ckpt := latest_checkpoint(out)) is not None:
+        accelerator.load_state(str(ckpt))
+        start = int(ckpt.name.split("_")[1])
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    log_path = out / "log.jsonl"
+    if start == 0 and accelerator.is_main_process:
+        log_path.unlink(missing_ok=True)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = cfg.batch_size * cfg.grad_accum
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (progress and accelerator.is_main_process),
+               desc=f"stage {cfg.stage}", unit="step")
+    t0 = time.time()
+    for step in bar:
+        model.train()
+        idx = batch_indices(step, len(data.conversations), per_step * world, cfg.seed)
+        idx = idx[rank * per_step:(rank + 1) * per_step]
+        rng = np.random.default_rng([cfg.seed, step, rank, 7])
+        parts = {"loss": 0.0, "ce_loss": 0.0, "bce_loss": 0.0, "dice_loss": 0.0, "prompt_loss": 0.0}
+        for micro in range(cfg.grad_accum):
+            convs = [data.conversations[i] for i in idx[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]]
+            samples = [make_sample(processor, data.image(c.image_id), c.question, c.answer,
+                                   [data.mask(a) for a in c.ann_ids]) for c in convs]
+            batch = collate(samples, processor, raw)
+            with accelerator.autocast():
+                result = model(**batch)
+                loss = result.loss
+                if cfg.stage == 1:
+                    prompt = _prompt_loss(raw, data, samples, [c.image_id for c in convs], rng, cfg.prompts_per_image)
+                    loss = loss + prompt
+                    parts["prompt_loss"] += prompt.item() / cfg.grad_accum
+            accelerator.backward(loss / cfg.grad_accum)
+            parts["loss"] += loss.item() / cfg.grad_accum
+            for k in ("ce_loss", "bce_loss", "dice_loss"):
+                parts[k] += getattr(result, k).item() / cfg.grad_accum
+        accelerator.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if accelerator.is_main_process:
+            record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "time_s": round(time.time() - t0, 2),
+                      **{k: round(v, 5) for k, v in parts.items()}}
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{parts['loss']:.3f}", ce=f"{parts['ce_loss']:.3f}")
+        stopping = stop_after is not None and step + 1 >= stop_after and step + 1 < cfg.steps
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stopping:
+            _save_state(accelerator, out, step + 1, cfg.keep_checkpoints)
+        if stopping:
+            return None
+    accelerator.wait_for_everyone()
+    final = out / "model"
+    if accelerator.is_main_process:
+        save_checkpoint(raw, tokenizer, final, merge_lora=cfg.merge_lora)
+        plot_losses(log_path, out / "loss.png")
+    return final
+
+
+def _save_state(accelerator: Accelerator, out: Path, step: int, keep: int) -> None:
+    """A training state (model, optimizer, scheduler, RNG) per N steps; only the newest ``keep`` stay."""
+    path = out / "checkpoints" / f"step_{step}"
+    tmp = path.with_name(f".tmp_step_{step}")
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        tmp.rename(path)  # a crash mid-save leaves only a .tmp folder, which resume ignores
+        olds = sorted((out / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]
+        import shutil
+        for old in olds:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def plot_losses(log_path: Path, png_path: Path) -> Path | None:
+    """Loss curves of a ``log.jsonl`` as a PNG (a moving average over noisy steps)."""
+    if not log_path.is_file():
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    steps = np.array([r["step"] for r in records])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("loss", "ce_loss", "bce_loss", "dice_loss", "prompt_loss"):
+        values = np.array([r.get(key, 0.0) for r in records])
+        if not values.any():
+            continue
+        k = max(1, len(values) // 50)
+        smooth = np.convolve(values, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
