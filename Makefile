@@ -16,10 +16,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# The embedded default model; until it is trained, a tiny random one shows the pipeline end to end.
+DEFAULT_MODEL := weights/shapes-tiny
+DEMO_MODEL := $(if $(wildcard $(DEFAULT_MODEL)/groundseg.json),$(DEFAULT_MODEL),$(OUT)/tiny-random)
+
 demo: $(VENV)/.installed
-	$(VENV)/bin/groundseg predict --image examples/shapes.png --question "Where is the red circle?" \
+	@test -f $(DEMO_MODEL)/groundseg.json || $(VENV)/bin/groundseg init-tiny $(DEMO_MODEL)
+	$(VENV)/bin/groundseg predict --model $(DEMO_MODEL) --image examples/shapes.png \
+		--question "Please segment the circle below the cyan shape." \
 		--out $(OUT)/demo/result.json --overlay $(OUT)/demo/overlay.png
-	$(VENV)/bin/groundseg predict --image examples/shapes.png --points 120,80,1 \
+	$(VENV)/bin/groundseg predict --model $(DEMO_MODEL) --image examples/shapes.png --points 140,80,1 \
 		--out $(OUT)/demo/click.json --overlay $(OUT)/demo/click.png
 
 test: $(VENV)/.installed

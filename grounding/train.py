@@ -150,8 +150,12 @@ def _prompt_loss(model, data: _Data, samples: list[TrainSample], image_ids: list
             points = labels = boxes = None
             if rng.random() < 0.5:  # a box, jittered as a user would draw it
                 x1, y1, x2, y2 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-                j = 0.1 * np.array([x2 - x1, y2 - y1, x2 - x1, y2 - y1]) * rng.uniform(-1, 1, 4)
-                boxes = torch.tensor([[x1, y1, x2, y2]] + j[None], dtype=torch.float32, device=device)
+                w, h = x2 - x1, y2 - y1
+                box = np.array([x1, y1, x2, y2], np.float64) + 0.1 * np.array([w, h, w, h]) * rng.uniform(-1, 1, 4)
+                H, W = mask.shape
+                box = np.clip(box, 0, [W, H, W, H])
+                box[2:] = np.maximum(box[2:], box[:2] + 1)  # keep x2 > x1 after clipping
+                boxes = torch.tensor(box[None], dtype=torch.float32, device=device)
             else:  # 1-3 clicks inside the object
                 k = int(rng.integers(1, 4))
                 i = rng.integers(len(xs), size=k)
@@ -262,14 +266,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         stopping = stop_after is not None and step + 1 >= stop_after and step + 1 < cfg.steps
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stopping:
             _save_state(accelerator, out, step + 1, cfg.keep_checkpoints)
+            if accelerator.is_main_process:  # a usable model of the run so far, and its curve
+                save_checkpoint(raw, tokenizer, out / "model", merge_lora=cfg.merge_lora)
+                plot_losses(log_path, out / "loss.png")
         if stopping:
             return None
     accelerator.wait_for_everyone()
-    final = out / "model"
-    if accelerator.is_main_process:
-        save_checkpoint(raw, tokenizer, final, merge_lora=cfg.merge_lora)
-        plot_losses(log_path, out / "loss.png")
-    return final
+    return out / "model"  # written with the last step's state
 
 
 def _save_state(accelerator: Accelerator, out: Path, step: int, keep: int) -> None:
