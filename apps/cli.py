@@ -112,6 +112,14 @@ def train(
     console.print(f"trained model written to {final}")
 
 
+def _register_eval() -> None:
+    from apps.eval_cmd import eval_command
+    app.command("eval", help="Evaluate on a REFER folder (RefCOCO/+/g or synthetic): cIoU, gIoU, Acc@0.5.")(eval_command)
+
+
+_register_eval()
+
+
 def _print_result(result, out: Path, overlay: Optional[Path]) -> None:
     stdout = Console()
     if result.answer:

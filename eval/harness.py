@@ -1,0 +1,499 @@
+"""RefCOCO-style evaluation of a :class:`~grounding.predictor.Grounder`: REC Acc@0.5, RES cIoU/gIoU.
+
+``evaluate`` scores every sentence of one split of a REFER dataset and writes to ``out_dir``:
+
+- ``predictions.jsonl``: one JSON line per sentence (see :func:`_line`), appended and flushed line by
+  line; a rerun with the same ``out_dir`` RESUMES (sentences already there are not predicted again,
+  a half-written last line is dropped, nothing is duplicated);
+- ``metrics.json``: the scores, always computed from ALL lines of ``predictions.jsonl`` (so an
+  interrupted-and-resumed run reports what an uninterrupted one does);
+- ``report.png``: the scores as bars and histograms of the per-sentence mask and box IoU;
+- ``run.json``: what the run was (task, mode, model...), so a resume into a folder holding another
+  kind of run is refused instead of mixing the two.
+
+Modes (reference.md section 5):
+
+``generate`` (Sa2VA's protocol)
+    The model writes its whole answer. RES and ``task="both"`` ask the first training phrasing of the
+    segmentation question (``"Please segment {sent}."``; our models answer it with
+    ``<ref>..</ref><box>..</box>[SEG]``), ``task="rec"`` the first REC phrasing. The predicted mask is
+    the mask of the first target that has one (none: an empty mask); the predicted box is the TEXT box
+    of the first target (none: a miss).
+``teacher-forced`` (LISA's and GLaMM's protocol, RES only)
+    The answer is given (``Query.answer``) and only its [SEG] hidden state is read. LISA forces
+    ``"[SEG]."``; our models were taught ``<ref>{sent}</ref><box>..</box>[SEG]``, and the box cannot be
+    forced without giving the answer away, so the default forced answer is the prefix form
+    ``teacher_answer="<ref>{sent}</ref>[SEG]"``; pass ``teacher_answer="[SEG]."`` for LISA's exact
+    text. REC cannot be teacher-forced (forcing ``<ref>{sent}</ref><box>`` and letting the model finish
+    needs a prefix, which ``Query.answer`` - a whole answer - does not express), so REC is always
+    generated, from the REC question, and ``metrics.json`` says ``rec_mode: "generate"``.
+
+Conventions: boxes are float pixel ``(x1, y1, x2, y2)`` in the original image, continuous
+coordinates; masks are ``bool`` ``H x W`` at the original resolution (RLE in the JSON lines). Scores
+are fractions in [0, 1] (the printed table shows percentages).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from eval.metrics import ResAccumulator, mask_iou_parts, rec_hit, sentence_iou, summarise
+from grounding.boxes import box_iou, parse_answer
+from grounding.data.refer import ReferDataset, Sentence
+from grounding.data.tasks import REC_QUESTIONS, SEG_QUESTIONS
+from grounding.errors import GroundsegError
+from grounding.result import Prediction, atomic_write_bytes, atomic_write_text, rle_decode, rle_encode
+from grounding.tokens import SEG
+
+TASKS = ("res", "rec", "both")
+MODES = ("teacher-forced", "generate")
+DEFAULT_TEACHER_ANSWER = "<ref>{sent}</ref>[SEG]"
+LISA_TEACHER_ANSWER = "[SEG]."
+SEG_QUESTION = SEG_QUESTIONS[0]  # "Please segment {s}."
+REC_QUESTION = REC_QUESTIONS[0]  # "Where is {s}? Answer with a box."
+
+PREDICTIONS = "predictions.jsonl"
+METRICS = "metrics.json"
+REPORT = "report.png"
+RUN = "run.json"
+
+# What identifies a run: a resume must match all of these.
+_RUN_KEYS = ("task", "mode", "model", "dataset", "split_by", "split", "teacher_answer", "rec_question")
+
+
+class EvalError(GroundsegError):
+    """An evaluation cannot run as asked (bad option, an out folder holding another run...)."""
+
+
+# --------------------------------------------------------------------------- reading the lines
+
+
+def read_predictions(path: str | os.PathLike, repair: bool = False) -> list[dict]:
+    """The lines of a ``predictions.jsonl``, in file order, first occurrence of each sent_id kept.
+
+    A last line without its newline was cut by a crash: it is ignored and, with ``repair=True``,
+    removed from the file so that appending continues on a clean line. Any other unreadable line
+    raises :class:`EvalError` (it was not written by this harness).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1  # bytes up to the end of the last complete line
+    if repair and end < len(data):
+        os.truncate(path, end)
+    lines, seen = [], set()
+    for number, raw in enumerate(data[:end].splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+            sent_id = int(line["sent_id"])
+        except (ValueError, KeyError, TypeError):
+            raise EvalError(f"{path} line {number} is not a prediction line; "
+                            "remove the file or use another --out folder") from None
+        if sent_id not in seen:
+            seen.add(sent_id)
+            lines.append(line)
+    return lines
+
+
+def metrics_from_lines(lines: Sequence[dict], task: str) -> dict:
+    """Scores from the stored per-sentence counts: RES from ``intersection``/``union``, REC from
+    ``rec_hit``. ``n_sentences`` / ``n_images`` count the lines and their distinct images."""
+    res = ResAccumulator() if task in ("res", "both") else None
+    hits: list[bool] | None = [] if task in ("rec", "both") else None
+    for line in lines:
+        if res is not None:
+            res.add_parts(line["intersection"], line["union"])
+        if hits is not None:
+            hits.append(bool(line["rec_hit"]))
+    return _score_dict(summarise(res, hits), lines)
+
+
+def recompute_metrics(predictions_jsonl: str | os.PathLike, dataset: ReferDataset, split: str,
+                      task: str | None = None) -> dict:
+    """Scores recomputed from scratch: predicted masks decoded from their RLE and boxes read from
+    the lines, ground truth taken from ``dataset`` (nothing stored by the harness but the
+    predictions themselves is trusted). ``task`` defaults to the one the lines record."""
+    lines = read_predictions(predictions_jsonl)
+    if task is None:
+        tasks = {line.get("task") for line in lines}
+        if len(tasks) > 1:
+            raise EvalError(f"{predictions_jsonl} mixes tasks {sorted(map(str, tasks))}")
+        task = tasks.pop() if tasks else "both"
+    by_id = {s.sent_id: s for s in dataset.sentences(split)}
+    res = ResAccumulator() if task in ("res", "both") else None
+    hits: list[bool] | None = [] if task in ("rec", "both") else None
+    for line in lines:
+        sent = by_id.get(int(line["sent_id"]))
+        if sent is None:
+            raise EvalError(f"{predictions_jsonl}: sent_id {line['sent_id']} is not in split {split!r}")
+        if res is not None:
+            pred = None if line.get("mask") is None else rle_decode(line["mask"])
+            res.add(pred, dataset.mask(sent.ann_id))
+        if hits is not None:
+            hits.append(rec_hit(line.get("box"), dataset.box_xyxy(sent.ann_id)))
+    return _score_dict(summarise(res, hits), lines)
+
+
+def _score_dict(scores: dict, lines: Sequence[dict]) -> dict:
+    return {"cIoU": scores["cIoU"], "gIoU": scores["gIoU"], "acc@0.5": scores["acc@0.5"],
+            "n_sentences": len(lines), "n_images": len({int(line["image_id"]) for line in lines})}
+
+
+# --------------------------------------------------------------------------- one sentence
+
+
+@dataclass
+class _Outcome:
+    """What the model gave for one sentence (before scoring)."""
+    answer: str
+    mask: np.ndarray | None           # RES prediction (None: no [SEG] mask)
+    box: tuple | None                 # text box of the first target (None: none written)
+    rec_answer: str | None = None     # the separate REC generation (teacher-forced + REC)
+    notes: tuple[str, ...] = ()
+
+
+def first_mask(pred: Prediction) -> np.ndarray | None:
+    """The mask of the first target that has one."""
+    return next((t.mask for t in pred.targets if t.mask is not None), None)
+
+
+def first_text_box(pred: Prediction) -> tuple | None:
+    """The box the answer's TEXT gives its first target, or None.
+
+    ``Prediction.targets`` fills a missing text box with the mask's bounding box; REC must not
+    score that (it would be RES in disguise), so the text is parsed again. The walk drops the
+    parsed targets the predictor dropped (no box and no decoded mask), so the first one kept is
+    ``pred.targets[0]``.
+    """
+    if not pred.targets:
+        return None
+    with_mask = {t.seg_index for t in pred.targets if t.mask is not None}
+    for parsed in parse_answer(pred.answer, pred.image_size):
+        if parsed.box is not None or parsed.seg_index in with_mask:
+            return parsed.box
+    return None
+
+
+def _line(sent: Sentence, task: str, mode: str, question: str, out: _Outcome,
+          gt_mask: np.ndarray | None, gt_box: tuple) -> dict:
+    """One ``predictions.jsonl`` record. RES fields (``mask``, ``intersection``, ``union``,
+    ``mask_iou``) are null when RES is not scored; ``rec_hit`` is null when REC is not scored;
+    ``box``/``box_iou`` are filled whenever the answer wrote a box (``box_iou`` 0.0 without one)."""
+    line: dict[str, Any] = {
+        "ref_id": sent.ref_id, "sent_id": sent.sent_id, "image_id": sent.image_id, "ann_id": sent.ann_id,
+        "sentence": sent.text, "task": task, "mode": mode, "question": question, "answer": out.answer,
+        "rec_answer": out.rec_answer,
+        "box": None if out.box is None else [float(v) for v in out.box],
+        "mask": None, "intersection": None, "union": None, "mask_iou": None,
+        "box_iou": 0.0 if out.box is None else float(box_iou(out.box, gt_box)),
+        "rec_hit": rec_hit(out.box, gt_box) if task in ("rec", "both") else None,
+        "notes": list(out.notes),
+    }
+    if gt_mask is not None:
+        i, u = mask_iou_parts(out.mask, gt_mask)
+        line.update(mask=None if out.mask is None else rle_encode(out.mask), intersection=i, union=u,
+                    mask_iou=sentence_iou(i, u))
+    return line
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _check_options(task: str, mode: str, batch_size: int, limit: int | None, teacher_answer: str) -> None:
+    if task not in TASKS:
+        raise EvalError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if mode not in MODES:
+        raise EvalError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if int(batch_size) < 1:
+        raise EvalError(f"batch size must be >= 1, got {batch_size}")
+    if limit is not None and int(limit) < 1:
+        raise EvalError(f"limit must be >= 1, got {limit}")
+    if mode == "teacher-forced" and task != "rec" and SEG not in teacher_answer:
+        raise EvalError(f"the teacher-forced answer {teacher_answer!r} has no {SEG}: it would give no mask")
+
+
+def _run_info(grounder, dataset: ReferDataset, split: str, task: str, mode: str, teacher_answer: str,
+              model_name: str | None) -> dict:
+    forced = mode == "teacher-forced"
+    return {
+        "task": task, "mode": mode,
+        "model": model_name or getattr(grounder, "name", None) or "unknown",
+        "dataset": dataset.dataset, "split_by": dataset.split_by, "split": split,
+        "res_mode": mode if task != "rec" else None,
+        "rec_mode": "generate" if task != "res" else None,
+        "teacher_answer": teacher_answer if forced and task != "rec" else None,
+        # which question the REC box answers: the segmentation question's answer (generate + both)
+        # or a separate REC question
+        "rec_question": None if task == "res" else (SEG_QUESTION if task == "both" and not forced else REC_QUESTION),
+        "seg_question": SEG_QUESTION if task != "rec" else None,
+    }
+
+
+def _check_resume(out: Path, info: dict) -> None:
+    path = out / RUN
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            raise EvalError(f"{path} is not readable JSON; remove it or use another --out folder") from None
+        diff = [k for k in _RUN_KEYS if old.get(k) != info.get(k)]
+        if diff:
+            k = diff[0]
+            raise EvalError(f"{out} holds a run with {k}={old.get(k)!r}, not {info.get(k)!r}: "
+                            "use another --out folder (or delete it) instead of mixing runs")
+    elif (out / PREDICTIONS).is_file() and (out / PREDICTIONS).stat().st_size:
+        raise EvalError(f"{out / PREDICTIONS} exists without {RUN}: cannot tell which run it belongs to")
+    atomic_write_text(path, json.dumps(info, indent=2))
+
+
+def evaluate(grounder, dataset: ReferDataset, split: str, task: str = "both", mode: str = "generate",
+             out_dir: str | os.PathLike = "out/eval", limit: int | None = None, batch_size: int = 8,
+             progress: bool = True, *, teacher_answer: str = DEFAULT_TEACHER_ANSWER,
+             max_new_tokens: int | None = None, model_name: str | None = None) -> dict:
+    """Score ``grounder`` on ``split`` of ``dataset``; returns (and writes) ``metrics.json``'s dict.
+
+    task: ``"res"`` (masks: cIoU, gIoU), ``"rec"`` (boxes: Acc@0.5) or ``"both"``.
+    mode: ``"generate"`` or ``"teacher-forced"`` (RES only; REC is then generated), see the module
+        docstring. ``teacher_answer`` is the forced answer, ``{sent}`` replaced by the sentence.
+    limit: score only the first ``limit`` sentences in image order (a quick look).
+    batch_size: sentences per forward pass. Sentences are sorted by image, so each image is
+        encoded by the mask decoder once (the Grounder caches embeddings by content).
+    progress: show a progress bar (sentences/s, running cIoU) and print the score table.
+    model_name: what ``metrics.json`` calls the model (e.g. the checkpoint path).
+    """
+    _check_options(task, mode, batch_size, limit, teacher_answer)
+    started = time.perf_counter()
+    info = _run_info(grounder, dataset, split, task, mode, teacher_answer, model_name)
+    sentences = sorted(dataset.sentences(split), key=lambda s: (s.image_id, s.sent_id))  # unknown split: raises
+    if limit is not None:
+        sentences = sentences[: int(limit)]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resume(out, info)
+
+    pred_path = out / PREDICTIONS
+    lines = read_predictions(pred_path, repair=True)
+    done = {int(line["sent_id"]) for line in lines}
+    # Fixed chunks of the full sorted list (for a given batch_size): a chunk that is partly written is
+    # predicted whole again
+    # (only its missing lines are written), so every sentence is predicted in the same batch as in
+    # an uninterrupted run. Left padding makes results depend on the batch by float rounding, and a
+    # resumed run must report what an uninterrupted one does.
+    chunks = [sentences[i:i + batch_size] for i in range(0, len(sentences), batch_size)]
+    todo = [c for c in chunks if any(s.sent_id not in done for s in c)]
+    n_todo = sum(s.sent_id not in done for c in todo for s in c)
+
+    running = ResAccumulator()
+    for line in lines:
+        if line.get("intersection") is not None:
+            running.add_parts(line["intersection"], line["union"])
+    predict_time, n_new = 0.0, 0
+    images = _ImageCache(dataset, getattr(grounder, "max_pixels", None))
+    with _progress_bar(len(sentences), len(sentences) - n_todo, progress) as advance, \
+            open(pred_path, "a", encoding="utf-8") as handle:
+        for chunk in todo:
+            t0 = time.perf_counter()
+            outcomes = _predict_chunk(grounder, chunk, images, task, mode, teacher_answer, batch_size,
+                                      max_new_tokens)
+            predict_time += time.perf_counter() - t0
+            for sent, outcome in zip(chunk, outcomes):
+                if sent.sent_id in done:
+                    continue
+                question = (REC_QUESTION if task == "rec" else SEG_QUESTION).format(s=sent.text)
+                gt_mask = dataset.mask(sent.ann_id) if task != "rec" else None
+                line = _line(sent, task, mode, question, outcome, gt_mask, dataset.box_xyxy(sent.ann_id))
+                # one write per complete line, then flush: a crash leaves at most a cut last line
+                handle.write(json.dumps(line) + "\n")  # ASCII: any text the model wrote survives
+                handle.flush()
+                done.add(sent.sent_id)
+                n_new += 1
+                if line["intersection"] is not None:
+                    running.add_parts(line["intersection"], line["union"])
+                advance(n_new / predict_time if predict_time > 0 else 0.0, running.ciou)
+            os.fsync(handle.fileno())
+
+    lines = read_predictions(pred_path)
+    wall = time.perf_counter() - started
+    metrics = {**metrics_from_lines(lines, task), **info,
+               "n_new_sentences": n_new, "n_resumed_sentences": len(lines) - n_new,
+               "wall_time_s": round(wall, 3),
+               "sentences_per_s": round(n_new / predict_time, 3) if predict_time > 0 and n_new else None,
+               "encoder_calls": getattr(grounder, "encoder_calls", None)}
+    atomic_write_text(out / METRICS, json.dumps(metrics, indent=2))
+    write_report(out / REPORT, metrics, lines)
+    if progress:
+        print_table(metrics)
+    return metrics
+
+
+class _ImageCache:
+    """Pixels of the current image: sentences come sorted by image, so one entry is enough, and
+    each file is read once (the Grounder caches the expensive part, the decoder's embedding)."""
+
+    def __init__(self, dataset: ReferDataset, max_pixels: int | None):
+        self.dataset, self.max_pixels = dataset, max_pixels
+        self._key: int | None = None
+        self._pixels: np.ndarray | None = None
+
+    def __call__(self, image_id: int) -> np.ndarray:
+        if image_id != self._key:
+            from grounding.images import load_image
+            kwargs = {} if self.max_pixels is None else {"max_pixels": self.max_pixels}
+            pixels = load_image(self.dataset.image_path(image_id), **kwargs)
+            expected = self.dataset.image_size(image_id)
+            if pixels.shape[:2] != expected:
+                raise EvalError(f"image {image_id} ({self.dataset.image_path(image_id)}) is "
+                                f"{pixels.shape[0]}x{pixels.shape[1]} but its annotations say "
+                                f"{expected[0]}x{expected[1]} (H x W): masks would not line up")
+            self._key, self._pixels = image_id, pixels
+        return self._pixels  # type: ignore[return-value]
+
+
+def _predict_chunk(grounder, chunk: Sequence[Sentence], images: _ImageCache, task: str, mode: str,
+                   teacher_answer: str, batch_size: int, max_new_tokens: int | None) -> list[_Outcome]:
+    from grounding.predictor import Query
+
+    pixels = [images(s.image_id) for s in chunk]
+    if task == "rec":
+        preds = _predict(grounder, [Query(p, REC_QUESTION.format(s=s.text)) for s, p in zip(chunk, pixels)],
+                         batch_size, max_new_tokens)
+        return [_Outcome(p.answer, None, first_text_box(p), notes=tuple(p.notes)) for p in preds]
+    forced = mode == "teacher-forced"
+    seg_queries = [Query(p, SEG_QUESTION.format(s=s.text),
+                         answer=teacher_answer.replace("{sent}", s.text) if forced else None)
+                   for s, p in zip(chunk, pixels)]
+    seg_preds = _predict(grounder, seg_queries, batch_size, max_new_tokens)
+    if not forced:  # one generated answer gives both the mask and the box
+        return [_Outcome(p.answer, first_mask(p), first_text_box(p), notes=tuple(p.notes)) for p in seg_preds]
+    if task == "res":  # a forced answer has no box of the model's own: REC is not scored
+        return [_Outcome(p.answer, first_mask(p), None, notes=tuple(p.notes)) for p in seg_preds]
+    rec_preds = _predict(grounder, [Query(p, REC_QUESTION.format(s=s.text)) for s, p in zip(chunk, pixels)],
+                         batch_size, max_new_tokens)
+    return [_Outcome(sp.answer, first_mask(sp), first_text_box(rp), rec_answer=rp.answer,
+                     notes=tuple(sp.notes) + tuple(rp.notes)) for sp, rp in zip(seg_preds, rec_preds)]
+
+
+def _predict(grounder, queries: list, batch_size: int, max_new_tokens: int | None) -> list[Prediction]:
+    """``predict_batch``; a question the model refuses (e.g. too long for its context) becomes an
+    empty prediction with the reason in its notes instead of stopping the whole evaluation."""
+    try:
+        return grounder.predict_batch(queries, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    except GroundsegError:
+        if len(queries) == 1:
+            raise
+    out = []
+    for q in queries:
+        try:
+            out.extend(grounder.predict_batch([q], batch_size=1, max_new_tokens=max_new_tokens))
+        except GroundsegError as err:
+            out.append(Prediction(answer="", targets=[], image_size=q.image.shape[:2], question=q.question,
+                                  notes=[f"not predicted: {err}"]))
+    return out
+
+
+# --------------------------------------------------------------------------- display
+
+
+class _progress_bar:
+    """A rich progress bar on stderr showing sentences/s and the running cIoU (or nothing)."""
+
+    def __init__(self, total: int, completed: int, enabled: bool):
+        self.total, self.completed, self.enabled = total, completed, enabled
+        self._bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda rate, ciou: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[rate]} sent/s  cIoU {task.fields[ciou]}"),
+                             TimeRemainingColumn(), console=Console(stderr=True))
+        self._bar.__enter__()
+        task = self._bar.add_task("eval", total=self.total, completed=self.completed, rate="-", ciou="-")
+
+        def advance(rate: float, ciou: float | None) -> None:
+            self._bar.update(task, advance=1, rate=f"{rate:.2f}",
+                             ciou="-" if ciou is None else f"{100 * ciou:.1f}")
+        return advance
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+        return False
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def print_table(metrics: dict, console=None) -> None:
+    """The scores as a rich table (percentages) on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{metrics['dataset']} {metrics['split']}: task {metrics['task']}, mode {metrics['mode']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("cIoU", "gIoU", "acc@0.5"):
+        table.add_row(key + (" %" if metrics.get(key) is not None else ""), _pct(metrics.get(key)))
+    table.add_row("sentences", str(metrics["n_sentences"]))
+    table.add_row("images", str(metrics["n_images"]))
+    if metrics.get("res_mode"):
+        table.add_row("RES mode", metrics["res_mode"] + (f" ({metrics['teacher_answer']})" if metrics.get("teacher_answer") else ""))
+    if metrics.get("rec_mode"):
+        table.add_row("REC mode", f"{metrics['rec_mode']} ({metrics['rec_question']})")
+    table.add_row("model", str(metrics["model"]))
+    rate = metrics.get("sentences_per_s")
+    table.add_row("wall time", f"{metrics['wall_time_s']:.1f} s" + (f", {rate:.2f} sentences/s" if rate else ""))
+    (console or Console()).print(table)
+
+
+def write_report(path: str | os.PathLike, metrics: dict, lines: Iterable[dict]) -> Path:
+    """``report.png``: score bars, and histograms of per-sentence mask IoU and box IoU."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    lines = list(lines)
+    mask_ious = [line["mask_iou"] for line in lines if line.get("mask_iou") is not None]
+    box_ious = [line["box_iou"] for line in lines if line.get("box_iou") is not None
+                and (line.get("rec_hit") is not None or line.get("box") is not None)]
+    fig = Figure(figsize=(13, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_scores, ax_mask, ax_box = fig.subplots(1, 3)
+    names = ["cIoU", "gIoU", "acc@0.5"]
+    values = [metrics.get(k) for k in names]
+    bars = ax_scores.bar(names, [0.0 if v is None else 100 * v for v in values], color=["#4c72b0", "#55a868", "#c44e52"])
+    for bar, v in zip(bars, values):
+        ax_scores.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 1, _pct(v), ha="center", va="bottom")
+    ax_scores.set_ylim(0, 110)
+    ax_scores.set_ylabel("%")
+    ax_scores.set_title(f"{metrics['n_sentences']} sentences, {metrics['n_images']} images")
+    for ax, values_, what in ((ax_mask, mask_ious, "mask IoU"), (ax_box, box_ious, "box IoU")):
+        if values_:
+            ax.hist(values_, bins=20, range=(0.0, 1.0), color="#8172b2")
+            ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
+        else:
+            ax.text(0.5, 0.5, "not scored", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel(f"per-sentence {what}")
+        ax.set_ylabel("sentences")
+        ax.set_title(what)
+    mode = metrics["mode"] + (f" (REC {metrics['rec_mode']})" if metrics.get("rec_mode") and metrics["mode"] != metrics["rec_mode"] else "")
+    fig.suptitle(f"{metrics['model']}  |  {metrics['dataset']} {metrics['split']}  |  task {metrics['task']}, {mode}",
+                 fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())
