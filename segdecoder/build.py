@@ -225,9 +225,25 @@ def check_image(image) -> None:
 class SamFamilyBackend:
     """What the SAM and SAM2 backends share: prompt checking, best-of-3 choice, ``decode``.
 
-    Mixed into ``torch.nn.Module`` subclasses that define ``backend_name``, ``prompt_dim``,
-    ``image_size``, ``mask_logits`` and ``upscale``.
+    Mixed into ``torch.nn.Module`` subclasses that define ``backend_name``, ``preset``, ``spec``,
+    ``prompt_dim``, ``image_size``, ``official_model()`` (the wrapped ``Sam`` / ``SAM2Base``, what
+    official checkpoint files hold), ``encode_with_grad``, ``mask_logits`` and ``upscale``.
     """
+
+    def config(self) -> dict[str, Any]:
+        """Keyword arguments of ``build_decoder`` that rebuild this architecture (no weights)."""
+        return {"backend": self.backend_name, "preset": self.preset, "image_size": self.image_size}
+
+    def load_checkpoint(self, path: str | Path):
+        """Load an official file (or our own ``state_dict()``) into ``official_model()``."""
+        state = read_state_dict(path, backend=self.backend_name, preset=self.preset, spec=self.spec)
+        load_checked(self.official_model(), state, path=path, backend=self.backend_name, preset=self.preset)
+        return self
+
+    @torch.no_grad()
+    def encode(self, images) -> list[ImageEmbedding]:
+        """Run the image encoder (no grad) on a batch of images; one embedding per image."""
+        return self.encode_with_grad(images)
 
     def check_prompts(self, embedding: ImageEmbedding, seg_embeddings=None, points=None,
                       point_labels=None, boxes=None):

@@ -11,7 +11,6 @@ resizing to ``H x W`` (as ``Sam.postprocess_masks``).
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -23,7 +22,7 @@ from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncod
 from torch import nn
 
 from .base import ImageEmbedding
-from .build import SamFamilyBackend, check_image, load_checked, read_state_dict
+from .build import SamFamilyBackend, check_image
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)   # on 0..255 pixels
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -83,15 +82,8 @@ class SamBackend(SamFamilyBackend, nn.Module):
                   image_size: int | None = None) -> "SamBackend":
         return cls(build_sam_model(spec, image_size), preset=preset, spec=spec)
 
-    def config(self) -> dict[str, Any]:
-        """Keyword arguments of ``build_decoder`` that rebuild this architecture (no weights)."""
-        return {"backend": self.backend_name, "preset": self.preset, "image_size": self.image_size}
-
-    def load_checkpoint(self, path: str | Path) -> "SamBackend":
-        """Load an official ``sam_vit_*.pth`` (or our own ``state_dict()``) into ``self.sam``."""
-        state = read_state_dict(path, backend="sam", preset=self.preset, spec=self.spec)
-        load_checked(self.sam, state, path=path, backend="sam", preset=self.preset)
-        return self
+    def official_model(self) -> nn.Module:
+        return self.sam
 
     def trainable_decoder_module(self) -> nn.Module:
         return self.sam.mask_decoder
@@ -115,11 +107,6 @@ class SamBackend(SamFamilyBackend, nn.Module):
         x = (x - mean) / std
         x = F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
         return x, (h, w)
-
-    @torch.no_grad()
-    def encode(self, images: Sequence[np.ndarray]) -> list[ImageEmbedding]:
-        """Image encoder on ``encode_batch_size`` images at a time; one ``[1, C, S/16, S/16]`` each."""
-        return self.encode_with_grad(images)
 
     def encode_with_grad(self, images: Sequence[np.ndarray]) -> list[ImageEmbedding]:
         """``encode`` that keeps the autograd graph: for pretraining the image encoder itself (stage 1)."""

@@ -16,7 +16,6 @@ no-grad ``encode``, fine-tuning the mask decoder leaves them unchanged.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,7 +31,7 @@ from sam2.modeling.sam.transformer import RoPEAttention
 from torch import nn
 
 from .base import ImageEmbedding
-from .build import SamFamilyBackend, check_image, load_checked, read_state_dict
+from .build import SamFamilyBackend, check_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # on 0..1 pixels
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -119,15 +118,8 @@ class Sam2Backend(SamFamilyBackend, nn.Module):
                   image_size: int | None = None) -> "Sam2Backend":
         return cls(build_sam2_model(spec, image_size), preset=preset, spec=spec)
 
-    def config(self) -> dict[str, Any]:
-        """Keyword arguments of ``build_decoder`` that rebuild this architecture (no weights)."""
-        return {"backend": self.backend_name, "preset": self.preset, "image_size": self.image_size}
-
-    def load_checkpoint(self, path: str | Path) -> "Sam2Backend":
-        """Load an official ``sam2.1_hiera_*.pt`` (weights under ``"model"``) into ``self.sam2``."""
-        state = read_state_dict(path, backend="sam2", preset=self.preset, spec=self.spec)
-        load_checked(self.sam2, state, path=path, backend="sam2", preset=self.preset)
-        return self
+    def official_model(self) -> nn.Module:
+        return self.sam2
 
     def trainable_decoder_module(self) -> nn.Module:
         return self.sam2.sam_mask_decoder
@@ -149,11 +141,6 @@ class Sam2Backend(SamFamilyBackend, nn.Module):
         mean = torch.tensor(IMAGENET_MEAN, device=dev).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=dev).view(3, 1, 1)
         return (x - mean) / std, (side, side)
-
-    @torch.no_grad()
-    def encode(self, images: Sequence[np.ndarray]) -> list[ImageEmbedding]:
-        """Image encoder on ``encode_batch_size`` images at a time; see the module docstring."""
-        return self.encode_with_grad(images)
 
     def encode_with_grad(self, images: Sequence[np.ndarray]) -> list[ImageEmbedding]:
         """``encode`` that keeps the autograd graph: for pretraining the image encoder itself (stage 1)."""

@@ -1,7 +1,6 @@
 """GroundingModel: losses, which parameters train, and the [SEG] -> mask path."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
