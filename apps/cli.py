@@ -146,9 +146,8 @@ def main() -> None:
         _fail(f"error: {err}", 2)
     except (typer.Exit, typer.Abort) as err:
         sys.exit(getattr(err, "exit_code", 1))
-    except Exception as err:  # click usage errors and the unexpected
-        import click
-        if isinstance(err, click.ClickException):
+    except Exception as err:  # usage errors (typer's own click) and the unexpected
+        if hasattr(err, "show") and hasattr(err, "exit_code"):
             err.show()
             sys.exit(err.exit_code)
         if os.environ.get("GROUNDSEG_DEBUG"):

@@ -12,7 +12,7 @@ import typer
 
 
 def eval_command(
-    data_root: Annotated[Path, typer.Argument(help="REFER folder: DATA_ROOT/DATASET/instances.json + refs(SPLIT_BY).p, "
+    data_root: Annotated[Path, typer.Option("--data-root", help="REFER folder: DATA_ROOT/DATASET/instances.json + refs(SPLIT_BY).p, "
                                                    "or a synthetic folder holding them itself.")],
     dataset: Annotated[str, typer.Option(help="refcoco, refcoco+, refcocog (ignored for a synthetic folder).")] = "refcoco",
     split_by: Annotated[str, typer.Option(help="unc (refcoco, refcoco+), umd or google (refcocog).")] = "unc",

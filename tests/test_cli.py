@@ -78,3 +78,8 @@ def test_init_tiny_writes_a_loadable_checkpoint(tmp_path):
     r = run("init-tiny", tmp_path / "t", "--seed", "3")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "t" / "model.safetensors").is_file()
+
+
+def test_usage_errors_exit_non_zero_without_traceback(tmp_path):
+    r = run("predict", "--bogus")
+    assert r.returncode == 2 and "No such option" in r.stderr and "Traceback" not in r.stderr

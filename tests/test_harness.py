@@ -190,7 +190,7 @@ def test_eval_command_runs_and_rejects_bad_options(tiny_dir, dataset, tmp_path):
     app.command("eval")(eval_command)
     app.command("other")(lambda: None)  # more than one command: "eval" is then a sub-command
     out = tmp_path / "cli"
-    result = CliRunner().invoke(app, ["eval", str(dataset.data_root), "--model", str(tiny_dir), "--task", "res",
+    result = CliRunner().invoke(app, ["eval", "--data-root", str(dataset.data_root), "--model", str(tiny_dir), "--task", "res",
                                       "--mode", "teacher-forced", "--limit", "2", "--out", str(out),
                                       "--device", "cpu"])
     assert result.exit_code == 0, result.output
