@@ -86,11 +86,16 @@ def synth(
     images: int = typer.Option(1000, min=1, help="Number of scenes."),
     seed: int = typer.Option(0, help="Random seed: the same seed writes the same bytes."),
     videos: int = typer.Option(0, min=0, help="Also write this many moving-shape videos under OUT/videos."),
+    min_side: int = typer.Option(160, min=32, help="Smallest image height/width in pixels."),
+    max_side: int = typer.Option(320, min=32, help="Largest image height/width in pixels."),
 ) -> None:
     """Generate a synthetic referring dataset (REFER format: images/, instances.json, refs(unc).p)."""
     from grounding.data.synthetic import generate_dataset, generate_video_dataset
 
-    path = generate_dataset(out, images, seed)
+    if max_side < min_side:
+        raise PromptError(f"--max-side {max_side} is smaller than --min-side {min_side}")
+    sides = (min_side, max_side)
+    path = generate_dataset(out, images, seed, image_size_range=(sides, sides))
     if videos:
         generate_video_dataset(Path(out) / "videos", videos, seed)
     console.print(f"wrote {images} scenes to {path}")
