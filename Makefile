@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 export SAM2_BUILD_CUDA = 0
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean default-model
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run_all.py
+
+# Rebuild the embedded default model from scratch (weights/shapes-tiny/MODEL_CARD.md has times and scores).
+default-model: $(VENV)/.installed
+	$(VENV)/bin/groundseg synth --out data/synth --images 3000 --seed 0
+	$(VENV)/bin/groundseg train --config configs/shapes-tiny-stage1.yaml
+	$(VENV)/bin/groundseg train --config configs/shapes-tiny-stage2.yaml
+	rm -rf $(DEFAULT_MODEL) && cp -r runs/shapes-tiny/stage2/model $(DEFAULT_MODEL)
 
 clean:
 	rm -rf $(OUT) .pytest_cache

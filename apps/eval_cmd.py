@@ -25,6 +25,8 @@ def eval_command(
     limit: Annotated[Optional[int], typer.Option(min=1, help="Score only the first N sentences (image order).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Sentences per forward pass.")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    rec_box: Annotated[str, typer.Option(help="REC box: text (the box the answer writes; Qwen-VL protocol) "
+                                              "or mask (the predicted mask's box; GLaMM's practice).")] = "text",
 ) -> None:
     """Evaluate REC (Acc@0.5) and/or RES (cIoU, gIoU) on one split; resumable."""
     from apps.cli import DEFAULT_MODEL
@@ -42,5 +44,5 @@ def eval_command(
     model_dir = Path(model) if model is not None else DEFAULT_MODEL
     grounder = Grounder.from_pretrained(model_dir, device=device)
     evaluate(grounder, data, split, task=task, mode=mode, out_dir=out, limit=limit, batch_size=batch_size,
-             progress=True, model_name=str(model_dir.resolve()))
+             progress=True, model_name=str(model_dir.resolve()), rec_box=rec_box)
     typer.echo(f"wrote {out / 'predictions.jsonl'}, {out / 'metrics.json'} and {out / 'report.png'}")

@@ -44,6 +44,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from grounding.result import box_from_mask
 from eval.metrics import ResAccumulator, mask_iou_parts, rec_hit, sentence_iou, summarise
 from grounding.boxes import box_iou, parse_answer
 from grounding.data.refer import ReferDataset, Sentence
@@ -65,7 +66,7 @@ REPORT = "report.png"
 RUN = "run.json"
 
 # What identifies a run: a resume must match all of these.
-_RUN_KEYS = ("task", "mode", "model", "dataset", "split_by", "split", "teacher_answer", "rec_question")
+_RUN_KEYS = ("task", "mode", "model", "dataset", "split_by", "split", "teacher_answer", "rec_question", "rec_box")
 
 
 class EvalError(GroundsegError):
@@ -259,7 +260,7 @@ def _check_resume(out: Path, info: dict) -> None:
 def evaluate(grounder, dataset: ReferDataset, split: str, task: str = "both", mode: str = "generate",
              out_dir: str | os.PathLike = "out/eval", limit: int | None = None, batch_size: int = 8,
              progress: bool = True, *, teacher_answer: str = DEFAULT_TEACHER_ANSWER,
-             max_new_tokens: int | None = None, model_name: str | None = None) -> dict:
+             max_new_tokens: int | None = None, model_name: str | None = None, rec_box: str = "text") -> dict:
     """Score ``grounder`` on ``split`` of ``dataset``; returns (and writes) ``metrics.json``'s dict.
 
     task: ``"res"`` (masks: cIoU, gIoU), ``"rec"`` (boxes: Acc@0.5) or ``"both"``.
@@ -270,10 +271,20 @@ def evaluate(grounder, dataset: ReferDataset, split: str, task: str = "both", mo
         encoded by the mask decoder once (the Grounder caches embeddings by content).
     progress: show a progress bar (sentences/s, running cIoU) and print the score table.
     model_name: what ``metrics.json`` calls the model (e.g. the checkpoint path).
+    rec_box: ``"text"`` (default; Qwen-VL / Shikra protocol: the box the answer writes) or ``"mask"`` (the
+        tight box of the predicted mask, GLaMM's practice for [SEG] models); recorded in ``metrics.json``.
     """
+    if rec_box not in ("text", "mask"):
+        raise EvalError(f"rec_box must be 'text' or 'mask', got {rec_box!r}")
     _check_options(task, mode, batch_size, limit, teacher_answer)
     started = time.perf_counter()
     info = _run_info(grounder, dataset, split, task, mode, teacher_answer, model_name)
+    if task != "res":
+        info["rec_box"] = rec_box
+        if rec_box == "mask":
+            info["rec_question"] = SEG_QUESTION
+    else:
+        info["rec_box"] = None
     sentences = sorted(dataset.sentences(split), key=lambda s: (s.image_id, s.sent_id))  # unknown split: raises
     if limit is not None:
         sentences = sentences[: int(limit)]
@@ -303,7 +314,7 @@ def evaluate(grounder, dataset: ReferDataset, split: str, task: str = "both", mo
             open(pred_path, "a", encoding="utf-8") as handle:
         for chunk in todo:
             t0 = time.perf_counter()
-            outcomes = _predict_chunk(grounder, chunk, images, task, mode, teacher_answer, batch_size,
+            outcomes = _predict_chunk(grounder, chunk, images, task, mode, teacher_answer, rec_box, batch_size,
                                       max_new_tokens)
             predict_time += time.perf_counter() - t0
             for sent, outcome in zip(chunk, outcomes):
@@ -360,10 +371,18 @@ class _ImageCache:
 
 
 def _predict_chunk(grounder, chunk: Sequence[Sentence], images: _ImageCache, task: str, mode: str,
-                   teacher_answer: str, batch_size: int, max_new_tokens: int | None) -> list[_Outcome]:
+                   teacher_answer: str, rec_box: str, batch_size: int, max_new_tokens: int | None) -> list[_Outcome]:
     from grounding.predictor import Query
 
     pixels = [images(s.image_id) for s in chunk]
+    if rec_box == "mask":  # REC from the segmentation answer's mask: one prediction gives both
+        forced = mode == "teacher-forced"
+        preds = _predict(grounder, [Query(p, SEG_QUESTION.format(s=s.text),
+                                          answer=teacher_answer.replace("{sent}", s.text) if forced else None)
+                                    for s, p in zip(chunk, pixels)], batch_size, max_new_tokens)
+        return [_Outcome(p.answer, first_mask(p) if task != "rec" else None,
+                         box_from_mask(m) if (m := first_mask(p)) is not None else None,
+                         notes=tuple(p.notes)) for p in preds]
     if task == "rec":
         preds = _predict(grounder, [Query(p, REC_QUESTION.format(s=s.text)) for s, p in zip(chunk, pixels)],
                          batch_size, max_new_tokens)
@@ -454,6 +473,7 @@ def print_table(metrics: dict, console=None) -> None:
         table.add_row("RES mode", metrics["res_mode"] + (f" ({metrics['teacher_answer']})" if metrics.get("teacher_answer") else ""))
     if metrics.get("rec_mode"):
         table.add_row("REC mode", f"{metrics['rec_mode']} ({metrics['rec_question']})")
+        table.add_row("REC box", "the predicted mask's box" if metrics.get("rec_box") == "mask" else "the answer's text box")
     table.add_row("model", str(metrics["model"]))
     rate = metrics.get("sentences_per_s")
     table.add_row("wall time", f"{metrics['wall_time_s']:.1f} s" + (f", {rate:.2f} sentences/s" if rate else ""))

@@ -197,3 +197,20 @@ def test_eval_command_runs_and_rejects_bad_options(tiny_dir, dataset, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["n_sentences"] == 2
     with pytest.raises(EvalError, match="task"):
         eval_command(dataset.data_root, model=tiny_dir, task="bogus", out=tmp_path / "x")
+
+
+def test_rec_box_from_mask_scores_the_predicted_masks_box(tiny_dir, dataset, tmp_path):
+    """--rec-box mask (GLaMM's practice): the REC box is the tight box of the predicted mask."""
+    from grounding.predictor import Grounder
+    from grounding.result import box_from_mask, rle_decode
+    from eval.harness import evaluate
+    g = Grounder.from_pretrained(tiny_dir, device="cpu")
+    m = evaluate(g, dataset, "val", task="both", mode="teacher-forced", out_dir=tmp_path / "e", limit=6,
+                 progress=False, rec_box="mask")
+    assert m["rec_box"] == "mask" and m["n_sentences"] == 6
+    for line in map(json.loads, (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()):
+        mask = rle_decode(line["mask"])
+        expected = box_from_mask(mask)
+        assert (line["box"] is None) == (expected is None)
+        if expected is not None:
+            assert line["box"] == pytest.approx(list(expected))

@@ -2,6 +2,7 @@
 
 Kinds (each with several phrasings, chosen by a seeded RNG):
   seg        "Please segment the red circle."     -> "<ref>the red circle</ref><box>(..),(..)</box>[SEG]"
+                                                     or "<ref>the red circle</ref>[SEG]" (half of them)
   rec        "Where is the red circle? ..."       -> "<ref>the red circle</ref><box>(..),(..)</box>"
   no_target  "Please segment the purple star."    -> "There is no purple star in the image."
   multi      "Please segment all red shapes."     -> one "<ref>..</ref><box>..</box>[SEG]" per object
@@ -59,8 +60,12 @@ def build_conversations(ds: ReferDataset, split: str, seed: int, with_masks: boo
     for sent in ds.sentences(split):
         size, box = ds.image_size(sent.image_id), ds.box_xyxy(sent.ann_id)
         if "seg" in kinds and with_masks:
-            out.append(Conversation(sent.image_id, pick(SEG_QUESTIONS).format(s=sent.text),
-                                    _ref(sent.text, box, size, True), "seg", (sent.ann_id,)))
+            # Half the answers carry no box: otherwise the mask could be learnt from the box text alone, which
+            # at inference is the model's own (possibly wrong) box; and "<ref>s</ref>[SEG]" is the answer
+            # that teacher-forced RES evaluation gives.
+            answer = _ref(sent.text, box, size, True) if rng.random() < 0.5 else f"<ref>{sent.text}</ref>{SEG}"
+            out.append(Conversation(sent.image_id, pick(SEG_QUESTIONS).format(s=sent.text), answer, "seg",
+                                    (sent.ann_id,)))
         if "rec" in kinds:
             out.append(Conversation(sent.image_id, pick(REC_QUESTIONS).format(s=sent.text),
                                     _ref(sent.text, box, size, False), "rec"))
