@@ -12,6 +12,7 @@ official files instead: see weights/README.md.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -90,6 +91,7 @@ def save_checkpoint(model: GroundingModel, tokenizer: PreTrainedTokenizerBase, d
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / WEIGHTS_NAME)
         config.save(tmp)
         tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+        _apply_umask(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -101,6 +103,15 @@ def save_checkpoint(model: GroundingModel, tokenizer: PreTrainedTokenizerBase, d
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def _apply_umask(root: Path) -> None:
+    """mkdtemp (and safetensors) create private files; a checkpoint gets the user's usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def load_tokenizer(directory: str | Path, config: GroundingConfig | None = None) -> PreTrainedTokenizerBase:

@@ -87,3 +87,11 @@ def test_missing_llava_folder_names_the_path(tmp_path):
     train_tokenizer().save_pretrained(d / "tokenizer")
     with pytest.raises(CheckpointError, match="llava-1.5-7b-hf"):
         load_checkpoint(d)
+
+
+def test_checkpoint_files_get_the_users_permissions(tiny_dir):
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tiny_dir.stat().st_mode & 0o777) == 0o777 & ~umask
+    assert ((tiny_dir / "model.safetensors").stat().st_mode & 0o777) == 0o666 & ~umask
