@@ -1,7 +1,9 @@
 """LoRA setup, and the ONE place that says which parameters train in each stage.
 
 Stage 1 (pretraining stand-in, because no pretrained LLaVA or SAM can be downloaded here): the whole VLM on
-text answers, and the whole mask decoder backend (image encoder included) on click/box prompts.
+text answers, and the whole mask decoder backend (image encoder included) on click/box prompts; optionally
+(``masks: true``) also the [SEG] answers with every weight trainable, standing in for pretrained vision
+features that already know where objects are (a frozen tower trained on text alone does not).
 
 Stage 2 (reference §3, LISA's recipe) trains:
   - LoRA adapters on the language model's q_proj / v_proj (never on the CLIP tower);
@@ -56,14 +58,14 @@ def set_trainable(model: GroundingModel) -> None:
         p.requires_grad_(True)
 
 
-def set_stage1_trainable(model: GroundingModel) -> None:
-    """Stage 1: everything trains but the [SEG] projection (stage 1 answers carry no [SEG])."""
+def set_stage1_trainable(model: GroundingModel, seg: bool = False) -> None:
+    """Stage 1: everything trains; the [SEG] projection only when stage 1 has [SEG] answers (``seg``)."""
     if isinstance(model.vlm, PeftModel):
         raise ValueError("stage 1 trains the plain VLM; LoRA belongs to stage 2")
     for p in model.parameters():
         p.requires_grad_(True)
     for p in model.seg_projection.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(seg)
 
 
 def merge_lora(model: GroundingModel) -> GroundingModel:

@@ -63,6 +63,8 @@ class TrainConfig:
     mixed_precision: str = "auto"   # auto: bf16 on GPU, none on CPU
     lora: LoraSettings = field(default_factory=LoraSettings)
     prompts_per_image: int = 3      # stage 1: click/box prompts per image for the mask decoder
+    masks: bool | None = None       # [SEG] answers with mask losses; default: stage 2 only. Stage 1 with masks
+                                    # stands in for pretrained features that know where objects are
     vocab_size: int = 1024          # stage 1 from scratch: size of the tokenizer trained on the data
     merge_lora: bool = True
 
@@ -72,6 +74,8 @@ class TrainConfig:
         self.kinds, self.betas = tuple(self.kinds), tuple(self.betas)
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.masks is None:
+            self.masks = self.stage == 2
 
     @classmethod
     def load(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
@@ -105,7 +109,7 @@ class _Data:
     def __init__(self, cfg: TrainConfig):
         self.ds = ReferDataset(cfg.data, dataset=cfg.dataset, split_by=cfg.split_by)
         self.conversations: list[Conversation] = build_conversations(
-            self.ds, cfg.split, cfg.seed, with_masks=cfg.stage == 2, kinds=cfg.kinds)
+            self.ds, cfg.split, cfg.seed, with_masks=cfg.masks, kinds=cfg.kinds)
         if not self.conversations:
             raise ValueError(f"no training conversations in split {cfg.split!r} of {cfg.data}")
         self.anns_by_image: dict[int, list[int]] = {}
@@ -177,7 +181,7 @@ def _initial_model(cfg: TrainConfig, data: "_Data"):
         model, tokenizer = build_random(cfg.vlm_preset, cfg.decoder, seed=cfg.seed, corpus=corpus,
                                         vocab_size=cfg.vocab_size)
     if cfg.stage == 1:
-        set_stage1_trainable(model)
+        set_stage1_trainable(model, seg=cfg.masks)
     else:
         apply_lora(model, cfg.lora, new_token_ids(model, tokenizer))
     return model, tokenizer

@@ -71,3 +71,10 @@ def test_stage2_changes_only_its_trainable_parts(data_dir, stage1, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in trained if k.startswith("seg_projection."))
     assert any(not torch.equal(before[k], after[k]) for k in trained if ".mask_decoder." in k)
     assert (final / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_stage1_with_masks_trains_the_seg_path_too(data_dir, tmp_path):
+    from grounding.train import train
+    final = train(config(data_dir, tmp_path / "s1m", stage=1, masks=True, steps=2), progress=False)
+    records = [json.loads(l) for l in (final.parent / "log.jsonl").read_text().splitlines()]
+    assert all(r["bce_loss"] > 0 and r["dice_loss"] > 0 and r["prompt_loss"] > 0 for r in records)
