@@ -107,14 +107,16 @@ def train(
     resume: bool = typer.Option(False, help="Continue from the newest checkpoint in the config's out folder."),
     steps: Optional[int] = typer.Option(None, help="Override the number of optimizer steps."),
     out: Optional[str] = typer.Option(None, help="Override the output folder."),
+    stop_after: Optional[int] = typer.Option(None, min=1, help="End this run after step N (state saved; --resume continues)."),
 ) -> None:
     """Train one stage (1: base VLM + mask decoder; 2: LoRA + [SEG], LISA's recipe)."""
     from grounding.train import TrainConfig, train as run_training
 
     if not config.is_file():
         raise PromptError(f"no training config at {config}")
-    final = run_training(TrainConfig.load(config, steps=steps, out=out), resume=resume)
-    console.print(f"trained model written to {final}")
+    cfg = TrainConfig.load(config, steps=steps, out=out)
+    final = run_training(cfg, resume=resume, stop_after=stop_after)
+    console.print(f"model written to {final or Path(cfg.out) / 'model'}" + (f" (stopped after step {stop_after})" if final is None else ""))
 
 
 def _register_eval() -> None:

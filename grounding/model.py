@@ -43,17 +43,25 @@ class GroundingOutput:
     seg_embeddings: list[torch.Tensor] = field(default_factory=list)
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Mean over masks of 1 - DICE on sigmoid probabilities; ``[n, H, W]`` each."""
+def dice_per_mask(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - DICE on sigmoid probabilities, per mask: ``[n, H, W]`` (or ``[n, HW]``) each -> ``[n]``."""
     prob = logits.sigmoid().flatten(1)
     target = target.flatten(1)
     inter = (prob * target).sum(-1)
-    return (1 - (2 * inter + smooth) / (prob.sum(-1) + target.sum(-1) + smooth)).mean()
+    return 1 - (2 * inter + smooth) / (prob.sum(-1) + target.sum(-1) + smooth)
+
+
+def bce_per_mask(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-pixel mean BCE, per mask: ``[n, H, W]`` (or ``[n, HW]``) each -> ``[n]``."""
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(-1)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return dice_per_mask(logits, target).mean()
 
 
 def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over masks of the per-pixel mean BCE; ``[n, H, W]`` each."""
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(-1).mean()
+    return bce_per_mask(logits, target).mean()
 
 
 class GroundingModel(nn.Module):

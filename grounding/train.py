@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm import tqdm
 
@@ -31,7 +32,7 @@ from grounding.data.refer import ReferDataset
 from grounding.data.tasks import Conversation, build_conversations
 from grounding.images import load_image
 from grounding.lora import apply_lora, new_token_ids, set_stage1_trainable
-from grounding.model import bce_loss, dice_loss
+from grounding.model import bce_per_mask, dice_per_mask
 from grounding.presets import build_random
 from grounding.processor import GroundingProcessor
 
@@ -165,11 +166,18 @@ def _prompt_loss(model, data: _Data, samples: list[TrainSample], image_ids: list
                 i = rng.integers(len(xs), size=k)
                 points = torch.tensor(np.stack([xs[i], ys[i]], 1)[None] + 0.5, dtype=torch.float32, device=device)
                 labels = torch.ones((1, k), dtype=torch.long, device=device)
-            low, _ = backend.mask_logits(emb, points=points, point_labels=labels, boxes=boxes)
-            logits = backend.upscale(low, emb)[:, 0].flatten(1).float()
-            target = torch.from_numpy(mask).to(device).flatten()[None].float()
-            losses.append(bce_loss(logits, target) * model.config.loss_weights.bce
-                          + dice_loss(logits, target) * model.config.loss_weights.dice)
+            # SAM's recipe: one click is ambiguous, so it gets 3 masks and only the best one is penalised;
+            # the IoU head learns each mask's real IoU (the predictor picks the best of 3 by it).
+            multimask = points is not None and points.shape[1] == 1
+            low, iou_pred = backend.mask_logits(emb, points=points, point_labels=labels, boxes=boxes, multimask=multimask)
+            logits = backend.upscale(low, emb)[0].flatten(1).float()          # [M, H*W]
+            target = torch.from_numpy(mask).to(device).flatten()[None].float().expand_as(logits)
+            w = model.config.loss_weights
+            per_mask = w.bce * bce_per_mask(logits, target) + w.dice * dice_per_mask(logits, target)
+            with torch.no_grad():
+                hard = logits > 0
+                actual_iou = (hard & target.bool()).sum(-1) / (hard | target.bool()).sum(-1).clamp(min=1)
+            losses.append(per_mask.min() + F.mse_loss(iou_pred[0].float(), actual_iou.float()))
     return torch.stack(losses).mean() if losses else torch.zeros((), device=device)
 
 
