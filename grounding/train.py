@@ -66,6 +66,8 @@ class TrainConfig:
     prompts_per_image: int = 3      # stage 1: click/box prompts per image for the mask decoder
     masks: bool | None = None       # [SEG] answers with mask losses; default: stage 2 only. Stage 1 with masks
                                     # stands in for pretrained features that know where objects are
+    prompts: bool = True            # SAM's click/box task too. In stage 2 it keeps the fine-tuned mask decoder
+                                    # from forgetting clicks (trained on [SEG] alone, it does; the app needs both)
     vocab_size: int = 1024          # stage 1 from scratch: size of the tokenizer trained on the data
     merge_lora: bool = True
 
@@ -140,9 +142,12 @@ def _cached(cache: OrderedDict, key, make, limit: int):
 
 def _prompt_loss(model, data: _Data, samples: list[TrainSample], image_ids: list[int], rng: np.random.Generator,
                  per_image: int) -> torch.Tensor:
-    """Stage 1: the mask decoder (image encoder included) learns SAM's task on click and box prompts."""
+    """SAM's task on click and box prompts, for whatever part of the mask decoder trains (all of it in stage 1,
+    the light decoder in stage 2)."""
     backend = model.mask_decoder
-    embeddings = backend.encode_with_grad([s.image for s in samples])
+    images = [s.image for s in samples]
+    encoder_trains = any(p.requires_grad for p in backend.frozen_image_encoder_module().parameters())
+    embeddings = backend.encode_with_grad(images) if encoder_trains else backend.encode(images)
     losses = []
     device = next(model.parameters()).device
     for emb, image_id in zip(embeddings, image_ids):
@@ -257,7 +262,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
             with accelerator.autocast():
                 result = model(**batch)
                 loss = result.loss
-                if cfg.stage == 1:
+                if cfg.prompts:
                     prompt = _prompt_loss(raw, data, samples, [c.image_id for c in convs], rng, cfg.prompts_per_image)
                     loss = loss + prompt
                     parts["prompt_loss"] += prompt.item() / cfg.grad_accum

@@ -78,3 +78,13 @@ def test_stage1_with_masks_trains_the_seg_path_too(data_dir, tmp_path):
     final = train(config(data_dir, tmp_path / "s1m", stage=1, masks=True, steps=2), progress=False)
     records = [json.loads(l) for l in (final.parent / "log.jsonl").read_text().splitlines()]
     assert all(r["bce_loss"] > 0 and r["dice_loss"] > 0 and r["prompt_loss"] > 0 for r in records)
+
+
+def test_stage2_keeps_training_clicks_on_the_decoder_only(data_dir, stage1, tmp_path):
+    from grounding.train import train
+    final = train(config(data_dir, tmp_path / "s2p", stage=2, init=str(stage1), steps=2, merge_lora=False),
+                  progress=False)
+    records = [json.loads(l) for l in (final.parent / "log.jsonl").read_text().splitlines()]
+    assert all(r["prompt_loss"] > 0 for r in records)
+    before, after = weights(stage1), weights(final)
+    assert all(torch.equal(before[k], after[k]) for k in before if "prompt_encoder" in k or "image_encoder" in k)
