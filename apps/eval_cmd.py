@@ -27,22 +27,50 @@ def eval_command(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     rec_box: Annotated[str, typer.Option(help="REC box: text (the box the answer writes; Qwen-VL protocol) "
                                               "or mask (the predicted mask's box; GLaMM's practice).")] = "text",
+    engine: Annotated[str, typer.Option(help="grouped (image prefix computed once per image) or naive "
+                                             "(one sentence at a time, as LISA/GLaMM).")] = "grouped",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer to generate.")] = 128,
+    num_procs: Annotated[int, typer.Option(min=1, help="Processes sharing the run by image (one per GPU; on CPU "
+                                                       "they share the cores). Under torchrun, leave it at 1.")] = 1,
 ) -> None:
     """Evaluate REC (Acc@0.5) and/or RES (cIoU, gIoU) on one split; resumable."""
     from apps.cli import DEFAULT_MODEL
     from eval.harness import MODES, TASKS, EvalError, evaluate
     from grounding.data.refer import ReferDataset
-    from grounding.predictor import Grounder
 
     # Check the cheap things before loading a model.
     if task not in TASKS:
         raise EvalError(f"unknown --task {task!r}; choose one of {', '.join(TASKS)}")
     if mode not in MODES:
         raise EvalError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
+    from eval.harness import ENGINES
+    from eval.distributed import init_from_env, launched_by_torchrun, spawn
+
+    if engine not in ENGINES:
+        raise EvalError(f"unknown --engine {engine!r}; choose one of {', '.join(ENGINES)}")
     data = ReferDataset(data_root, dataset, split_by)
     data.refs(split)  # an unknown split fails here, naming the splits the file has
     model_dir = Path(model) if model is not None else DEFAULT_MODEL
-    grounder = Grounder.from_pretrained(model_dir, device=device)
-    evaluate(grounder, data, split, task=task, mode=mode, out_dir=out, limit=limit, batch_size=batch_size,
-             progress=True, model_name=str(model_dir.resolve()), rec_box=rec_box)
+    options = dict(data_root=data_root, dataset=dataset, split_by=split_by, split=split, model_dir=model_dir,
+                   device=device, task=task, mode=mode, out=out, limit=limit, batch_size=batch_size,
+                   rec_box=rec_box, engine=engine, max_new_tokens=max_new_tokens)
+    if num_procs > 1 and not launched_by_torchrun():
+        spawn(run_shard, num_procs, options)
+    else:
+        run_shard(init_from_env(), options)
     typer.echo(f"wrote {out / 'predictions.jsonl'}, {out / 'metrics.json'} and {out / 'report.png'}")
+
+
+def run_shard(shard, options: dict) -> dict:
+    """One process's part of ``groundseg eval`` (the whole run when ``shard.world == 1``)."""
+    from eval.harness import evaluate
+    from grounding.data.refer import ReferDataset
+    from grounding.predictor import Grounder
+
+    o = options
+    data = ReferDataset(o["data_root"], o["dataset"], o["split_by"])
+    grounder = Grounder.from_pretrained(o["model_dir"], device=shard.device(o["device"]),
+                                        max_new_tokens=o.get("max_new_tokens", 128))
+    return evaluate(grounder, data, o["split"], task=o["task"], mode=o["mode"], out_dir=o["out"], limit=o["limit"],
+                    batch_size=o["batch_size"], progress=True, model_name=str(Path(o["model_dir"]).resolve()),
+                    rec_box=o["rec_box"], engine=o["engine"], shard=shard)

@@ -19,14 +19,17 @@ Modes (reference.md section 5):
     ``<ref>..</ref><box>..</box>[SEG]``), ``task="rec"`` the first REC phrasing. The predicted mask is
     the mask of the first target that has one (none: an empty mask); the predicted box is the TEXT box
     of the first target (none: a miss).
-``teacher-forced`` (LISA's and GLaMM's protocol, RES only)
-    The answer is given (``Query.answer``) and only its [SEG] hidden state is read. LISA forces
+``teacher-forced`` (LISA's and GLaMM's protocol)
+    RES: the answer is given (``Query.answer``) and only its [SEG] hidden state is read. LISA forces
     ``"[SEG]."``; our models were taught ``<ref>{sent}</ref><box>..</box>[SEG]``, and the box cannot be
     forced without giving the answer away, so the default forced answer is the prefix form
     ``teacher_answer="<ref>{sent}</ref>[SEG]"``; pass ``teacher_answer="[SEG]."`` for LISA's exact
-    text. REC cannot be teacher-forced (forcing ``<ref>{sent}</ref><box>`` and letting the model finish
-    needs a prefix, which ``Query.answer`` - a whole answer - does not express), so REC is always
-    generated, from the REC question, and ``metrics.json`` says ``rec_mode: "generate"``.
+    text. REC: the REC question's answer starts with the given ``<ref>{sent}</ref><box>``
+    (``Query.answer_prefix``) and the model writes the box.
+
+Engine: sentences are grouped by image and each image's group goes through
+:class:`~grounding.engine.PrefixEngine` (the image prefix's KV cache shared by its sentences), or, with
+``engine="naive"``, one sentence at a time through the whole model. Both give the same lines (tested).
 
 Conventions: boxes are float pixel ``(x1, y1, x2, y2)`` in the original image, continuous
 coordinates; masks are ``bool`` ``H x W`` at the original resolution (RLE in the JSON lines). Scores
@@ -57,6 +60,8 @@ TASKS = ("res", "rec", "both")
 MODES = ("teacher-forced", "generate")
 DEFAULT_TEACHER_ANSWER = "<ref>{sent}</ref>[SEG]"
 LISA_TEACHER_ANSWER = "[SEG]."
+REC_ANSWER_PREFIX = "<ref>{sent}</ref><box>"  # teacher-forced REC: the model writes the box after it
+ENGINES = ("grouped", "naive")
 SEG_QUESTION = SEG_QUESTIONS[0]  # "Please segment {s}."
 REC_QUESTION = REC_QUESTIONS[0]  # "Where is {s}? Answer with a box."
 
@@ -66,7 +71,8 @@ REPORT = "report.png"
 RUN = "run.json"
 
 # What identifies a run: a resume must match all of these.
-_RUN_KEYS = ("task", "mode", "model", "dataset", "split_by", "split", "teacher_answer", "rec_question", "rec_box")
+_RUN_KEYS = ("task", "mode", "model", "dataset", "split_by", "split", "teacher_answer", "rec_mode", "rec_question",
+             "rec_answer_prefix", "rec_box")
 
 
 class EvalError(GroundsegError):
@@ -231,7 +237,8 @@ def _run_info(grounder, dataset: ReferDataset, split: str, task: str, mode: str,
         "model": model_name or getattr(grounder, "name", None) or "unknown",
         "dataset": dataset.dataset, "split_by": dataset.split_by, "split": split,
         "res_mode": mode if task != "rec" else None,
-        "rec_mode": "generate" if task != "res" else None,
+        "rec_mode": mode if task != "res" else None,
+        "rec_answer_prefix": REC_ANSWER_PREFIX if forced and task != "res" else None,
         "teacher_answer": teacher_answer if forced and task != "rec" else None,
         # which question the REC box answers: the segmentation question's answer (generate + both)
         # or a separate REC question
@@ -260,7 +267,8 @@ def _check_resume(out: Path, info: dict) -> None:
 def evaluate(grounder, dataset: ReferDataset, split: str, task: str = "both", mode: str = "generate",
              out_dir: str | os.PathLike = "out/eval", limit: int | None = None, batch_size: int = 8,
              progress: bool = True, *, teacher_answer: str = DEFAULT_TEACHER_ANSWER,
-             max_new_tokens: int | None = None, model_name: str | None = None, rec_box: str = "text") -> dict:
+             max_new_tokens: int | None = None, model_name: str | None = None, rec_box: str = "text",
+             engine: str = "grouped", shard=None) -> dict:
     """Score ``grounder`` on ``split`` of ``dataset``; returns (and writes) ``metrics.json``'s dict.
 
     task: ``"res"`` (masks: cIoU, gIoU), ``"rec"`` (boxes: Acc@0.5) or ``"both"``.
@@ -273,7 +281,14 @@ def evaluate(grounder, dataset: ReferDataset, split: str, task: str = "both", mo
     model_name: what ``metrics.json`` calls the model (e.g. the checkpoint path).
     rec_box: ``"text"`` (default; Qwen-VL / Shikra protocol: the box the answer writes) or ``"mask"`` (the
         tight box of the predicted mask, GLaMM's practice for [SEG] models); recorded in ``metrics.json``.
+    engine: ``"grouped"`` (default: shared image prefix, see :mod:`grounding.engine`) or ``"naive"`` (one
+        sentence at a time, the whole model each time, as LISA and GLaMM run).
+    shard: an :class:`eval.distributed.Shard` when several processes share the run (each takes every
+        ``world``-th image and writes ``predictions.rank{r}.jsonl``; rank 0 merges them into
+        ``predictions.jsonl`` and writes the metrics; the other ranks return ``{}``).
     """
+    if engine not in ENGINES:
+        raise EvalError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if rec_box not in ("text", "mask"):
         raise EvalError(f"rec_box must be 'text' or 'mask', got {rec_box!r}")
     _check_options(task, mode, batch_size, limit, teacher_answer)
@@ -282,7 +297,7 @@ def evaluate(grounder, dataset: ReferDataset, split: str, task: str = "both", mo
     if task != "res":
         info["rec_box"] = rec_box
         if rec_box == "mask":
-            info["rec_question"] = SEG_QUESTION
+            info["rec_question"], info["rec_answer_prefix"] = SEG_QUESTION, None
     else:
         info["rec_box"] = None
     sentences = sorted(dataset.sentences(split), key=lambda s: (s.image_id, s.sent_id))  # unknown split: raises
@@ -292,32 +307,34 @@ def evaluate(grounder, dataset: ReferDataset, split: str, task: str = "both", mo
     out.mkdir(parents=True, exist_ok=True)
     _check_resume(out, info)
 
-    pred_path = out / PREDICTIONS
-    lines = read_predictions(pred_path, repair=True)
+    rank, world = (shard.rank, shard.world) if shard is not None else (0, 1)
+    # done: every line already written, by this run's ranks or an interrupted run's (any world size)
+    lines = read_all_predictions(out, repair_rank=rank if world > 1 else None)
     done = {int(line["sent_id"]) for line in lines}
-    # Fixed chunks of the full sorted list (for a given batch_size): a chunk that is partly written is
-    # predicted whole again
-    # (only its missing lines are written), so every sentence is predicted in the same batch as in
-    # an uninterrupted run. Left padding makes results depend on the batch by float rounding, and a
+    # One group per image (this rank's share of the images). A group that is partly written is predicted
+    # whole again (only its missing lines are written), so every sentence shares its batch and prefix with
+    # the same sentences as in an uninterrupted run: results depend on the batch by float rounding, and a
     # resumed run must report what an uninterrupted one does.
-    chunks = [sentences[i:i + batch_size] for i in range(0, len(sentences), batch_size)]
-    todo = [c for c in chunks if any(s.sent_id not in done for s in c)]
-    n_todo = sum(s.sent_id not in done for c in todo for s in c)
+    groups = image_groups(sentences)[rank::world]
+    todo = [g for g in groups if any(s.sent_id not in done for s in g)]
+    n_todo = sum(s.sent_id not in done for g in todo for s in g)
+    n_mine = sum(len(g) for g in groups)
 
     running = ResAccumulator()
     for line in lines:
         if line.get("intersection") is not None:
             running.add_parts(line["intersection"], line["union"])
     predict_time, n_new = 0.0, 0
+    predict = _predict_function(grounder, engine, batch_size, max_new_tokens)
     images = _ImageCache(dataset, getattr(grounder, "max_pixels", None))
-    with _progress_bar(len(sentences), len(sentences) - n_todo, progress) as advance, \
+    pred_path = out / (PREDICTIONS if world == 1 else f"predictions.rank{rank}.jsonl")
+    with _progress_bar(n_mine, n_mine - n_todo, progress and rank == 0) as advance, \
             open(pred_path, "a", encoding="utf-8") as handle:
-        for chunk in todo:
+        for group in todo:
             t0 = time.perf_counter()
-            outcomes = _predict_chunk(grounder, chunk, images, task, mode, teacher_answer, rec_box, batch_size,
-                                      max_new_tokens)
+            outcomes = _predict_group(predict, group, images(group[0].image_id), task, mode, teacher_answer, rec_box)
             predict_time += time.perf_counter() - t0
-            for sent, outcome in zip(chunk, outcomes):
+            for sent, outcome in zip(group, outcomes):
                 if sent.sent_id in done:
                     continue
                 question = (REC_QUESTION if task == "rec" else SEG_QUESTION).format(s=sent.text)
@@ -333,18 +350,69 @@ def evaluate(grounder, dataset: ReferDataset, split: str, task: str = "both", mo
                 advance(n_new / predict_time if predict_time > 0 else 0.0, running.ciou)
             os.fsync(handle.fileno())
 
-    lines = read_predictions(pred_path)
+    # throughput of all ranks together: sentences over the slowest rank's prediction time
+    n_new, predict_time = _all_ranks(shard, n_new, predict_time)
+    if rank != 0:
+        return {}
+    lines = merge_predictions(out)
     wall = time.perf_counter() - started
     metrics = {**metrics_from_lines(lines, task), **info,
+               "engine": engine, "num_procs": world,
                "n_new_sentences": n_new, "n_resumed_sentences": len(lines) - n_new,
                "wall_time_s": round(wall, 3),
                "sentences_per_s": round(n_new / predict_time, 3) if predict_time > 0 and n_new else None,
-               "encoder_calls": getattr(grounder, "encoder_calls", None)}
+               "encoder_calls": getattr(grounder, "encoder_calls", None) if world == 1 else None}
     atomic_write_text(out / METRICS, json.dumps(metrics, indent=2))
     write_report(out / REPORT, metrics, lines)
     if progress:
         print_table(metrics)
     return metrics
+
+
+def image_groups(sentences: Sequence[Sentence]) -> list[list[Sentence]]:
+    """Sentences (sorted by image) -> one list per image, in order."""
+    groups: list[list[Sentence]] = []
+    for sent in sentences:
+        if groups and groups[-1][0].image_id == sent.image_id:
+            groups[-1].append(sent)
+        else:
+            groups.append([sent])
+    return groups
+
+
+def _rank_files(out: Path) -> list[Path]:
+    return sorted(out.glob("predictions.rank*.jsonl"))
+
+
+def read_all_predictions(out: Path, repair_rank: int | None = None) -> list[dict]:
+    """Lines of ``predictions.jsonl`` and of the per-rank files a sharded run writes (first occurrence of a
+    sentence kept). Single-process runs repair ``predictions.jsonl``'s cut last line; rank ``r`` repairs
+    only its own file (the others may still be written by their ranks)."""
+    lines = read_predictions(out / PREDICTIONS, repair=repair_rank is None)
+    for path in _rank_files(out):
+        lines += read_predictions(path, repair=path.name == f"predictions.rank{repair_rank}.jsonl")
+    seen: set[int] = set()
+    return [line for line in lines if not (int(line["sent_id"]) in seen or seen.add(int(line["sent_id"])))]
+
+
+def merge_predictions(out: Path) -> list[dict]:
+    """Fold the per-rank files into ``predictions.jsonl`` (sorted by image, then sentence: the order a
+    single process writes), atomically, then remove them. Returns the lines."""
+    files = _rank_files(out)
+    lines = read_all_predictions(out)
+    if files:
+        lines.sort(key=lambda line: (int(line["image_id"]), int(line["sent_id"])))
+        atomic_write_text(out / PREDICTIONS, "".join(json.dumps(line) + "\n" for line in lines))
+        for path in files:
+            path.unlink()
+    return lines
+
+
+def _all_ranks(shard, n_new: int, predict_time: float) -> tuple[int, float]:
+    if shard is None or shard.world == 1:
+        return n_new, predict_time
+    counts = shard.all_gather((n_new, predict_time))  # also the barrier before rank 0 merges
+    return sum(c[0] for c in counts), max(c[1] for c in counts)
 
 
 class _ImageCache:
@@ -370,54 +438,71 @@ class _ImageCache:
         return self._pixels  # type: ignore[return-value]
 
 
-def _predict_chunk(grounder, chunk: Sequence[Sentence], images: _ImageCache, task: str, mode: str,
-                   teacher_answer: str, rec_box: str, batch_size: int, max_new_tokens: int | None) -> list[_Outcome]:
+def _predict_function(grounder, engine: str, batch_size: int, max_new_tokens: int | None):
+    """``predict(pixels, queries) -> predictions`` for the questions of one image.
+
+    ``grouped``: :class:`~grounding.engine.PrefixEngine` (the image prefix and its KV cache computed once,
+    the image's questions batched, masks decoded together). ``naive``: one question at a time through
+    ``Grounder.predict_batch`` with the embedding cache emptied first - the LISA / GLaMM pipeline, which
+    runs the whole model per sentence (the reference for speed and for equality of results).
+    A question the model refuses (e.g. too long for its context) becomes an empty prediction with the
+    reason in its notes instead of stopping the whole evaluation.
+    """
+    if engine == "grouped":
+        from grounding.engine import PrefixEngine
+        prefix_engine = PrefixEngine(grounder)
+
+        def run(pixels, queries):
+            return prefix_engine.predict_group(pixels, queries, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    else:
+        def run(pixels, queries):
+            out = []
+            for q in queries:
+                grounder.clear_cache()
+                out += grounder.predict_batch([q], batch_size=1, max_new_tokens=max_new_tokens)
+            return out
+
+    def predict(pixels, queries):
+        try:
+            return run(pixels, queries)
+        except GroundsegError as err:
+            if len(queries) == 1:
+                return [_refused(queries[0], pixels, err)]
+        return [p for q in queries for p in predict(pixels, [q])]
+    return predict
+
+
+def _refused(query, pixels, err: GroundsegError) -> Prediction:
+    return Prediction(answer="", targets=[], image_size=pixels.shape[:2], question=query.question,
+                      notes=[f"not predicted: {err}"])
+
+
+def _predict_group(predict, group: Sequence[Sentence], pixels: np.ndarray, task: str, mode: str,
+                   teacher_answer: str, rec_box: str) -> list[_Outcome]:
+    """The outcomes of one image's sentences."""
     from grounding.predictor import Query
 
-    pixels = [images(s.image_id) for s in chunk]
+    forced = mode == "teacher-forced"
+    seg_queries = [Query(pixels, SEG_QUESTION.format(s=s.text),
+                         answer=teacher_answer.replace("{sent}", s.text) if forced else None) for s in group]
     if rec_box == "mask":  # REC from the segmentation answer's mask: one prediction gives both
-        forced = mode == "teacher-forced"
-        preds = _predict(grounder, [Query(p, SEG_QUESTION.format(s=s.text),
-                                          answer=teacher_answer.replace("{sent}", s.text) if forced else None)
-                                    for s, p in zip(chunk, pixels)], batch_size, max_new_tokens)
+        preds = predict(pixels, seg_queries)
         return [_Outcome(p.answer, first_mask(p) if task != "rec" else None,
                          box_from_mask(m) if (m := first_mask(p)) is not None else None,
                          notes=tuple(p.notes)) for p in preds]
+    # REC: the model writes the box; teacher-forced, after the given prefix "<ref>{sent}</ref><box>"
+    rec_queries = [Query(pixels, REC_QUESTION.format(s=s.text),
+                         answer_prefix=REC_ANSWER_PREFIX.format(sent=s.text) if forced else None) for s in group]
     if task == "rec":
-        preds = _predict(grounder, [Query(p, REC_QUESTION.format(s=s.text)) for s, p in zip(chunk, pixels)],
-                         batch_size, max_new_tokens)
-        return [_Outcome(p.answer, None, first_text_box(p), notes=tuple(p.notes)) for p in preds]
-    forced = mode == "teacher-forced"
-    seg_queries = [Query(p, SEG_QUESTION.format(s=s.text),
-                         answer=teacher_answer.replace("{sent}", s.text) if forced else None)
-                   for s, p in zip(chunk, pixels)]
-    seg_preds = _predict(grounder, seg_queries, batch_size, max_new_tokens)
+        return [_Outcome(p.answer, None, first_text_box(p), notes=tuple(p.notes)) for p in predict(pixels, rec_queries)]
+    seg_preds = predict(pixels, seg_queries)
     if not forced:  # one generated answer gives both the mask and the box
         return [_Outcome(p.answer, first_mask(p), first_text_box(p), notes=tuple(p.notes)) for p in seg_preds]
     if task == "res":  # a forced answer has no box of the model's own: REC is not scored
         return [_Outcome(p.answer, first_mask(p), None, notes=tuple(p.notes)) for p in seg_preds]
-    rec_preds = _predict(grounder, [Query(p, REC_QUESTION.format(s=s.text)) for s, p in zip(chunk, pixels)],
-                         batch_size, max_new_tokens)
+    rec_preds = predict(pixels, rec_queries)
     return [_Outcome(sp.answer, first_mask(sp), first_text_box(rp), rec_answer=rp.answer,
                      notes=tuple(sp.notes) + tuple(rp.notes)) for sp, rp in zip(seg_preds, rec_preds)]
-
-
-def _predict(grounder, queries: list, batch_size: int, max_new_tokens: int | None) -> list[Prediction]:
-    """``predict_batch``; a question the model refuses (e.g. too long for its context) becomes an
-    empty prediction with the reason in its notes instead of stopping the whole evaluation."""
-    try:
-        return grounder.predict_batch(queries, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    except GroundsegError:
-        if len(queries) == 1:
-            raise
-    out = []
-    for q in queries:
-        try:
-            out.extend(grounder.predict_batch([q], batch_size=1, max_new_tokens=max_new_tokens))
-        except GroundsegError as err:
-            out.append(Prediction(answer="", targets=[], image_size=q.image.shape[:2], question=q.question,
-                                  notes=[f"not predicted: {err}"]))
-    return out
 
 
 # --------------------------------------------------------------------------- display

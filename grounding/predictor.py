@@ -25,7 +25,7 @@ from grounding.device import resolve_device
 from grounding.errors import PromptError, QuestionError
 from grounding.images import image_digest, load_image
 from grounding.model import GroundingModel
-from grounding.processor import EncodedText, GroundingProcessor
+from grounding.processor import IGNORE_INDEX, EncodedText, GroundingProcessor
 from grounding.prompts import build_prompt, visual_prompt_text
 from grounding.result import Prediction, Target, box_from_mask
 from grounding.tokens import IMAGE, SEG
@@ -55,6 +55,11 @@ class Query:
     point_labels: Sequence[int] | None = None
     boxes: Sequence[Sequence[float]] | None = None
     answer: str | None = None  # given answer => teacher forcing, no generation
+    answer_prefix: str | None = None  # the answer starts with this text and the model writes the rest
+
+    def __post_init__(self) -> None:
+        if self.answer is not None and self.answer_prefix is not None:
+            raise QuestionError("give a whole answer (teacher forcing) or an answer prefix, not both")
 
 
 class Grounder:
@@ -75,6 +80,10 @@ class Grounder:
         dev, dt = resolve_device(device, dtype)
         model, tokenizer = load_checkpoint(directory, device=dev, dtype=dt)
         return cls(model, tokenizer, dev, dt, **kwargs)
+
+    def clear_cache(self) -> None:
+        """Forget every cached image embedding (the next question re-encodes its image)."""
+        self._cache.clear()
 
     # ---- images ---------------------------------------------------------------------------------------
     def prepare(self, images: Sequence[Any]) -> list[PreparedImage]:
@@ -141,8 +150,12 @@ class Grounder:
         preps = self.prepare([q.image for q in queries])
         prompts = [self._encode_question(q, p, max_new_tokens) for q, p in zip(queries, preps)]
         pixel_values = torch.stack([p.vision for p in preps]).to(self.device, self.dtype)
-        answers = self._answers(queries, prompts, pixel_values, max_new_tokens)
-        full = [EncodedText(p.input_ids + a, [0] * len(p.input_ids) + [1] * len(a)) for p, a in zip(prompts, answers)]
+        generated = self._answers(queries, prompts, pixel_values, max_new_tokens)
+        # prompt labels are IGNORE_INDEX except on an answer prefix: the answer is prefix + what follows
+        answers = [[t for t, lab in zip(p.input_ids, p.labels) if lab != IGNORE_INDEX] + g
+                   for p, g in zip(prompts, generated)]
+        full = [EncodedText(p.input_ids + g, [int(lab != IGNORE_INDEX) for lab in p.labels] + [1] * len(g))
+                for p, g in zip(prompts, generated)]
         batch = {k: v.to(self.device) for k, v in self.processor.pad(full, side="left").items()}
         with torch.no_grad():
             out = self.model.vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -150,9 +163,10 @@ class Grounder:
                                  output_hidden_states=True)
             # labels hold 1 on answer tokens: only [SEG]s the model wrote (not ones in the prompt) count.
             segs = self.model.seg_embeddings(out.hidden_states[-1], batch["input_ids"], batch["labels"] == 1)
-        return [self._prediction(q, p, a, s) for q, p, a, s in zip(queries, preps, answers, segs)]
+        return [self.prediction(q, p, a, *self.decode_segs(p, s)) for q, p, a, s in zip(queries, preps, answers, segs)]
 
     def _encode_question(self, query: Query, prep: PreparedImage, max_new_tokens: int) -> EncodedText:
+        """The prompt's ids, then any answer prefix's ids (labelled with themselves, the prompt IGNORE_INDEX)."""
         question = query.question
         if not isinstance(question, str):
             raise QuestionError(f"the question must be text, got {type(question).__name__}")
@@ -163,6 +177,8 @@ class Grounder:
         pts, labels, bxs = _check_prompts(prep.size, query.points, query.point_labels, query.boxes)
         prompt = build_prompt(question, visual_prompt_text(prep.size, pts, labels, bxs, self.model.config.box_format))
         encoded = self.processor.encode(prompt)
+        prefix = self.answer_prefix_ids(query)
+        encoded = EncodedText(encoded.input_ids + prefix, encoded.labels + prefix)
         room = self.model.config.max_length - len(encoded.input_ids)
         if query.answer is None and room < max_new_tokens:
             raise QuestionError(
@@ -171,9 +187,17 @@ class Grounder:
             )
         return encoded
 
+    def answer_prefix_ids(self, query: Query) -> list[int]:
+        """Token ids of ``query.answer_prefix`` (tokenised as the start of an answer), or []."""
+        if query.answer_prefix is None:
+            return []
+        full = self.processor.encode("", query.answer_prefix)
+        return [t for t, lab in zip(full.input_ids, full.labels) if lab != -100][:-1]  # without EOS
+
     def _answers(self, queries: list[Query], prompts: list[EncodedText], pixel_values: torch.Tensor,
                  max_new_tokens: int) -> list[list[int]]:
-        """Answer token ids per query: the given answers (teacher forcing) or greedy generation."""
+        """Answer token ids per query: the given answers (teacher forcing) or greedy generation (after the
+        prompt, which holds any answer prefix)."""
         answers: list[list[int] | None] = [None] * len(queries)
         for i, q in enumerate(queries):
             if q.answer is not None:
@@ -195,13 +219,19 @@ class Grounder:
                 answers[i] = _cut_at(ids, tok.eos_token_id, tok.pad_token_id)
         return answers  # type: ignore[return-value]
 
-    def _prediction(self, query: Query, prep: PreparedImage, answer_ids: list[int], seg: torch.Tensor) -> Prediction:
+    def decode_segs(self, prep: PreparedImage, seg: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Projected [SEG] states ``[n, prompt_dim]`` -> (masks bool ``[n, H, W]``, scores ``[n]``)."""
+        if not len(seg):
+            return np.zeros((0, *prep.size), bool), np.zeros((0,), np.float32)
+        pred = self.model.mask_decoder.decode(prep.embedding.to(self.device), seg_embeddings=seg)
+        return pred.masks, pred.scores
+
+    def prediction(self, query: Query, prep: PreparedImage, answer_ids: list[int], masks: np.ndarray,
+                   scores: np.ndarray) -> Prediction:
+        """The answer's targets: each parsed ``<ref>/<box>/[SEG]`` with the mask of its [SEG] (``masks[k]`` for
+        the answer's k-th [SEG])."""
         text = self.processor.decode_answer(answer_ids)
         notes: list[str] = []
-        masks, scores = np.zeros((0, *prep.size), bool), np.zeros((0,), np.float32)
-        if len(seg):
-            pred = self.model.mask_decoder.decode(prep.embedding.to(self.device), seg_embeddings=seg)
-            masks, scores = pred.masks, pred.scores
         targets = []
         for parsed in parse_answer(text, prep.size):
             idx = parsed.seg_index

@@ -57,7 +57,7 @@ def test_writes_the_three_files_and_one_line_per_sentence(forced_run, dataset):
     assert on_disk == metrics
     assert metrics["n_sentences"] == len(sents) and metrics["n_images"] == len(dataset.images("val"))
     assert (metrics["mode"], metrics["task"], metrics["rec_mode"], metrics["model"]) == \
-        ("teacher-forced", "both", "generate", "tiny")
+        ("teacher-forced", "both", "teacher-forced", "tiny")
     assert metrics["teacher_answer"] == "<ref>{sent}</ref>[SEG]"
     for key in ("cIoU", "gIoU", "acc@0.5"):
         assert 0.0 <= metrics[key] <= 1.0
@@ -138,9 +138,11 @@ def test_rec_only_task_scores_boxes_only(grounder, dataset, tmp_path):
     metrics = evaluate(grounder, dataset, "val", task="rec", mode="teacher-forced", out_dir=tmp_path / "rec",
                        limit=3, progress=False)
     assert metrics["cIoU"] is None and metrics["gIoU"] is None and metrics["acc@0.5"] is not None
-    assert metrics["rec_mode"] == "generate"
+    assert metrics["rec_mode"] == "teacher-forced" and metrics["rec_answer_prefix"] == "<ref>{sent}</ref><box>"
     lines = _lines(tmp_path / "rec")
     assert all(line["mask"] is None and line["question"].startswith("Where is") for line in lines)
+    # the model wrote its answer after the given prefix
+    assert all(line["answer"].startswith(f"<ref>{line['sentence']}</ref><box>") for line in lines)
 
 
 def test_lisa_forced_answer_also_gives_masks(grounder, dataset, tmp_path):
@@ -214,3 +216,54 @@ def test_rec_box_from_mask_scores_the_predicted_masks_box(tiny_dir, dataset, tmp
         assert (line["box"] is None) == (expected is None)
         if expected is not None:
             assert line["box"] == pytest.approx(list(expected))
+
+
+COMPARED = ("sent_id", "image_id", "answer", "rec_answer", "box", "mask", "intersection", "union", "rec_hit")
+
+
+@pytest.mark.parametrize("mode", ["generate", "teacher-forced"])
+def test_grouped_engine_gives_the_naive_lines(grounder, overfit, dataset, tmp_path, mode):
+    """The prefix-sharing engine (one image prefix, its sentences batched) writes what the one-sentence-
+    at-a-time path writes: same answers, boxes, masks and scores. Generation uses the model trained to
+    answer with a [SEG] (a random one writes none), so the masks of generated answers are compared too."""
+    from grounding.predictor import Grounder
+
+    if mode == "generate":
+        grounder = Grounder(overfit["model"], overfit["tokenizer"], max_new_tokens=16)
+    runs = {}
+    for engine in ("naive", "grouped"):
+        runs[engine] = evaluate(grounder, dataset, "val", task="both", mode=mode, out_dir=tmp_path / engine,
+                                batch_size=16, progress=False, engine=engine)
+    naive, grouped = _lines(tmp_path / "naive"), _lines(tmp_path / "grouped")
+    assert len(naive) == len(grouped) == len(dataset.sentences("val"))
+    for a, b in zip(naive, grouped):
+        assert {k: a[k] for k in COMPARED} == {k: b[k] for k in COMPARED}
+    for key in ("cIoU", "gIoU", "acc@0.5"):
+        assert runs["naive"][key] == runs["grouped"][key]
+    assert any(line["mask"] is not None for line in grouped)
+
+
+def test_two_processes_give_the_single_process_run(tiny_dir, dataset, forced_run, tmp_path):
+    """--num-procs 2 (gloo, spawned processes, images sharded) writes the same predictions.jsonl and
+    metrics as one process; an interrupted sharded run's per-rank files are resumed, not redone."""
+    from apps.eval_cmd import run_shard
+    from eval.distributed import spawn
+
+    single_out, single, _ = forced_run
+    out = tmp_path / "two"
+    options = dict(data_root=dataset.data_root, dataset="synth", split_by="unc", split="val", model_dir=tiny_dir,
+                   device="cpu", task="both", mode="teacher-forced", out=out, limit=None, batch_size=8,
+                   rec_box="text", engine="grouped", max_new_tokens=12)
+    # an interrupted earlier run left the first image's lines in a rank file (and a cut line)
+    first_image = [line for line in _lines(single_out) if line["image_id"] == _lines(single_out)[0]["image_id"]]
+    out.mkdir()
+    run = json.loads((single_out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run, "model": str(tiny_dir.resolve())}))
+    (out / "predictions.rank1.jsonl").write_text("".join(json.dumps(line) + "\n" for line in first_image) + '{"sent')
+    spawn(run_shard, 2, options)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert not list(out.glob("predictions.rank*"))
+    assert metrics["num_procs"] == 2 and metrics["n_resumed_sentences"] == len(first_image)
+    for key in SCORES:
+        assert metrics[key] == single[key], key
+    assert [{k: a[k] for k in COMPARED} for a in _lines(out)] == [{k: a[k] for k in COMPARED} for a in _lines(single_out)]
