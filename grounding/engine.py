@@ -71,7 +71,7 @@ class PrefixEngine:
             # 1-2: the shared prefix once, its cache repeated over the rows
             prefix = torch.tensor([rows[0].input_ids[:prefix_len]], device=dev)
             pixel_values = prep.vision[None].to(dev, g.dtype)
-            first = vlm(input_ids=prefix, pixel_values=pixel_values, use_cache=True)
+            first = vlm(input_ids=prefix, pixel_values=pixel_values, use_cache=True, logits_to_keep=1)
             cache = first.past_key_values
             if n > 1:
                 cache.batch_repeat_interleave(n)
@@ -89,8 +89,9 @@ class PrefixEngine:
                 mask[i, prefix_len + width - len(s):] = 1
                 positions[i, width - len(s):] = torch.arange(prefix_len, prefix_len + len(s))
             ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
+            # rows end in the same column: only the last column's logits are needed
             step = vlm(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True, output_hidden_states=True)
+                       use_cache=True, output_hidden_states=True, logits_to_keep=1)
             # hidden states and ids of each row's suffix (real tokens only); generated tokens are appended
             hidden = [[step.hidden_states[-1][i, width - len(s):]] for i, s in enumerate(suffixes)]
             row_ids = [list(s) for s in suffixes]

@@ -27,6 +27,15 @@ VLM_PRESETS: dict[str, dict[str, Any]] = {
                      num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False),
         "max_length": 512,
     },
+    # LLaVA-1.5-7B's shapes (CLIP ViT-L/14 at 336 px -> 576 image tokens; Llama-2-7B), for benchmarks with
+    # random weights. Real weights come from a local llava-1.5-7b-hf folder (GroundingConfig.vlm_path).
+    "llava-1.5-7b": {
+        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=336, patch_size=14, projection_dim=768),
+        "text": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, max_position_embeddings=4096, tie_word_embeddings=False),
+        "max_length": 2048,
+    },
 }
 
 
