@@ -80,7 +80,8 @@ def run_naive(grounder: Grounder, work: list[list[Query]]):
 def run_grouped(grounder: Grounder, work: list[list[Query]], batch_size: int):
     engine = PrefixEngine(grounder)
     grounder.clear_cache()
-    return [p for group in work for p in engine.predict_group(group[0].image, group, batch_size=batch_size)]
+    answers = engine.predict_groups([(group[0].image, group) for group in work], batch_size=batch_size)
+    return [p for per_image in answers for p in per_image]
 
 
 def timed(fn, device: torch.device):
@@ -102,7 +103,7 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=320, help="image width in pixels (height 3/4 of it)")
     ap.add_argument("--modes", default="teacher-forced,generate")
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=32, help="questions per batch (across images)")
     args = ap.parse_args()
 
     grounder = build_grounder(args.size, args.decoder, args.device, args.max_new_tokens)

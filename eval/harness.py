@@ -311,14 +311,15 @@ def evaluate(grounder, dataset: ReferDataset, split: str, task: str = "both", mo
     # done: every line already written, by this run's ranks or an interrupted run's (any world size)
     lines = read_all_predictions(out, repair_rank=rank if world > 1 else None)
     done = {int(line["sent_id"]) for line in lines}
-    # One group per image (this rank's share of the images). A group that is partly written is predicted
-    # whole again (only its missing lines are written), so every sentence shares its batch and prefix with
-    # the same sentences as in an uninterrupted run: results depend on the batch by float rounding, and a
-    # resumed run must report what an uninterrupted one does.
-    groups = image_groups(sentences)[rank::world]
-    todo = [g for g in groups if any(s.sent_id not in done for s in g)]
-    n_todo = sum(s.sent_id not in done for g in todo for s in g)
-    n_mine = sum(len(g) for g in groups)
+    # Packs of whole images (about batch_size sentences each), fixed by the sentence list and batch_size
+    # alone; ranks take every world-th pack. A pack that is partly written is predicted whole again (only
+    # its missing lines are written), so every sentence shares its batch with the same sentences as in an
+    # uninterrupted or single-process run: results depend on the batch by float rounding, and a resumed
+    # or sharded run must report what an uninterrupted single process does.
+    packs = pack_groups(image_groups(sentences), batch_size)[rank::world]
+    todo = [pk for pk in packs if any(s.sent_id not in done for g in pk for s in g)]
+    n_todo = sum(s.sent_id not in done for pk in todo for g in pk for s in g)
+    n_mine = sum(len(g) for pk in packs for g in pk)
 
     running = ResAccumulator()
     for line in lines:
@@ -330,11 +331,12 @@ def evaluate(grounder, dataset: ReferDataset, split: str, task: str = "both", mo
     pred_path = out / (PREDICTIONS if world == 1 else f"predictions.rank{rank}.jsonl")
     with _progress_bar(n_mine, n_mine - n_todo, progress and rank == 0) as advance, \
             open(pred_path, "a", encoding="utf-8") as handle:
-        for group in todo:
+        for pack in todo:
             t0 = time.perf_counter()
-            outcomes = _predict_group(predict, group, images(group[0].image_id), task, mode, teacher_answer, rec_box)
+            outcomes = _predict_pack(predict, pack, [images(g[0].image_id) for g in pack], task, mode,
+                                     teacher_answer, rec_box)
             predict_time += time.perf_counter() - t0
-            for sent, outcome in zip(group, outcomes):
+            for sent, outcome in zip([s for g in pack for s in g], outcomes):
                 if sent.sent_id in done:
                     continue
                 question = (REC_QUESTION if task == "rec" else SEG_QUESTION).format(s=sent.text)
@@ -378,6 +380,21 @@ def image_groups(sentences: Sequence[Sentence]) -> list[list[Sentence]]:
         else:
             groups.append([sent])
     return groups
+
+
+def pack_groups(groups: Sequence[list[Sentence]], batch_size: int) -> list[list[list[Sentence]]]:
+    """Consecutive image groups packed into lists of about ``batch_size`` sentences (an image is never
+    split; one larger than ``batch_size`` is a pack of its own)."""
+    packs: list[list[list[Sentence]]] = []
+    rows = 0
+    for group in groups:
+        if packs and rows + len(group) <= batch_size:
+            packs[-1].append(group)
+            rows += len(group)
+        else:
+            packs.append([group])
+            rows = len(group)
+    return packs
 
 
 def _rank_files(out: Path) -> list[Path]:
@@ -439,12 +456,12 @@ class _ImageCache:
 
 
 def _predict_function(grounder, engine: str, batch_size: int, max_new_tokens: int | None):
-    """``predict(pixels, queries) -> predictions`` for the questions of one image.
+    """``predict([(pixels, queries), ...]) -> [[prediction, ...], ...]`` for the questions of some images.
 
-    ``grouped``: :class:`~grounding.engine.PrefixEngine` (the image prefix and its KV cache computed once,
-    the image's questions batched, masks decoded together). ``naive``: one question at a time through
-    ``Grounder.predict_batch`` with the embedding cache emptied first - the LISA / GLaMM pipeline, which
-    runs the whole model per sentence (the reference for speed and for equality of results).
+    ``grouped``: :class:`~grounding.engine.PrefixEngine` (each image's prefix and its KV cache computed once,
+    questions batched across the pack's images, masks decoded per image in one call). ``naive``: one
+    question at a time through ``Grounder.predict_batch`` with the embedding cache emptied first - the
+    LISA / GLaMM pipeline, which runs the whole model per sentence (the reference for speed and results).
     A question the model refuses (e.g. too long for its context) becomes an empty prediction with the
     reason in its notes instead of stopping the whole evaluation.
     """
@@ -452,55 +469,61 @@ def _predict_function(grounder, engine: str, batch_size: int, max_new_tokens: in
         from grounding.engine import PrefixEngine
         prefix_engine = PrefixEngine(grounder)
 
-        def run(pixels, queries):
-            return prefix_engine.predict_group(pixels, queries, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        def run(groups):
+            return prefix_engine.predict_groups(groups, batch_size=batch_size, max_new_tokens=max_new_tokens)
     else:
-        def run(pixels, queries):
+        def run(groups):
             out = []
-            for q in queries:
-                grounder.clear_cache()
-                out += grounder.predict_batch([q], batch_size=1, max_new_tokens=max_new_tokens)
+            for _, queries in groups:
+                out.append([])
+                for q in queries:
+                    grounder.clear_cache()
+                    out[-1] += grounder.predict_batch([q], batch_size=1, max_new_tokens=max_new_tokens)
             return out
 
-    def predict(pixels, queries):
+    def predict(groups):
         try:
-            return run(pixels, queries)
+            return run(groups)
         except GroundsegError as err:
-            if len(queries) == 1:
-                return [_refused(queries[0], pixels, err)]
-        return [p for q in queries for p in predict(pixels, [q])]
+            if len(groups) == 1 and len(groups[0][1]) == 1:
+                pixels, (query,) = groups[0]
+                return [[Prediction(answer="", targets=[], image_size=pixels.shape[:2], question=query.question,
+                                    notes=[f"not predicted: {err}"])]]
+        # find the refused question(s): one at a time
+        return [[predict([(pixels, [q])])[0][0] for q in queries] for pixels, queries in groups]
     return predict
 
 
-def _refused(query, pixels, err: GroundsegError) -> Prediction:
-    return Prediction(answer="", targets=[], image_size=pixels.shape[:2], question=query.question,
-                      notes=[f"not predicted: {err}"])
-
-
-def _predict_group(predict, group: Sequence[Sentence], pixels: np.ndarray, task: str, mode: str,
-                   teacher_answer: str, rec_box: str) -> list[_Outcome]:
-    """The outcomes of one image's sentences."""
+def _predict_pack(predict, pack: Sequence[list[Sentence]], pixels: Sequence[np.ndarray], task: str, mode: str,
+                  teacher_answer: str, rec_box: str) -> list[_Outcome]:
+    """The outcomes of a pack's sentences (image by image, in order)."""
     from grounding.predictor import Query
 
     forced = mode == "teacher-forced"
-    seg_queries = [Query(pixels, SEG_QUESTION.format(s=s.text),
-                         answer=teacher_answer.replace("{sent}", s.text) if forced else None) for s in group]
+
+    def ask(make) -> list[Prediction]:
+        answers = predict([(px, [make(s, px) for s in group]) for group, px in zip(pack, pixels)])
+        return [p for per_image in answers for p in per_image]
+
+    def seg_query(s, px):
+        return Query(px, SEG_QUESTION.format(s=s.text), answer=teacher_answer.replace("{sent}", s.text) if forced else None)
+
+    def rec_query(s, px):  # teacher-forced: the model writes the box after the given "<ref>{sent}</ref><box>"
+        return Query(px, REC_QUESTION.format(s=s.text),
+                     answer_prefix=REC_ANSWER_PREFIX.format(sent=s.text) if forced else None)
+
     if rec_box == "mask":  # REC from the segmentation answer's mask: one prediction gives both
-        preds = predict(pixels, seg_queries)
         return [_Outcome(p.answer, first_mask(p) if task != "rec" else None,
                          box_from_mask(m) if (m := first_mask(p)) is not None else None,
-                         notes=tuple(p.notes)) for p in preds]
-    # REC: the model writes the box; teacher-forced, after the given prefix "<ref>{sent}</ref><box>"
-    rec_queries = [Query(pixels, REC_QUESTION.format(s=s.text),
-                         answer_prefix=REC_ANSWER_PREFIX.format(sent=s.text) if forced else None) for s in group]
+                         notes=tuple(p.notes)) for p in ask(seg_query)]
     if task == "rec":
-        return [_Outcome(p.answer, None, first_text_box(p), notes=tuple(p.notes)) for p in predict(pixels, rec_queries)]
-    seg_preds = predict(pixels, seg_queries)
+        return [_Outcome(p.answer, None, first_text_box(p), notes=tuple(p.notes)) for p in ask(rec_query)]
+    seg_preds = ask(seg_query)
     if not forced:  # one generated answer gives both the mask and the box
         return [_Outcome(p.answer, first_mask(p), first_text_box(p), notes=tuple(p.notes)) for p in seg_preds]
     if task == "res":  # a forced answer has no box of the model's own: REC is not scored
         return [_Outcome(p.answer, first_mask(p), None, notes=tuple(p.notes)) for p in seg_preds]
-    rec_preds = predict(pixels, rec_queries)
+    rec_preds = ask(rec_query)
     return [_Outcome(sp.answer, first_mask(sp), first_text_box(rp), rec_answer=rp.answer,
                      notes=tuple(sp.notes) + tuple(rp.notes)) for sp, rp in zip(seg_preds, rec_preds)]
 

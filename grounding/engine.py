@@ -6,9 +6,10 @@ per image (RefCOCO val: 10,834 sentences on 1,500 images), so :class:`PrefixEngi
 questions of one image share once:
 
   1. the mask decoder's image embedding (the Grounder's content cache) and the vision tower, once;
-  2. the longest token prefix common to all the image's prompts (BOS, "USER:", the image tokens, and any
-     shared start of the question) runs once with ``use_cache=True``; its KV cache is repeated over the
-     batch (``DynamicCache.batch_repeat_interleave``: a copy of the prefix's keys/values, no compute);
+  2. the longest token prefix common to the prompts (BOS, "USER:", the image tokens, and any shared start
+     of the questions) runs once per image with ``use_cache=True``; each image's KV cache row is repeated
+     for its questions (``DynamicCache.batch_select_indices``: a copy of keys/values, no compute). Batches
+     mix images, so RefCOCO's ~7 questions per image still fill a batch of 16-32 rows;
   3. the remaining tokens of every question run as one batch on top of it. They are LEFT-padded after the
      prefix (prefix | pads | suffix), so every row's last token sits in the last column and greedy decoding
      steps all rows together; pads are masked out and ``position_ids`` continue the prefix without gaps,
@@ -23,7 +24,6 @@ writes the rest), as :class:`~grounding.predictor.Query` says.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -44,38 +44,49 @@ class PrefixEngine:
 
     def predict_group(self, image: Any, queries: Sequence[Query | tuple], batch_size: int = 16,
                       max_new_tokens: int | None = None) -> list[Prediction]:
-        """Answer ``queries`` (their ``image`` fields are ignored) about ``image``; ``batch_size`` questions
-        share one prefix computation at a time."""
-        queries = [replace(q if isinstance(q, Query) else Query(*q), image=None) for q in queries]
+        """Answer ``queries`` (their ``image`` fields are ignored) about ``image``."""
+        return self.predict_groups([(image, queries)], batch_size, max_new_tokens)[0]
+
+    def predict_groups(self, groups: Sequence[tuple[Any, Sequence[Query | tuple]]], batch_size: int = 16,
+                       max_new_tokens: int | None = None) -> list[list[Prediction]]:
+        """Answer each ``(image, queries)`` group; returns one list of predictions per group. Rows (questions)
+        are batched ``batch_size`` at a time across groups, so small groups (RefCOCO: ~7 questions per image)
+        still fill a batch: every image in a batch gets its own prefix row, shared by its questions."""
         max_new = max_new_tokens or self.grounder.max_new_tokens
-        prep = self.grounder.prepare([image])[0]
-        out: list[Prediction] = []
-        for start in range(0, len(queries), batch_size):
-            out.extend(self._group(prep, queries[start:start + batch_size], max_new))
+        preps = self.grounder.prepare([image for image, _ in groups])  # distinct images encoded in one batch
+        rows = [(gi, preps[gi], q if isinstance(q, Query) else Query(*q))
+                for gi, (_, queries) in enumerate(groups) for q in queries]
+        out: list[list[Prediction]] = [[] for _ in groups]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            for (gi, _, _), pred in zip(chunk, self._batch([(p, q) for _, p, q in chunk], max_new)):
+                out[gi].append(pred)
         return out
 
     # ---------------------------------------------------------------------------------------------------
-    def _group(self, prep: PreparedImage, queries: list[Query], max_new_tokens: int) -> list[Prediction]:
+    def _batch(self, items: list[tuple[PreparedImage, Query]], max_new_tokens: int) -> list[Prediction]:
         g = self.grounder
         vlm, dev = g.model.vlm, g.device
         # prompt ids (+ any answer prefix, labelled) and, for teacher forcing, the given answer
-        prompts = [g._encode_question(q, prep, max_new_tokens) for q in queries]
-        forced = [None if q.answer is None else _answer_ids(g, q.answer) for q in queries]
+        prompts = [g._encode_question(q, p, max_new_tokens) for p, q in items]
+        forced = [None if q.answer is None else _answer_ids(g, q.answer) for _, q in items]
         rows = [EncodedText(p.input_ids + (f or []), [int(lab != IGNORE_INDEX) for lab in p.labels] + [1] * len(f or []))
                 for p, f in zip(prompts, forced)]
+        # one prefix row per distinct image; row i continues prefix row owner[i]
+        images = list({id(p): p for p, _ in items}.values())
+        owner = [next(k for k, im in enumerate(images) if im is p) for p, _ in items]
         prefix_len = _shared_prefix_length(prompts, g.processor.image_token_id)
-        self.prefix_tokens_saved += prefix_len * (len(rows) - 1)
+        self.prefix_tokens_saved += prefix_len * (len(rows) - len(images))
         n = len(rows)
 
         with torch.no_grad():
-            # 1-2: the shared prefix once, its cache repeated over the rows
-            prefix = torch.tensor([rows[0].input_ids[:prefix_len]], device=dev)
-            pixel_values = prep.vision[None].to(dev, g.dtype)
+            # 1-2: the shared prefix once per image, its cache rows repeated over that image's questions
+            prefix = torch.tensor([rows[0].input_ids[:prefix_len]] * len(images), device=dev)
+            pixel_values = torch.stack([im.vision for im in images]).to(dev, g.dtype)
             first = vlm(input_ids=prefix, pixel_values=pixel_values, use_cache=True, logits_to_keep=1)
             cache = first.past_key_values
-            if n > 1:
-                cache.batch_repeat_interleave(n)
-
+            if owner != list(range(n)):
+                cache.batch_select_indices(torch.tensor(owner, device=dev))
             # 3: the suffixes, left-padded after the prefix
             suffixes = [r.input_ids[prefix_len:] for r in rows]
             width = max(len(s) for s in suffixes)
@@ -101,19 +112,22 @@ class PrefixEngine:
             generated = self._decode(step, cache, mask, positions[:, -1], [f is None for f in forced], max_new_tokens,
                                      hidden, row_ids, is_answer)
 
-            # 5: the [SEG] states of every answer, decoded into masks in one call
+            # 5: the [SEG] states of every answer; each image's masks decoded in one call
             segs = []
             for h, t, a in zip(hidden, row_ids, is_answer):
-                h = torch.cat(h)[None]
-                tokens = torch.tensor([t], device=dev)
-                segs.append(g.model.seg_embeddings(h, tokens, torch.tensor([a], device=dev) == 1)[0])
-            masks, scores = g.decode_segs(prep, torch.cat(segs)) if segs else (None, None)
+                tokens, answer = torch.tensor([t], device=dev), torch.tensor([a], device=dev) == 1
+                segs.append(g.model.seg_embeddings(torch.cat(h)[None], tokens, answer)[0])
+            decoded = {}
+            for k, im in enumerate(images):
+                mine = [s for s, o in zip(segs, owner) if o == k]
+                decoded[k] = list(g.decode_segs(im, torch.cat(mine)))
 
-        out, k = [], 0
-        for q, p, f, gen, s in zip(queries, prompts, forced, generated, segs):
+        out = []
+        for (prep, q), p, f, gen, s, k in zip(items, prompts, forced, generated, segs, owner):
             answer = [t for t, lab in zip(p.input_ids, p.labels) if lab != IGNORE_INDEX] + (f if f is not None else gen)
-            out.append(g.prediction(q, prep, answer, masks[k:k + len(s)], scores[k:k + len(s)]))
-            k += len(s)
+            masks, scores = decoded[k]
+            out.append(g.prediction(q, prep, answer, masks[:len(s)], scores[:len(s)]))
+            decoded[k] = [masks[len(s):], scores[len(s):]]
         return out
 
     def _decode(self, step, cache, mask: torch.Tensor, last_positions: torch.Tensor, active: list[bool],
