@@ -1,0 +1,563 @@
+"""``groundseg annotate``: masks for a list of prompts on every image of a folder, as COCO / YOLO / LabelMe.
+
+    groundseg annotate INPUT_DIR --prompts "the red circle,all blue shapes" --out OUT_DIR
+                       [--format coco,yolo,labelme] [--overlays] [--num-procs N] [--model DIR]
+
+What is asked. For image I and prompt P the model gets ``"Please segment P."``, the first phrasing it was
+trained on (``SEG_QUESTIONS`` in grounding/data/tasks.py), with P exactly as written (a trailing full stop
+removed). Training sentences name objects with or without an article ("the red circle", "red circle") and
+ask for groups as "all red shapes" / "both circles", so write prompts that way. All prompts of one image go
+to ``predict_batch`` together, so the image is encoded once. Every target of the answer is one instance of
+category P; a target with an empty mask counts as mask-less, and a target with neither mask nor box is
+dropped (the per-image result keeps the model's answer and notes).
+
+Which files. Every visible file under INPUT_DIR (hidden files and folders skipped; OUT_DIR skipped when it
+lies inside) whose content is an image, whatever its name (``grounding.images.list_images``), plus every file
+whose name has an image extension but whose content cannot be read: those are listed in
+``OUT_DIR/errors.jsonl`` (``{"file", "reason"}``), with corrupt or truncated images. Other files (notes.txt)
+are ignored. Images are read upright (EXIF orientation applied): widths, heights and coordinates are those
+of the upright image. Everything is in sorted relative-path order.
+
+OUT_DIR::
+
+    results/<image path>.json   per-image result, the resume state: {"version", "signature", "file",
+                                "source": [bytes, mtime_ns], "status": "ok" | "error", "image_size": [H, W],
+                                "predictions": [Prediction JSON per prompt] | "reason": str}
+    errors.jsonl                one {"file": ..., "reason": ...} per unreadable file
+    instances.json              --format coco      (see apps/exporters.py for every format's conventions)
+    labels/, data.yaml          --format yolo
+    labelme/                    --format labelme
+    overlays/<image path>.png   --overlays: what the files say, drawn on the image
+
+Resume. A per-image result is written atomically after its overlay, so it exists only for finished
+images; it is reused when its ``signature`` (hash of the question template, the prompts and the model's
+files) and ``source`` (the image's size and mtime) match, otherwise redone. A run killed at any point and
+started again therefore ends with the same files as an uninterrupted one. The final files are rewritten
+from the per-image results at the end of every run (cheap), in sorted order, with no timestamps or absolute
+paths. A lock file keeps two runs from writing into one OUT_DIR at once.
+
+Sharding. ``--num-procs N`` starts N "spawn" processes; the i-th image still to do goes to worker i % N,
+which loads the model itself with ``torch.set_num_threads(max(1, cpus // N))``. Workers and parent share
+nothing but the per-image result files: the parent counts them for the progress bar and merges them.
+A worker stops by itself when its parent dies.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterator, Optional, Sequence
+
+import typer
+
+from apps.exporters import WRITERS, AnnotatedImage, Instance, instance_box
+from grounding.errors import CheckpointError, DatasetError, GroundsegError, ImageError, PromptError
+from grounding.result import atomic_write_text
+
+QUESTION = "Please segment {prompt}."
+RESULTS_DIR = "results"
+OVERLAYS_DIR = "overlays"
+ERRORS_FILE = "errors.jsonl"
+LOCK_FILE = ".annotate.lock"
+RECORD_VERSION = 1
+FORMATS = tuple(WRITERS)
+# Files of a model folder that do not change what it predicts (the model card, its loss plots).
+_NOT_MODEL = {".md", ".png", ".jpg", ".jpeg"}
+_HUGE = 1 << 30  # model files above this are fingerprinted by size, mtime and their first and last 64 MiB
+# Temporary files of grounding.result.atomic_write_bytes left behind by a killed run.
+_TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]{32}\.tmp$")
+
+GrounderFactory = Callable[[str, str], Any]
+
+
+class AnnotateError(GroundsegError):
+    """A batch annotation run could not finish; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def annotate_command(
+    input_dir: Annotated[Path, typer.Argument(help="Folder of images (searched recursively; images recognised by content).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder; rerunning into it resumes.")],
+    prompts: Annotated[Optional[str], typer.Option(help="Comma-separated prompts, each a category: "
+                                                   "\"the red circle,all blue shapes\".")] = None,
+    prompts_file: Annotated[Optional[Path], typer.Option(help="A text file with one prompt per line "
+                                                         "(blank lines and lines starting with # skipped).")] = None,
+    format: Annotated[str, typer.Option("--format", help="coco, yolo, labelme, or several comma-separated.")] = "coco",
+    overlays: Annotated[bool, typer.Option("--overlays", help="Also draw OUT/overlays/<image>.png.")] = False,
+    num_procs: Annotated[int, typer.Option(min=1, help="Worker processes (each loads the model).")] = 1,
+    model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: the embedded model).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Questions per forward pass.")] = 8,
+) -> None:
+    """Annotate every image of a folder with a mask per object each prompt names (COCO / YOLO-seg / LabelMe)."""
+    from apps.cli import DEFAULT_MODEL
+
+    summary = annotate_folder(input_dir, read_prompts(prompts, prompts_file), out, formats=parse_formats(format),
+                              overlays=overlays, num_procs=num_procs, model_dir=model or DEFAULT_MODEL,
+                              device=device, batch_size=batch_size, progress=True)
+    typer.echo(summary.text())
+
+
+def read_prompts(text: str | None, file: Path | None) -> list[str]:
+    """Prompts from ``--prompts`` (comma-separated) or ``--prompts-file`` (one per line), cleaned: spaces
+    collapsed, a trailing full stop removed. Raises PromptError for none, both, or duplicates."""
+    if (text is None) == (file is None):
+        raise PromptError("give the prompts with --prompts \"a,b\" or --prompts-file FILE (one of the two)")
+    if file is not None:
+        if not Path(file).is_file():
+            raise PromptError(f"prompts file not found: {file}")
+        raw = [line for line in Path(file).read_text(encoding="utf-8").splitlines() if not line.strip().startswith("#")]
+    else:
+        raw = text.split(",")  # type: ignore[union-attr]
+    found = [" ".join(p.split()).rstrip(".").strip() for p in raw]
+    found = [p for p in found if p]
+    if not found:
+        raise PromptError("no prompts: the list is empty")
+    repeated = sorted({p for p in found if found.count(p) > 1})
+    if repeated:
+        raise PromptError(f"prompt {repeated[0]!r} is given twice; each prompt is one category")
+    return found
+
+
+def parse_formats(text: str) -> list[str]:
+    formats = [f.strip().lower() for f in text.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise PromptError(f"unknown --format {unknown[0] if unknown else text!r}; choose from {', '.join(FORMATS)}")
+    return list(dict.fromkeys(formats))
+
+
+# --------------------------------------------------------------------------- a run
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every worker needs (picklable)."""
+    input_dir: str
+    out_dir: str
+    prompts: tuple[str, ...]
+    signature: str
+    overlays: bool
+    model_dir: str
+    device: str
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image: ``file`` relative to the input folder (POSIX); ``source`` = (bytes, mtime_ns);
+    ``overlay_only``: its result is valid, only the overlay is missing."""
+    file: str
+    source: tuple[int, int]
+    overlay_only: bool = False
+
+
+@dataclass
+class Summary:
+    images: int = 0            # images annotated (now or earlier)
+    done_now: int = 0          # files the model ran on in this run (errors included)
+    reused: int = 0            # files whose earlier result was still valid
+    errors: int = 0            # files listed in errors.jsonl
+    objects: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    outputs: list[Path] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.done_now / self.seconds if self.seconds > 0 else 0.0
+
+    def text(self) -> str:
+        counts = ", ".join(f"{name} {n}" for name, n in self.objects.items())
+        lines = [f"annotated {self.images} images ({self.done_now} files processed now at "
+                 f"{self.images_per_second:.2f} images/s, {self.reused} from earlier results); "
+                 f"{sum(self.objects.values())} objects: {counts}"]
+        if self.errors:
+            lines.append(f"skipped {self.errors} unreadable files: see {self.outputs[0]}")
+        lines.append("wrote " + ", ".join(str(p) for p in self.outputs))
+        return "\n".join(lines)
+
+
+def annotate_folder(input_dir: str | os.PathLike, prompts: Sequence[str], out_dir: str | os.PathLike,
+                    formats: Sequence[str] = ("coco",), overlays: bool = False, num_procs: int = 1,
+                    model_dir: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 8,
+                    progress: bool = False, grounder_factory: GrounderFactory | None = None) -> Summary:
+    """Annotate ``input_dir`` into ``out_dir`` (see the module doc); returns what was done.
+
+    grounder_factory(model_dir, device) -> an object with ``predict_batch(queries, batch_size)`` (default:
+    :func:`load_grounder`); it must be picklable (a module-level function) for ``num_procs > 1``. The model
+    fingerprint in the signature is always taken from ``model_dir``.
+    """
+    from apps.cli import DEFAULT_MODEL
+
+    started = time.perf_counter()
+    root, out = Path(input_dir), Path(out_dir)
+    if not root.is_dir():
+        raise DatasetError(f"input folder not found: {root}" if not root.exists() else f"not a folder: {root}")
+    prompts = tuple(prompts)
+    if not prompts or any(not p.strip() for p in prompts):
+        raise PromptError("give at least one non-empty prompt")
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise PromptError(f"unknown format {bad[0] if bad else '(none)'!r}; choose from {', '.join(FORMATS)}")
+    if num_procs < 1:
+        raise PromptError(f"--num-procs must be at least 1, got {num_procs}")
+    model = Path(model_dir) if model_dir is not None else DEFAULT_MODEL
+    settings = Settings(str(root), str(out), prompts, run_signature(prompts, model), overlays, str(model),
+                        device, batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        _remove_temporaries(out)
+        files = find_images(root, exclude=out)
+        todo, reused = _plan(settings, files)
+        factory = grounder_factory or load_grounder
+        with _progress_bar(len(files), len(files) - len(todo), progress) as advance:
+            if num_procs == 1 or len(todo) <= 1:
+                if todo:
+                    annotate_items(settings, todo, factory(settings.model_dir, device), advance)
+            else:
+                _run_workers(settings, todo, num_procs, factory, advance)
+        summary = _merge(settings, files, formats)
+    summary.done_now = sum(not item.overlay_only for item in todo)
+    summary.reused = reused
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def load_grounder(model_dir: str, device: str):
+    """The default grounder factory: the checkpoint at ``model_dir``."""
+    from grounding.predictor import Grounder
+    return Grounder.from_pretrained(model_dir, device=device)
+
+
+def question_for(prompt: str) -> str:
+    return QUESTION.format(prompt=prompt)
+
+
+# --------------------------------------------------------------------------- files, signature
+
+
+def find_images(root: Path, exclude: Path | None = None) -> list[str]:
+    """Relative POSIX paths of the files to annotate (see the module doc), sorted by path components."""
+    from PIL import Image
+
+    from grounding.images import list_images
+
+    Image.init()
+    suffixes = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    skip = exclude.resolve() if exclude is not None else None
+    inside = lambda p: skip is not None and (p.resolve() == skip or skip in p.resolve().parents)
+    images = {p for p in list_images(root) if not inside(p)}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and not inside(Path(dirpath) / d)]
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not name.startswith(".") and (path in images or path.suffix.lower() in suffixes):
+                found.append(path.relative_to(root))
+    return [p.as_posix() for p in sorted(found, key=lambda p: p.parts)]
+
+
+def run_signature(prompts: Sequence[str], model_dir: Path) -> str:
+    """Hash of what decides a per-image result: record format, question template, prompts, model files.
+    (Device, precision and batch size are not in it: they do not change what is asked.)"""
+    data = {"version": RECORD_VERSION, "question": QUESTION, "prompts": list(prompts),
+            "model": model_fingerprint(model_dir)}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Content hash of a checkpoint: every file of the folder (but the model card and pictures) and the
+    official files its ``groundseg.json`` points at. Files over 1 GiB: size, mtime, first and last 64 MiB."""
+    from grounding.config import CONFIG_NAME
+
+    model_dir = Path(model_dir)
+    config = model_dir / CONFIG_NAME
+    if not config.is_file():
+        raise CheckpointError(f"not a groundseg checkpoint: {config} does not exist")
+    external = json.loads(config.read_text(encoding="utf-8"))
+    bases = [model_dir] + [Path(external[k]) for k in ("vlm_path", "decoder_checkpoint") if external.get(k)]
+    digest = hashlib.blake2b(digest_size=16)
+    for base in bases:
+        files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+        for path in files:
+            rel = path.relative_to(base) if path != base else Path(path.name)
+            if any(part.startswith(".") for part in rel.parts) or (base == model_dir and len(rel.parts) == 1
+                                                                    and path.suffix.lower() in _NOT_MODEL):
+                continue
+            digest.update(f"{base.name}/{rel.as_posix()}\0".encode())
+            digest.update(_file_digest(path))
+    return digest.hexdigest()
+
+
+def _file_digest(path: Path) -> bytes:
+    stat = path.stat()
+    digest = hashlib.blake2b(f"{stat.st_size}".encode(), digest_size=16)
+    with open(path, "rb") as handle:
+        if stat.st_size <= _HUGE:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        else:
+            digest.update(f"{stat.st_mtime_ns}".encode())
+            digest.update(handle.read(1 << 26))
+            handle.seek(-(1 << 26), os.SEEK_END)
+            digest.update(handle.read())
+    return digest.digest()
+
+
+def _record_path(settings: Settings, file: str) -> Path:
+    return Path(settings.out_dir) / RESULTS_DIR / (file + ".json")
+
+
+def _overlay_path(settings: Settings, file: str) -> Path:
+    return Path(settings.out_dir) / OVERLAYS_DIR / (file + ".png")
+
+
+def _source(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _valid(record: dict | None, settings: Settings, item_source: tuple[int, int]) -> bool:
+    return (record is not None and record.get("version") == RECORD_VERSION
+            and record.get("signature") == settings.signature and tuple(record.get("source", ())) == item_source)
+
+
+def _plan(settings: Settings, files: list[str]) -> tuple[list[Item], int]:
+    """-> (images to do, in order; number of valid earlier results). Invalid results are deleted, so an
+    existing result file always means a finished image (the progress bar counts them)."""
+    todo, reused = [], 0
+    for file in files:
+        source = _source(Path(settings.input_dir) / file)
+        path = _record_path(settings, file)
+        record = _read_record(path) if path.is_file() else None
+        if not _valid(record, settings, source):
+            if path.exists():
+                path.unlink()
+            todo.append(Item(file, source))
+            continue
+        reused += 1
+        if settings.overlays and record["status"] == "ok" and not _overlay_path(settings, file).is_file():
+            todo.append(Item(file, source, overlay_only=True))
+    return todo, reused
+
+
+# --------------------------------------------------------------------------- per image (worker side)
+
+
+def annotate_items(settings: Settings, items: Sequence[Item], grounder, on_done: Callable[[int], None] | None = None,
+                   stop: Callable[[], bool] | None = None) -> None:
+    """Annotate ``items`` in order with ``grounder``, writing each result; ``stop()`` is asked between images."""
+    for item in items:
+        if stop is not None and stop():
+            return
+        _annotate_one(settings, item, grounder)
+        if on_done is not None:
+            on_done(1)
+
+
+def _annotate_one(settings: Settings, item: Item, grounder) -> None:
+    from grounding.images import DEFAULT_MAX_PIXELS, load_image
+    from grounding.result import Prediction
+
+    try:
+        pixels = load_image(Path(settings.input_dir) / item.file, getattr(grounder, "max_pixels", DEFAULT_MAX_PIXELS),
+                            name=item.file)
+    except ImageError as err:
+        record = {"status": "error", "reason": str(err)}
+    else:
+        if item.overlay_only:
+            record = _read_record(_record_path(settings, item.file)) or {}
+            predictions = [Prediction.from_json(p) for p in record.get("predictions", [])]
+        else:
+            # (image, question) tuples are Grounder Queries; no import of the model code here
+            queries = [(pixels, question_for(p)) for p in settings.prompts]
+            predictions = grounder.predict_batch(queries, batch_size=settings.batch_size)
+        if settings.overlays:
+            _write_overlay(settings, item.file, pixels, instances_from(predictions))
+        if item.overlay_only:
+            return
+        record = {"status": "ok", "image_size": list(pixels.shape[:2]),
+                  "predictions": [p.to_json() for p in predictions]}
+    header = {"version": RECORD_VERSION, "signature": settings.signature, "file": item.file, "source": list(item.source)}
+    atomic_write_text(_record_path(settings, item.file), json.dumps({**header, **record}, ensure_ascii=False))
+
+
+def instances_from(predictions: Sequence) -> list[Instance]:
+    """Prediction ``k`` answers prompt ``k``: each of its targets with a non-empty mask or a box is one
+    instance of category ``k`` (an empty mask counts as none)."""
+    out = []
+    for category, prediction in enumerate(predictions):
+        for t in prediction.targets:
+            mask = t.mask if t.mask is not None and t.mask.any() else None
+            if mask is None and t.box is None:
+                continue
+            out.append(Instance(category, mask, t.box, t.score))
+    return out
+
+
+def _write_overlay(settings: Settings, file: str, pixels, instances: list[Instance]) -> None:
+    from apps.overlay import draw_overlay, save_image
+    from grounding.result import Prediction, Target
+
+    h, w = pixels.shape[:2]
+    targets = [Target(phrase=settings.prompts[i.category], box=instance_box(i, w, h), mask=i.mask, score=i.score)
+               for i in instances]
+    save_image(_overlay_path(settings, file), draw_overlay(pixels, Prediction("", targets, (h, w))))
+
+
+def _worker_main(settings: Settings, items: list[Item], factory: GrounderFactory, threads: int) -> None:
+    """Entry point of a spawned worker: its own model, its own threads, results written as files."""
+    import torch
+
+    torch.set_num_threads(threads)
+    parent = mp.parent_process()
+    try:
+        annotate_items(settings, items, factory(settings.model_dir, settings.device),
+                       stop=lambda: parent is not None and not parent.is_alive())
+    except GroundsegError as err:
+        sys.stderr.write(f"error: {err}\n")
+        sys.exit(2)
+
+
+# --------------------------------------------------------------------------- workers, merge (parent side)
+
+
+def _run_workers(settings: Settings, todo: list[Item], num_procs: int, factory: GrounderFactory,
+                 advance: Callable[[int], None]) -> None:
+    """Shard ``todo`` over ``num_procs`` spawned workers (item i -> worker i % N); follow their result files."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cpus // num_procs)
+    shards = [todo[k::num_procs] for k in range(num_procs)]
+    context = mp.get_context("spawn")
+    workers = [context.Process(target=_worker_main, args=(settings, shard, factory, threads), name=f"annotate-{k}")
+               for k, shard in enumerate(shards) if shard]
+    cursors = [0] * len(workers)
+    shards = [s for s in shards if s]
+
+    def follow() -> None:  # each worker goes through its shard in order: check its next file only
+        for k, shard in enumerate(shards):
+            while cursors[k] < len(shard) and _done(settings, shard[cursors[k]]):
+                cursors[k] += 1
+                advance(1)
+
+    try:
+        for worker in workers:
+            worker.start()
+        while any(w.is_alive() for w in workers):
+            follow()
+            time.sleep(0.2)
+        follow()
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+            worker.join()
+    failed = [(k, w.exitcode) for k, w in enumerate(workers) if w.exitcode != 0]
+    if failed:
+        k, code = failed[0]
+        raise AnnotateError(f"worker {k} of {len(workers)} stopped with exit code {code} (its message is above); "
+                            "finished images are kept: run the same command again to resume")
+
+
+def _done(settings: Settings, item: Item) -> bool:
+    if item.overlay_only:
+        return _overlay_path(settings, item.file).is_file()
+    return _record_path(settings, item.file).is_file()
+
+
+def _merge(settings: Settings, files: list[str], formats: Sequence[str]) -> Summary:
+    """Read every per-image result (sorted order) and write errors.jsonl and the chosen formats."""
+    from grounding.result import Prediction
+
+    out = Path(settings.out_dir)
+    ok = []
+    errors = []
+    for file in files:
+        record = _read_record(_record_path(settings, file))
+        if not _valid(record, settings, _source(Path(settings.input_dir) / file)):
+            raise AnnotateError(f"no valid result for {file} after the run (was it changed meanwhile?); run again")
+        if record["status"] == "error":  # type: ignore[index]
+            errors.append({"file": file, "reason": record["reason"]})  # type: ignore[index]
+        else:
+            ok.append((file, record))
+    ok_files = [f for f, _ in ok]
+    writers = [WRITERS[f](out, settings.prompts, ok_files) for f in formats]
+    summary = Summary(objects={p: 0 for p in settings.prompts})
+    for file, record in ok:
+        height, width = record["image_size"]
+        instances = instances_from([Prediction.from_json(p) for p in record["predictions"]])
+        image = AnnotatedImage(file, width, height, instances)
+        for writer in writers:
+            writer.add(image)
+        for inst in instances:
+            summary.objects[settings.prompts[inst.category]] += 1
+    errors_path = atomic_write_text(out / ERRORS_FILE, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
+    summary.outputs = [errors_path] + [w.finish() for w in writers]
+    if settings.overlays:
+        summary.outputs.append(out / OVERLAYS_DIR)
+    summary.images, summary.errors = len(ok), len(errors)
+    return summary
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold a lock on ``out`` (released by the OS even when the process is killed)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(out / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise AnnotateError(f"another groundseg annotate is writing into {out}; wait for it or use "
+                                "another --out folder") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_temporaries(out: Path) -> None:
+    for dirpath, _dirs, filenames in os.walk(out):
+        for name in filenames:
+            if _TEMPORARY.match(name):
+                (Path(dirpath) / name).unlink(missing_ok=True)
+
+
+@contextmanager
+def _progress_bar(total: int, completed: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr (images done / total, images/s of this run), or nothing."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    started, done = time.perf_counter(), [0]
+    bar = Progress("annotate", BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} images/s"),
+                   TimeRemainingColumn(), console=Console(stderr=True))
+    with bar:
+        task = bar.add_task("annotate", total=total, completed=completed, rate="-")
+
+        def advance(n: int) -> None:
+            done[0] += n
+            bar.update(task, advance=n, rate=f"{done[0] / max(time.perf_counter() - started, 1e-9):.2f}")
+        yield advance
