@@ -120,6 +120,21 @@ def test_click_and_box_path(grounder, scene):
     assert len(mixed.targets) == 1
 
 
+def test_mask_threshold_moves_the_mask_boundary(overfit):
+    """A higher logit threshold keeps a subset of the pixels (the decoder's logits are thresholded once)."""
+    from grounding.predictor import Grounder
+
+    g = Grounder(overfit["model"], overfit["tokenizer"])
+    image = overfit["image"]
+    areas = []
+    for threshold in (-4.0, 0.0, 4.0):
+        g.mask_threshold = threshold
+        areas.append(g.predict(image, "Where is the red circle?").targets[0].mask)
+    loose, default, tight = areas
+    assert (tight <= default).all() and (default <= loose).all()
+    assert loose.sum() > default.sum() > tight.sum()
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(points=[[500, 10]]), "outside"),
     (dict(points=[[1, 2, 3]]), "pairs"),
