@@ -25,3 +25,8 @@ class CheckpointError(GroundsegError):
 
 class DatasetError(GroundsegError):
     """A dataset folder or file is missing, malformed or unsafe; the message names the path."""
+
+
+class VideoError(GroundsegError):
+    """A video could not be read (no frames, truncated, corrupt, too large, bad timestamps) or written;
+    the message names the file."""

@@ -65,12 +65,13 @@ class Query:
 class Grounder:
     def __init__(self, model: GroundingModel, tokenizer, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, cache_size: int = 32, max_new_tokens: int = 128,
-                 max_pixels: int = 100_000_000):
+                 max_pixels: int = 100_000_000, mask_threshold: float = 0.0):
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device, self.dtype = torch.device(device), dtype
         self.processor = GroundingProcessor(tokenizer, model.config, model.vision_image_size, model.num_image_tokens)
         self.max_new_tokens = max_new_tokens
         self.max_pixels = max_pixels
+        self.mask_threshold = float(mask_threshold)  # mask = decoder logit > this (0.0: probability 0.5)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, PreparedImage] = OrderedDict()
         self.encoder_calls = 0  # images run through the decoder's image encoder (the expensive part)
@@ -127,7 +128,8 @@ class Grounder:
         # One click is ambiguous (part or whole?): let SAM propose 3 masks and keep the best, as SAM advises.
         multimask = pts is not None and len(pts) == 1 and bxs is None
         emb = prep.embedding.to(self.device)
-        pred = self.model.mask_decoder.decode(emb, points=points_t, point_labels=labels_t, boxes=t(bxs), multimask=multimask)
+        pred = self.model.mask_decoder.decode(emb, points=points_t, point_labels=labels_t, boxes=t(bxs), multimask=multimask,
+                                              threshold=self.mask_threshold)
         targets = [Target(phrase=None, box=box_from_mask(m), mask=m, score=float(s), seg_index=None)
                    for m, s in zip(pred.masks, pred.scores)]
         return Prediction(answer="", targets=targets, image_size=prep.size, question=None, notes=[])
@@ -137,6 +139,13 @@ class Grounder:
                 answer: str | None = None, max_new_tokens: int | None = None) -> Prediction:
         return self.predict_batch([Query(image, question, points, point_labels, boxes, answer)],
                                   max_new_tokens=max_new_tokens)[0]
+
+    def predict_video(self, video: Any, question: str, key_frame: int = 0, **kwargs: Any):
+        """Answer ``question`` on frame ``key_frame`` of ``video`` (file, folder of frames or list of frames) and
+        carry its targets through every frame: a ``grounding.video.VideoRun`` (iterate it for per-frame results,
+        or ``.save(out_dir)``). Options (mode, every, encode_batch, ...): ``grounding.video.predict_video``."""
+        from grounding.video import predict_video
+        return predict_video(self, video, question, key_frame, **kwargs)
 
     def predict_batch(self, queries: Sequence[Query | tuple], batch_size: int = 8,
                       max_new_tokens: int | None = None) -> list[Prediction]:
@@ -223,7 +232,8 @@ class Grounder:
         """Projected [SEG] states ``[n, prompt_dim]`` -> (masks bool ``[n, H, W]``, scores ``[n]``)."""
         if not len(seg):
             return np.zeros((0, *prep.size), bool), np.zeros((0,), np.float32)
-        pred = self.model.mask_decoder.decode(prep.embedding.to(self.device), seg_embeddings=seg)
+        pred = self.model.mask_decoder.decode(prep.embedding.to(self.device), seg_embeddings=seg,
+                                              threshold=self.mask_threshold)
         return pred.masks, pred.scores
 
     def prediction(self, query: Query, prep: PreparedImage, answer_ids: list[int], masks: np.ndarray,
