@@ -35,17 +35,21 @@ def _model_dir(model: Optional[Path]) -> Path:
 
 @app.command()
 def predict(
-    image: Path = typer.Option(..., help="Image file (any format Pillow reads; EXIF orientation is applied)."),
+    image: Optional[Path] = typer.Option(None, help="Image file (any format Pillow reads; EXIF orientation is applied)."),
+    video: Optional[Path] = typer.Option(None, help="Video file or folder of frames instead of --image: the question (or the clicks/box, on --key-frame) is tracked through every frame."),
+    key_frame: int = typer.Option(0, min=0, help="Video: the frame the question is asked on (or the clicks/box are on)."),
+    video_mode: str = typer.Option("auto", help="Video: auto, memory (SAM2), reask or carry (see grounding/video.py)."),
+    every: int = typer.Option(8, min=0, help="Video, reask mode: ask the VLM again every N frames (0: never)."),
     question: Optional[str] = typer.Option(None, help="Question; without it, --points/--box go to the mask decoder alone."),
     points: list[str] = typer.Option([], "--points", help="Click x,y[,label] in pixels (label 1 object, 0 background); repeat."),
     box: list[str] = typer.Option([], "--box", help="Box x1,y1,x2,y2 in pixels; repeat for several."),
-    out: Path = typer.Option(Path("result.json"), help="Where to write the JSON result (masks as COCO RLE)."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the JSON result (masks as COCO RLE; default result.json); with --video a folder (default video_result) for frames.jsonl, overlay.mp4, video.json."),
     overlay: Optional[Path] = typer.Option(None, help="Also write a picture of the masks and boxes (PNG/JPEG)."),
     model: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: the embedded shapes-tiny)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
     max_new_tokens: int = typer.Option(128, min=1, help="Longest answer to generate."),
 ) -> None:
-    """Answer a question about an image with boxes and masks, or segment clicks and boxes."""
+    """Answer a question about an image (or a video) with boxes and masks, or segment (track) clicks and boxes."""
     from apps.overlay import draw_overlay, save_image
     from grounding.predictor import Grounder
 
@@ -54,8 +58,27 @@ def predict(
     boxes = [_numbers(b, (4,), "box") for b in box]
     if question is None and not pts and not boxes:
         raise PromptError("give --question, or --points / --box for the click path")
+    if (image is None) == (video is None):
+        raise PromptError("give exactly one of --image and --video")
     grounder = Grounder.from_pretrained(_model_dir(model), device=device, max_new_tokens=max_new_tokens)
     xy = [p[:2] for p in pts] or None
+    if video is not None:
+        from grounding.video import predict_video, track
+        if overlay is not None:
+            raise PromptError("--overlay is for images; a video job always writes OUT/overlay.mp4")
+        if len(boxes) > 1:
+            raise PromptError("click-to-track takes one --box (and any --points) for one object")
+        if question is None:
+            run = track(grounder, video, key_frame, points=xy, point_labels=labels or None,
+                        box=boxes[0] if boxes else None, mode=video_mode)
+        else:
+            if xy or boxes:
+                raise PromptError("with --video, give --question or --points/--box, not both")
+            run = predict_video(grounder, video, question, key_frame, mode=video_mode, every=every)
+        paths = run.save(out or Path("video_result"))
+        _print_video(run, paths)
+        return
+    out = out or Path("result.json")
     if question is None:
         result = grounder.segment(image, points=xy, point_labels=labels or None, boxes=boxes or None)
     else:
@@ -125,6 +148,49 @@ def _register_eval() -> None:
 
 
 _register_eval()
+
+
+def _register_annotate() -> None:
+    from apps.annotate import annotate_command
+    app.command("annotate", help="Annotate a folder of images for a list of prompts: COCO, YOLO-seg or LabelMe "
+                                 "files with masks; resumable, --num-procs N shards.")(annotate_command)
+
+
+_register_annotate()
+
+
+def _register_demo() -> None:
+    @app.command("demo")
+    def demo(
+        model: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: the embedded shapes-tiny)."),
+        host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the app to the network."),
+        port: int = typer.Option(7860, min=1, max=65535, help="Port to listen on."),
+        device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
+        max_new_tokens: int = typer.Option(128, min=1, max=1024, help="Default longest answer (the page has a slider)."),
+        max_file_size: str = typer.Option("25mb", help="Largest upload, e.g. 25mb, 1gb."),
+    ) -> None:
+        """Web app: questions, clicks and boxes on an image; API endpoints /segment, /click, /ground."""
+        from apps.demo import serve
+        serve(_model_dir(model), host=host, port=port, device=device, max_new_tokens=max_new_tokens,
+              max_file_size=max_file_size)
+
+
+_register_demo()
+
+
+def _print_video(run, paths) -> None:
+    stdout = Console()
+    if run.key_prediction is not None:
+        stdout.print(f"[bold]answer on frame {run.key_frame}:[/bold] {run.key_prediction.answer}", markup=True,
+                     highlight=False)
+    info = run.info
+    stdout.print(f"  {info.num_frames} frames, {info.width}x{info.height}, {info.fps:.2f} fps, mode {run.mode}",
+                 highlight=False)
+    for obj_id, phrase in sorted(run.objects.items()):
+        stdout.print(f"  object {obj_id}: {phrase or '-'}", highlight=False)
+    for note in run.notes:
+        stdout.print(f"  note: {note}", highlight=False)
+    stdout.print(f"wrote {paths['frames']}, {paths['overlay']} and {paths['summary']}", highlight=False)
 
 
 def _print_result(result, out: Path, overlay: Optional[Path]) -> None:
