@@ -44,7 +44,7 @@ def eval_command(
     if mode not in MODES:
         raise EvalError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
     from eval.harness import ENGINES
-    from eval.distributed import init_from_env, launched_by_torchrun, spawn
+    from eval.distributed import init_from_env, launched_by_torchrun, shutdown, spawn
 
     if engine not in ENGINES:
         raise EvalError(f"unknown --engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -58,6 +58,7 @@ def eval_command(
         spawn(run_shard, num_procs, options)
     else:
         run_shard(init_from_env(), options)
+        shutdown()
     typer.echo(f"wrote {out / 'predictions.jsonl'}, {out / 'metrics.json'} and {out / 'report.png'}")
 
 

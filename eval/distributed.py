@@ -74,7 +74,17 @@ def _worker(rank: int, fn: Callable[..., Any], world: int, port: int, args: tupl
     dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         fn(Shard(rank, world), *args)
-    finally:
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    shutdown()
+
+
+def shutdown() -> None:
+    """Leave the process group together: a barrier first, so no rank tears gloo down while another still
+    talks to it (that aborts the process: "terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
