@@ -1,7 +1,8 @@
-"""``groundseg annotate``: masks for a list of prompts on every image of a folder, as COCO / YOLO / LabelMe.
+"""``groundseg annotate``: masks for a list of prompts on every image and video of a folder, as COCO / YOLO /
+LabelMe.
 
     groundseg annotate INPUT_DIR --prompts "the red circle,all blue shapes" --out OUT_DIR
-                       [--format coco,yolo,labelme] [--overlays] [--num-procs N] [--model DIR]
+                       [--format coco,yolo,labelme] [--overlays] [--num-procs N] [--model DIR] [--video-every N]
 
 What is asked. For image I and prompt P the model gets ``"Please segment P."``, the first phrasing it was
 trained on (``SEG_QUESTIONS`` in grounding/data/tasks.py), with P exactly as written (a trailing full stop
@@ -18,21 +19,38 @@ whose name has an image extension but whose content cannot be read: those are li
 are ignored. Images are read upright (EXIF orientation applied): widths, heights and coordinates are those
 of the upright image. Everything is in sorted relative-path order.
 
+Videos. A file that is not an image is a video when PyAV (FFmpeg) opens it and finds a video stream that is
+not a still picture (cover art, an image-pipe or text-art "video"), whatever its name; a file with a video
+extension (:data:`VIDEO_SUFFIXES`) that cannot be read is reported in errors.jsonl like a broken image. The
+image test comes first, so anything Pillow reads is an image: an animated GIF (or APNG, animated WebP) is
+annotated as one image, its first frame (convert it to .mp4 to annotate it as a video). For each prompt, the
+video gets the same question on its frame 0 through ``grounder.predict_video`` (grounding/video.py: the
+targets are carried through every frame, SAM2 memory or re-asking every ``--video-every`` frames), so every
+object keeps one id across frames. Frame ``i`` of ``a/clip.mp4`` is the image ``a/clip.mp4/{i:06d}.png`` in
+every format (apps/exporters.py: COCO ``videos``, ``video_id``, ``frame_id``, ``track_id``; one YOLO / LabelMe
+file per frame). A video's result is one file (``results/a/clip.mp4.json``), so resume works per video.
+
 OUT_DIR::
 
     results/<image path>.json   per-image result, the resume state: {"version", "signature", "file",
                                 "source": [bytes, mtime_ns], "status": "ok" | "error", "image_size": [H, W],
                                 "predictions": [Prediction JSON per prompt] | "reason": str}
+    results/<video path>.json   per-video result: the same header, "kind": "video", "video": {"width",
+                                "height", "num_frames", "fps"}, "runs": [per prompt: {"question", "answer",
+                                "mode", "objects": [{"id", "phrase"}], "notes", "frames": [frames.jsonl
+                                lines, in frame order]}] | "reason": str
     errors.jsonl                one {"file": ..., "reason": ...} per unreadable file
     instances.json              --format coco      (see apps/exporters.py for every format's conventions)
     labels/, data.yaml          --format yolo
     labelme/                    --format labelme
     overlays/<image path>.png   --overlays: what the files say, drawn on the image
+    overlays/<video path>.mp4   --overlays: the same for a video (each object in its own colour)
 
-Resume. A per-image result is written atomically after its overlay, so it exists only for finished
-images; it is reused when its ``signature`` (hash of the question template, the prompts and the model's
-files) and ``source`` (the image's size and mtime) match, otherwise redone. A run killed at any point and
-started again therefore ends with the same files as an uninterrupted one. The final files are rewritten
+Resume. A per-file result is written atomically after its overlay, so it exists only for finished
+files; it is reused when its ``signature`` (hash of the question template, the prompts and the model's
+files; for a video also ``--video-every``) and ``source`` (the file's size and mtime) match, otherwise
+redone. A run killed at any point and started again therefore ends with the same files as an
+uninterrupted one. The final files are rewritten
 from the per-image results at the end of every run (cheap), in sorted order, with no timestamps or absolute
 paths. A lock file keeps two runs from writing into one OUT_DIR at once.
 
@@ -50,6 +68,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +76,8 @@ from typing import Annotated, Any, Callable, Iterator, Optional, Sequence
 
 import typer
 
-from apps.exporters import WRITERS, AnnotatedImage, Instance, instance_box
-from grounding.errors import CheckpointError, DatasetError, GroundsegError, ImageError, PromptError
+from apps.exporters import WRITERS, AnnotatedImage, FrameOf, Instance, frame_file, instance_box
+from grounding.errors import CheckpointError, DatasetError, GroundsegError, ImageError, PromptError, VideoError
 from grounding.result import atomic_write_text
 
 QUESTION = "Please segment {prompt}."
@@ -68,6 +87,16 @@ ERRORS_FILE = "errors.jsonl"
 LOCK_FILE = ".annotate.lock"
 RECORD_VERSION = 1
 FORMATS = tuple(WRITERS)
+IMAGE, VIDEO = "image", "video"
+VIDEO_KEY_FRAME = 0
+DEFAULT_VIDEO_EVERY = 8
+# Names that promise a video: such a file that FFmpeg cannot read is reported, not skipped. (Not .ts / .mts,
+# which are TypeScript sources as often as MPEG transport streams; real ones are found by content.)
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".wmv", ".flv", ".mpg", ".mpeg",
+                            ".m2ts", ".3gp", ".ogv"})
+# FFmpeg "videos" that are pictures or text: single-image demuxers (image2, *_pipe) and text art (tty).
+_STILL_FORMATS = frozenset({"image2", "tty", "bin", "adf", "idf", "xbin"})
+_TEXT_CODECS = frozenset({"ansi", "bintext", "idf", "xbin"})
 # Files of a model folder that do not change what it predicts (the model card, its loss plots).
 _NOT_MODEL = {".md", ".png", ".jpg", ".jpeg"}
 _HUGE = 1 << 30  # model files above this are fingerprinted by size, mtime and their first and last 64 MiB
@@ -85,25 +114,29 @@ class AnnotateError(GroundsegError):
 
 
 def annotate_command(
-    input_dir: Annotated[Path, typer.Argument(help="Folder of images (searched recursively; images recognised by content).")],
+    input_dir: Annotated[Path, typer.Argument(help="Folder of images and videos (searched recursively; "
+                                              "recognised by content).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder; rerunning into it resumes.")],
     prompts: Annotated[Optional[str], typer.Option(help="Comma-separated prompts, each a category: "
                                                    "\"the red circle,all blue shapes\".")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option(help="A text file with one prompt per line "
                                                          "(blank lines and lines starting with # skipped).")] = None,
     format: Annotated[str, typer.Option("--format", help="coco, yolo, labelme, or several comma-separated.")] = "coco",
-    overlays: Annotated[bool, typer.Option("--overlays", help="Also draw OUT/overlays/<image>.png.")] = False,
+    overlays: Annotated[bool, typer.Option("--overlays", help="Also draw OUT/overlays/<image>.png (a video: <video>.mp4).")] = False,
     num_procs: Annotated[int, typer.Option(min=1, help="Worker processes (each loads the model).")] = 1,
     model: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: the embedded model).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Questions per forward pass.")] = 8,
+    video_every: Annotated[int, typer.Option(min=0, help="Videos, checkpoints without SAM2 memory: ask the model "
+                                             "again every N frames (0: only on frame 0).")] = DEFAULT_VIDEO_EVERY,
 ) -> None:
-    """Annotate every image of a folder with a mask per object each prompt names (COCO / YOLO-seg / LabelMe)."""
+    """Annotate every image and video of a folder with a mask per object each prompt names (COCO / YOLO-seg /
+    LabelMe); video objects keep one track id across frames."""
     from apps.cli import DEFAULT_MODEL
 
     summary = annotate_folder(input_dir, read_prompts(prompts, prompts_file), out, formats=parse_formats(format),
                               overlays=overlays, num_procs=num_procs, model_dir=model or DEFAULT_MODEL,
-                              device=device, batch_size=batch_size, progress=True)
+                              device=device, batch_size=batch_size, progress=True, video_every=video_every)
     typer.echo(summary.text())
 
 
@@ -150,15 +183,21 @@ class Settings:
     model_dir: str
     device: str
     batch_size: int
+    video_every: int = DEFAULT_VIDEO_EVERY
+    video_signature: str = ""   # a video result's signature: the run's plus the video options
+
+    def signature_for(self, kind: str) -> str:
+        return self.video_signature if kind == VIDEO else self.signature
 
 
 @dataclass(frozen=True)
 class Item:
-    """One image: ``file`` relative to the input folder (POSIX); ``source`` = (bytes, mtime_ns);
+    """One image or video: ``file`` relative to the input folder (POSIX); ``source`` = (bytes, mtime_ns);
     ``overlay_only``: its result is valid, only the overlay is missing."""
     file: str
     source: tuple[int, int]
     overlay_only: bool = False
+    kind: str = IMAGE
 
 
 @dataclass
@@ -167,9 +206,11 @@ class Summary:
     done_now: int = 0          # files the model ran on in this run (errors included)
     reused: int = 0            # files whose earlier result was still valid
     errors: int = 0            # files listed in errors.jsonl
-    objects: dict[str, int] = field(default_factory=dict)
+    objects: dict[str, int] = field(default_factory=dict)  # per prompt: image instances + video tracks
     seconds: float = 0.0
     outputs: list[Path] = field(default_factory=list)
+    videos: int = 0            # videos annotated (now or earlier)
+    frames: int = 0            # their frames
 
     @property
     def images_per_second(self) -> float:
@@ -177,8 +218,10 @@ class Summary:
 
     def text(self) -> str:
         counts = ", ".join(f"{name} {n}" for name, n in self.objects.items())
-        lines = [f"annotated {self.images} images ({self.done_now} files processed now at "
-                 f"{self.images_per_second:.2f} images/s, {self.reused} from earlier results); "
+        videos = f" and {self.videos} videos ({self.frames} frames)" if self.videos else ""
+        unit = "files" if self.videos else "images"
+        lines = [f"annotated {self.images} images{videos} ({self.done_now} files processed now at "
+                 f"{self.images_per_second:.2f} {unit}/s, {self.reused} from earlier results); "
                  f"{sum(self.objects.values())} objects: {counts}"]
         if self.errors:
             lines.append(f"skipped {self.errors} unreadable files: see {self.outputs[0]}")
@@ -189,12 +232,15 @@ class Summary:
 def annotate_folder(input_dir: str | os.PathLike, prompts: Sequence[str], out_dir: str | os.PathLike,
                     formats: Sequence[str] = ("coco",), overlays: bool = False, num_procs: int = 1,
                     model_dir: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 8,
-                    progress: bool = False, grounder_factory: GrounderFactory | None = None) -> Summary:
+                    progress: bool = False, grounder_factory: GrounderFactory | None = None,
+                    video_every: int = DEFAULT_VIDEO_EVERY) -> Summary:
     """Annotate ``input_dir`` into ``out_dir`` (see the module doc); returns what was done.
 
-    grounder_factory(model_dir, device) -> an object with ``predict_batch(queries, batch_size)`` (default:
-    :func:`load_grounder`); it must be picklable (a module-level function) for ``num_procs > 1``. The model
-    fingerprint in the signature is always taken from ``model_dir``.
+    grounder_factory(model_dir, device) -> an object with ``predict_batch(queries, batch_size)`` and, for
+    videos, ``predict_video(reader, question, key_frame, every=...)`` returning a ``grounding.video.VideoRun``
+    (default: :func:`load_grounder`); it must be picklable (a module-level function) for ``num_procs > 1``. The
+    model fingerprint in the signature is always taken from ``model_dir``. ``video_every``: re-ask period in
+    frames for videos on checkpoints without SAM2 memory (0: only the key frame).
     """
     from apps.cli import DEFAULT_MODEL
 
@@ -210,13 +256,17 @@ def annotate_folder(input_dir: str | os.PathLike, prompts: Sequence[str], out_di
         raise PromptError(f"unknown format {bad[0] if bad else '(none)'!r}; choose from {', '.join(FORMATS)}")
     if num_procs < 1:
         raise PromptError(f"--num-procs must be at least 1, got {num_procs}")
+    if not isinstance(video_every, int) or video_every < 0:
+        raise PromptError(f"--video-every must be 0 (never re-ask) or more, got {video_every!r}")
     model = Path(model_dir) if model_dir is not None else DEFAULT_MODEL
-    settings = Settings(str(root), str(out), prompts, run_signature(prompts, model), overlays, str(model),
-                        device, batch_size)
+    signature = run_signature(prompts, model)
+    video_options = {"signature": signature, "key_frame": VIDEO_KEY_FRAME, "every": video_every}
+    settings = Settings(str(root), str(out), prompts, signature, overlays, str(model), device, batch_size,
+                        video_every, hashlib.sha256(json.dumps(video_options, sort_keys=True).encode()).hexdigest())
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
         _remove_temporaries(out)
-        files = find_images(root, exclude=out)
+        files = find_media(root, exclude=out)
         todo, reused = _plan(settings, files)
         factory = grounder_factory or load_grounder
         with _progress_bar(len(files), len(files) - len(todo), progress) as advance:
@@ -245,8 +295,10 @@ def question_for(prompt: str) -> str:
 # --------------------------------------------------------------------------- files, signature
 
 
-def find_images(root: Path, exclude: Path | None = None) -> list[str]:
-    """Relative POSIX paths of the files to annotate (see the module doc), sorted by path components."""
+def find_media(root: Path, exclude: Path | None = None) -> list[tuple[str, str]]:
+    """``(relative POSIX path, "image" | "video")`` of the files to annotate (see the module doc), sorted by
+    path components. Content decides: an image (Pillow reads it) first, else a video (:func:`is_video`), else
+    the extension (an unreadable file named like an image or a video is kept, to be reported)."""
     from PIL import Image
 
     from grounding.images import list_images
@@ -261,9 +313,44 @@ def find_images(root: Path, exclude: Path | None = None) -> list[str]:
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and not inside(Path(dirpath) / d)]
         for name in filenames:
             path = Path(dirpath) / name
-            if not name.startswith(".") and (path in images or path.suffix.lower() in suffixes):
-                found.append(path.relative_to(root))
-    return [p.as_posix() for p in sorted(found, key=lambda p: p.parts)]
+            if name.startswith("."):
+                continue
+            suffix = path.suffix.lower()
+            if path in images:
+                kind = IMAGE
+            elif is_video(path):
+                kind = VIDEO
+            elif suffix in suffixes:
+                kind = IMAGE
+            elif suffix in VIDEO_SUFFIXES:
+                kind = VIDEO
+            else:
+                continue
+            found.append((path.relative_to(root), kind))
+    return [(p.as_posix(), kind) for p, kind in sorted(found, key=lambda f: f[0].parts)]
+
+
+def is_video(path: Path) -> bool:
+    """Whether FFmpeg (PyAV) opens ``path`` and finds a moving-picture stream in it: not a cover picture
+    (``attached_pic``), not a single-image demuxer (``image2``, ``*_pipe``: a PNG is not a one-frame video) and
+    not text art. Only the container's header is read; no frame is decoded."""
+    import av
+
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError):
+        return False
+    try:
+        names = set(container.format.name.split(","))
+        if names & _STILL_FORMATS or any(n.endswith("_pipe") for n in names):
+            return False
+        for stream in container.streams.video:
+            still = int(stream.disposition) & int(av.stream.Disposition.attached_pic)
+            if not still and stream.codec_context.name not in _TEXT_CODECS:
+                return True
+        return False
+    finally:
+        container.close()
 
 
 def run_signature(prompts: Sequence[str], model_dir: Path) -> str:
@@ -317,8 +404,8 @@ def _record_path(settings: Settings, file: str) -> Path:
     return Path(settings.out_dir) / RESULTS_DIR / (file + ".json")
 
 
-def _overlay_path(settings: Settings, file: str) -> Path:
-    return Path(settings.out_dir) / OVERLAYS_DIR / (file + ".png")
+def _overlay_path(settings: Settings, file: str, kind: str = IMAGE) -> Path:
+    return Path(settings.out_dir) / OVERLAYS_DIR / (file + (".mp4" if kind == VIDEO else ".png"))
 
 
 def _source(path: Path) -> tuple[int, int]:
@@ -333,27 +420,28 @@ def _read_record(path: Path) -> dict | None:
         return None
 
 
-def _valid(record: dict | None, settings: Settings, item_source: tuple[int, int]) -> bool:
+def _valid(record: dict | None, settings: Settings, item_source: tuple[int, int], kind: str = IMAGE) -> bool:
     return (record is not None and record.get("version") == RECORD_VERSION
-            and record.get("signature") == settings.signature and tuple(record.get("source", ())) == item_source)
+            and record.get("kind", IMAGE) == kind and record.get("signature") == settings.signature_for(kind)
+            and tuple(record.get("source", ())) == item_source)
 
 
-def _plan(settings: Settings, files: list[str]) -> tuple[list[Item], int]:
-    """-> (images to do, in order; number of valid earlier results). Invalid results are deleted, so an
-    existing result file always means a finished image (the progress bar counts them)."""
+def _plan(settings: Settings, files: list[tuple[str, str]]) -> tuple[list[Item], int]:
+    """-> (files to do, in order; number of valid earlier results). Invalid results are deleted, so an
+    existing result file always means a finished file (the progress bar counts them)."""
     todo, reused = [], 0
-    for file in files:
+    for file, kind in files:
         source = _source(Path(settings.input_dir) / file)
         path = _record_path(settings, file)
         record = _read_record(path) if path.is_file() else None
-        if not _valid(record, settings, source):
+        if not _valid(record, settings, source, kind):
             if path.exists():
                 path.unlink()
-            todo.append(Item(file, source))
+            todo.append(Item(file, source, kind=kind))
             continue
         reused += 1
-        if settings.overlays and record["status"] == "ok" and not _overlay_path(settings, file).is_file():
-            todo.append(Item(file, source, overlay_only=True))
+        if settings.overlays and record["status"] == "ok" and not _overlay_path(settings, file, kind).is_file():
+            todo.append(Item(file, source, overlay_only=True, kind=kind))
     return todo, reused
 
 
@@ -374,6 +462,10 @@ def annotate_items(settings: Settings, items: Sequence[Item], grounder, on_done:
 def _annotate_one(settings: Settings, item: Item, grounder) -> None:
     from grounding.images import DEFAULT_MAX_PIXELS, load_image
     from grounding.result import Prediction
+
+    if item.kind == VIDEO:
+        _annotate_video(settings, item, grounder)
+        return
 
     try:
         pixels = load_image(Path(settings.input_dir) / item.file, getattr(grounder, "max_pixels", DEFAULT_MAX_PIXELS),
@@ -396,6 +488,95 @@ def _annotate_one(settings: Settings, item: Item, grounder) -> None:
                   "predictions": [p.to_json() for p in predictions]}
     header = {"version": RECORD_VERSION, "signature": settings.signature, "file": item.file, "source": list(item.source)}
     atomic_write_text(_record_path(settings, item.file), json.dumps({**header, **record}, ensure_ascii=False))
+
+
+def _annotate_video(settings: Settings, item: Item, grounder) -> None:
+    """Every prompt's question on frame 0, its objects carried through the video; one result file per video.
+    A video that cannot be read (at the start or midway) is an error record, like an unreadable image."""
+    from grounding.video_io import VideoReader
+
+    path = Path(settings.input_dir) / item.file
+    try:
+        reader = VideoReader(path)
+        if item.overlay_only:
+            record = _read_record(_record_path(settings, item.file)) or {}
+        else:
+            info = reader.info
+            record = {"status": "ok", "kind": VIDEO, "video": {"width": info.width, "height": info.height,
+                                                               "num_frames": info.num_frames, "fps": info.fps},
+                      "runs": [_video_run(grounder, reader, prompt, settings.video_every)
+                               for prompt in settings.prompts]}
+        if settings.overlays:
+            _write_video_overlay(settings, item.file, reader, record["runs"])
+    except VideoError as err:
+        record = {"status": "error", "kind": VIDEO, "reason": str(err).replace(str(path), item.file)}
+    if item.overlay_only and record["status"] == "ok":
+        return
+    header = {"version": RECORD_VERSION, "signature": settings.video_signature, "file": item.file,
+              "source": list(item.source)}
+    atomic_write_text(_record_path(settings, item.file), json.dumps({**header, **record}, ensure_ascii=False))
+
+
+def _video_run(grounder, reader, prompt: str, every: int) -> dict:
+    run = grounder.predict_video(reader, question_for(prompt), VIDEO_KEY_FRAME, every=every)
+    frames = sorted((result.to_json() for result in run), key=lambda f: f["frame"])  # key frame first: sort
+    return {"question": run.question, "answer": None if run.key_prediction is None else run.key_prediction.answer,
+            "mode": run.mode, "objects": [{"id": k, "phrase": v} for k, v in sorted(run.objects.items())],
+            "notes": list(run.notes), "frames": frames}
+
+
+def video_frames(file: str, record: dict, first_track: int) -> tuple[Iterator[AnnotatedImage], list[tuple[int, int]]]:
+    """A video's result as one AnnotatedImage per frame (masks decoded one frame at a time) and the
+    (prompt index, object id) of each of its tracks in order: the track ids are ``first_track``, ``+1``, ...
+    Objects never visible get no track."""
+    from grounding.result import rle_decode
+
+    info = record["video"]
+    width, height, length = info["width"], info["height"], info["num_frames"]
+    per_frame: list[list[tuple[int, dict]]] = [[] for _ in range(length)]
+    for category, run in enumerate(record["runs"]):
+        for frame in run["frames"]:
+            per_frame[frame["frame"]] += [(category, o) for o in frame["objects"] if o["area"] > 0]
+    keys = sorted({(category, o["id"]) for found in per_frame for category, o in found})
+    track = {key: first_track + i for i, key in enumerate(keys)}
+
+    def images() -> Iterator[AnnotatedImage]:
+        for index, found in enumerate(per_frame):
+            instances = [Instance(category, rle_decode(o["mask"]), None, o["score"], track[category, o["id"]])
+                         for category, o in sorted(found, key=lambda f: track[f[0], f[1]["id"]])]
+            yield AnnotatedImage(frame_file(file, index), width, height, instances, FrameOf(file, index, length))
+
+    return images(), keys
+
+
+def _write_video_overlay(settings: Settings, file: str, reader, runs: list[dict]) -> None:
+    """overlays/<video>.mp4: every object of every prompt on every frame, one colour per object, written under a
+    temporary name (cleaned up by the next run if this one is killed) and renamed."""
+    from apps.overlay import draw_overlay
+    from grounding.result import Prediction, Target, box_from_mask, rle_decode
+    from grounding.video_io import VideoWriter
+
+    final = _overlay_path(settings, file, VIDEO)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    by_frame: dict[int, list[tuple[int, dict]]] = {}
+    for category, run in enumerate(runs):
+        for frame in run["frames"]:
+            by_frame.setdefault(frame["frame"], []).extend((category, o) for o in frame["objects"] if o["area"] > 0)
+    colours = {key: i for i, key in enumerate(sorted({(c, o["id"]) for found in by_frame.values() for c, o in found}))}
+    info = reader.info
+    try:
+        with VideoWriter(temporary, info.width, info.height, info.fps) as writer:
+            for index, rgb in reader.frames():
+                targets = [Target() for _ in colours]
+                for category, o in by_frame.get(index, []):
+                    mask = rle_decode(o["mask"])
+                    targets[colours[category, o["id"]]] = Target(settings.prompts[category], box_from_mask(mask),
+                                                                 mask, o["score"])
+                writer.write(draw_overlay(rgb, Prediction("", targets, info.size)), time_s=reader.time_s(index))
+        os.replace(temporary, final)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def instances_from(predictions: Sequence) -> list[Instance]:
@@ -477,41 +658,55 @@ def _run_workers(settings: Settings, todo: list[Item], num_procs: int, factory: 
 
 def _done(settings: Settings, item: Item) -> bool:
     if item.overlay_only:
-        return _overlay_path(settings, item.file).is_file()
+        return _overlay_path(settings, item.file, item.kind).is_file()
     return _record_path(settings, item.file).is_file()
 
 
-def _merge(settings: Settings, files: list[str], formats: Sequence[str]) -> Summary:
-    """Read every per-image result (sorted order) and write errors.jsonl and the chosen formats."""
+def _merge(settings: Settings, files: list[tuple[str, str]], formats: Sequence[str]) -> Summary:
+    """Read every per-file result (sorted order) and write errors.jsonl and the chosen formats. Track ids run
+    1, 2, ... over the whole output: video by video, prompt by prompt, object id by object id."""
     from grounding.result import Prediction
 
     out = Path(settings.out_dir)
     ok = []
     errors = []
-    for file in files:
+    for file, kind in files:
         record = _read_record(_record_path(settings, file))
-        if not _valid(record, settings, _source(Path(settings.input_dir) / file)):
+        if not _valid(record, settings, _source(Path(settings.input_dir) / file), kind):
             raise AnnotateError(f"no valid result for {file} after the run (was it changed meanwhile?); run again")
         if record["status"] == "error":  # type: ignore[index]
             errors.append({"file": file, "reason": record["reason"]})  # type: ignore[index]
         else:
-            ok.append((file, record))
-    ok_files = [f for f, _ in ok]
-    writers = [WRITERS[f](out, settings.prompts, ok_files) for f in formats]
+            ok.append((file, kind, record))
+    names = []
+    for file, kind, record in ok:
+        names += [frame_file(file, i) for i in range(record["video"]["num_frames"])] if kind == VIDEO else [file]
+    writers = [WRITERS[f](out, settings.prompts, names) for f in formats]
     summary = Summary(objects={p: 0 for p in settings.prompts})
-    for file, record in ok:
-        height, width = record["image_size"]
-        instances = instances_from([Prediction.from_json(p) for p in record["predictions"]])
-        image = AnnotatedImage(file, width, height, instances)
-        for writer in writers:
-            writer.add(image)
-        for inst in instances:
-            summary.objects[settings.prompts[inst.category]] += 1
+    next_track = 1
+    for file, kind, record in ok:
+        if kind == VIDEO:
+            images, tracks = video_frames(file, record, next_track)
+            next_track += len(tracks)
+            for category, _ in tracks:
+                summary.objects[settings.prompts[category]] += 1
+            summary.videos += 1
+            summary.frames += record["video"]["num_frames"]
+        else:
+            height, width = record["image_size"]
+            instances = instances_from([Prediction.from_json(p) for p in record["predictions"]])
+            images = [AnnotatedImage(file, width, height, instances)]
+            for inst in instances:
+                summary.objects[settings.prompts[inst.category]] += 1
+            summary.images += 1
+        for image in images:
+            for writer in writers:
+                writer.add(image)
     errors_path = atomic_write_text(out / ERRORS_FILE, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
     summary.outputs = [errors_path] + [w.finish() for w in writers]
     if settings.overlays:
         summary.outputs.append(out / OVERLAYS_DIR)
-    summary.images, summary.errors = len(ok), len(errors)
+    summary.errors = len(errors)
     return summary
 
 

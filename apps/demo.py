@@ -1,15 +1,18 @@
 """The web app (``groundseg demo``): Gradio Blocks around :mod:`apps.demo_handlers`.
 
-Layout: one tab per task, each built by a function ``build(ctx: DemoContext)`` listed in :data:`TABS`
-(a video tab is added by writing ``video_tab`` and appending it there), plus three named API endpoints for
-``gradio_client`` that take files and plain values:
+Layout: one tab per task, each built by a function ``build(ctx: DemoContext)`` listed in :data:`TABS` (Image:
+:mod:`apps.demo_handlers`; Video: :mod:`apps.demo_video`), plus named API endpoints for ``gradio_client`` that
+take files and plain values:
 
     /segment  (image, points, point_labels, boxes)                          -> result JSON (mask decoder only)
     /click    (image, x, y, label)                                          -> result JSON (one click)
     /ground   (image, question, max_new_tokens, points, point_labels, boxes) -> result JSON (answer + masks)
+    /ground_video (video, question, key_frame, max_new_tokens)              -> (overlay.mp4, video JSON)
+    /track_video  (video, frame_index, points, point_labels, box)           -> (overlay.mp4, video JSON)
 
-The API takes its image through a ``gr.File`` component, not ``gr.api``'s raw dicts: Gradio then checks that
-the uploaded path is one of its own uploads, so a client cannot name an arbitrary server file.
+(video JSON: ``{"video": video.json, "frames": [one frames.jsonl line per frame]}``, see grounding/video.py.)
+The API takes its image or video through a ``gr.File`` component, not ``gr.api``'s raw dicts: Gradio then checks
+that the uploaded path is one of its own uploads, so a client cannot name an arbitrary server file.
 
 Serving: loopback by default; one model call at a time (all model events share the queue's concurrency group
 "model" with limit 1; the Grounder is not thread-safe); an upload size limit; only examples/ is readable
@@ -17,6 +20,7 @@ besides Gradio's own upload and result files; errors reach the page as one reada
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import weakref
@@ -28,6 +32,7 @@ import gradio as gr
 from gradio_image_annotation import image_annotator
 
 from apps.demo_handlers import COLOR_MAP, MAX_NEW_TOKENS_LIMIT, MODES, DemoHandlers, DownloadFolder, ModelService
+from apps.demo_video import VideoHandlers
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 MODEL_CONCURRENCY = "model"
@@ -38,16 +43,20 @@ _INTRO = (
     "### groundseg\n"
     "Ask a question about an image: each object the answer names gets a box and a mask, in the colour of its "
     "phrase. Or click on the result image (object / background points), or drag a box on the image, for a mask "
-    "from the mask decoder alone; **Ask about this region** writes your clicks and box into the question."
+    "from the mask decoder alone; **Ask about this region** writes your clicks and box into the question. "
+    "The **Video** tab asks about one frame, or tracks what you click on it, through the whole video."
 )
+MASK_THRESHOLD_RANGE = (-4.0, 4.0, 0.5)  # slider min, max, step (decoder logits; 0.0 = probability 0.5)
 
 
 @dataclass
 class DemoContext:
-    """What a tab builder needs: the handlers (with the model service) and the example images."""
+    """What a tab builder needs: the handlers (with the model service) and the example images and videos."""
 
     handlers: DemoHandlers
     examples: list[Path]
+    video: VideoHandlers | None = None
+    video_examples: list[Path] = dataclasses.field(default_factory=list)
 
     @property
     def service(self) -> ModelService:
@@ -84,6 +93,11 @@ def image_tab(ctx: DemoContext) -> None:
             with gr.Accordion("Settings", open=False):
                 max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=h.default_max_new_tokens, step=1,
                                            label="Max new tokens")
+                low, high, step = MASK_THRESHOLD_RANGE
+                threshold = gr.Slider(low, high, value=ctx.service.grounder.mask_threshold, step=step,
+                                      label="Mask threshold (logit)", elem_id="mask-threshold",
+                                      info="A pixel is in the mask when the decoder's logit is above this: "
+                                           "higher = tighter masks. 0 = probability 0.5.")
                 targets = gr.CheckboxGroup([], value=[], label="Targets to show", type="value",
                                            elem_id="targets")
         with gr.Column(scale=1):
@@ -95,13 +109,59 @@ def image_tab(ctx: DemoContext) -> None:
             downloads = gr.File(label="Download: result JSON (masks as COCO RLE) and masks as PNG (zip)",
                                 file_count="multiple", interactive=False, elem_id="downloads")
     view = [session, overlay, answer, status, targets, downloads]
-    image.change(h.on_input, [session, image], view, **_model_event())
-    overlay.select(h.on_click, [session, mode], view, **_model_event())
+    image.change(h.on_input, [session, image, threshold], view, **_model_event())
+    overlay.select(h.on_click, [session, mode, threshold], view, **_model_event())
     for trigger in (ask.click, question.submit):
-        trigger(h.on_ask, [session, question, max_new_tokens], view, **_model_event())
-    ask_region.click(h.on_ask_region, [session, question, max_new_tokens], view, **_model_event())
+        trigger(h.on_ask, [session, question, max_new_tokens, threshold], view, **_model_event())
+    ask_region.click(h.on_ask_region, [session, question, max_new_tokens, threshold], view, **_model_event())
+    threshold.release(h.on_threshold, [session, threshold], view, **_model_event())
     clear.click(h.on_clear, [session], view + [image], **_model_event())
     targets.input(h.on_targets, [session, targets], view, api_visibility="private")
+
+
+def video_tab(ctx: DemoContext) -> None:
+    """Upload / example video, frame slider, the shown frame (click on it), question or Track, the overlay video,
+    the key frame's answer, downloads."""
+    v = ctx.video
+    session = gr.State(None)
+    with gr.Row():
+        with gr.Column(scale=1):
+            # include_audio: no ffmpeg re-encode of uploads (the app reads videos with PyAV, audio is ignored).
+            video = gr.Video(label="Video", sources=["upload"], include_audio=True, height=260,
+                             elem_id="input-video")
+            if ctx.video_examples:
+                gr.Examples(examples=[[str(p)] for p in ctx.video_examples], inputs=[video], label="Examples")
+            index = gr.Slider(0, 1, value=0, step=1, label="Frame (the key frame of a question or a track)",
+                              interactive=False, elem_id="video-frame-index")
+            frame = gr.Image(label="Frame (click here)", type="numpy", format="png", interactive=False, height=300,
+                             elem_id="video-frame")
+            question = gr.Textbox(label="Question about this frame", placeholder="Please segment the red circle.",
+                                  lines=1, elem_id="video-question")
+            with gr.Row():
+                ask = gr.Button("Ask and track", variant="primary", elem_id="video-ask")
+                track = gr.Button("Track the clicked object", elem_id="video-track")
+            mode = gr.Radio([(label, key) for key, label in MODES.items()], value="positive", label="Click mode",
+                            elem_id="video-click-mode")
+            clear = gr.Button("Clear clicks", elem_id="video-clear")
+            with gr.Accordion("Settings", open=False):
+                max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=v.default_max_new_tokens, step=1,
+                                           label="Max new tokens")
+        with gr.Column(scale=1):
+            result = gr.Video(label="Result (overlay.mp4)", interactive=False, loop=True, elem_id="video-result")
+            answer = gr.HighlightedText(label="Answer on the key frame", color_map=COLOR_MAP, show_legend=False,
+                                        combine_adjacent=False, elem_id="video-answer")
+            status = gr.Markdown(elem_id="video-status")
+            downloads = gr.File(label="Download: frames.jsonl (masks as COCO RLE, one line per frame) and video.json",
+                                file_count="multiple", interactive=False, elem_id="video-downloads")
+    view = [session, frame, result, answer, status, downloads]
+    # Reading a frame needs no model: these two run outside the model's queue group.
+    video.change(v.on_video, [session, video], view + [index], api_visibility="private")
+    index.change(v.on_frame, [session, index], view, trigger_mode="always_last", api_visibility="private")
+    frame.select(v.on_click, [session, mode], view, **_model_event())
+    for trigger in (ask.click, question.submit):
+        trigger(v.on_ask, [session, question, max_new_tokens], view, **_model_event())
+    track.click(v.on_track, [session], view, **_model_event())
+    clear.click(v.on_clear, [session], view, api_visibility="private")
 
 
 def api_endpoints(ctx: DemoContext) -> None:
@@ -125,10 +185,28 @@ def api_endpoints(ctx: DemoContext) -> None:
     }
     for name, (fn, inputs) in endpoints.items():
         triggers[name].click(fn, inputs, result, api_name=name, concurrency_id=MODEL_CONCURRENCY, concurrency_limit=1)
+    if ctx.video is None:
+        return
+    v = ctx.video
+    with gr.Column(visible=False):
+        video = gr.File(label="video", type="filepath")
+        frame_index = gr.Number(value=0, label="frame_index", precision=0)
+        key_frame = gr.Number(value=0, label="key_frame", precision=0)
+        box = gr.JSON(label="box")                # [x1, y1, x2, y2] pixels
+        overlay = gr.File(label="overlay")        # overlay.mp4
+        video_result = gr.JSON(label="video_result")
+        video_triggers = {name: gr.Button(name) for name in ("ground_video", "track_video")}
+    video_endpoints = {
+        "ground_video": (v.api_ground_video, [video, question, key_frame, tokens]),
+        "track_video": (v.api_track_video, [video, frame_index, points, labels, box]),
+    }
+    for name, (fn, inputs) in video_endpoints.items():
+        video_triggers[name].click(fn, inputs, [overlay, video_result], api_name=name,
+                                   concurrency_id=MODEL_CONCURRENCY, concurrency_limit=1)
 
 
 TabBuilder = Callable[[DemoContext], None]
-TABS: list[tuple[str, TabBuilder]] = [("Image", image_tab)]
+TABS: list[tuple[str, TabBuilder]] = [("Image", image_tab), ("Video", video_tab)]
 
 
 def build_app(grounder, *, examples_dir: Path | None = EXAMPLES_DIR, download_dir: Path | None = None,
@@ -137,9 +215,12 @@ def build_app(grounder, *, examples_dir: Path | None = EXAMPLES_DIR, download_di
     owned = download_dir is None
     if owned:
         download_dir = Path(tempfile.mkdtemp(prefix="groundseg-demo-"))
-    handlers = DemoHandlers(ModelService(grounder), DownloadFolder(download_dir), max_new_tokens)
-    examples = sorted(examples_dir.glob("*.png")) if examples_dir is not None and examples_dir.is_dir() else []
-    ctx = DemoContext(handlers, examples)
+    service, downloads = ModelService(grounder), DownloadFolder(download_dir)
+    handlers = DemoHandlers(service, downloads, max_new_tokens)
+    videos = VideoHandlers(service, downloads, max_new_tokens)
+    has_examples = examples_dir is not None and examples_dir.is_dir()
+    found = lambda pattern: sorted(examples_dir.glob(pattern)) if has_examples else []
+    ctx = DemoContext(handlers, found("*.png"), videos, found("*.mp4"))
     # delete_cache: Gradio's copies of uploads and results older than an hour go, checked hourly.
     with gr.Blocks(title="groundseg", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(_INTRO)

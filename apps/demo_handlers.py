@@ -8,6 +8,13 @@ modules are shared), so every model call goes through :class:`ModelService`, whi
 queue also runs all model events in one concurrency group of size 1, so queued requests wait in the queue,
 not on the lock; the lock is what keeps direct (unqueued) callers, tests and scripts safe too.
 
+Mask threshold: the image tab's "Mask threshold (logit)" setting is per request. ModelService sets
+``grounder.mask_threshold`` inside the lock for the one call that asked for it and restores the grounder's own
+value afterwards, so one browser tab's setting never leaks into another tab's or an API client's call; the API
+endpoints (and any call given ``mask_threshold=None``) use the grounder's own value (0.0 unless the server was
+started with another). Masks are cut from the decoder's logits at call time (only image embeddings are cached),
+so a new threshold takes effect at once.
+
 Errors: :func:`user_errors` turns a :class:`~grounding.errors.GroundsegError` into ``gr.Error`` with the
 error's own one-line message; anything else is logged with its traceback on the server and the user sees one
 generic line, never a stack trace.
@@ -22,12 +29,14 @@ import logging
 import re
 import shutil
 import threading
+import math
 import time
 import uuid
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import cv2
 import gradio as gr
@@ -44,6 +53,7 @@ log = logging.getLogger("groundseg.demo")
 GENERIC_ERROR = "Something went wrong on the server; the details are in its log. Please try again."
 REGION_QUESTION = "What is in this region?"  # "Ask about this region" with an empty question box
 MAX_NEW_TOKENS_LIMIT = 1024
+MASK_THRESHOLD_LIMIT = 20.0  # |logit|: beyond this the decoder's sigmoid is 0 or 1 to float precision
 MODES = {"positive": "object point (+)", "negative": "background point (-)"}
 # Target i's phrase is highlighted under the label str(i + 1) in target_colour(i): the same colour as its
 # mask and box in the overlay.
@@ -51,6 +61,7 @@ HIGHLIGHT_LABELS = 64
 COLOR_MAP = {str(i + 1): "#%02x%02x%02x" % target_colour(i) for i in range(HIGHLIGHT_LABELS)}
 VIEW_OUTPUTS = ("session", "overlay", "answer", "status", "targets", "downloads")
 _MARKUP = re.compile(r"</?ref>|</?box>|</?point>|\[SEG\]")
+T = TypeVar("T")
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -81,6 +92,26 @@ class ModelService:
         self.grounder = grounder
         self._lock = threading.Lock()
 
+    @contextmanager
+    def _model(self, mask_threshold: Any = None) -> Iterator[Any]:
+        """Hold the lock, with ``grounder.mask_threshold`` set to ``mask_threshold`` for this call (None: the
+        grounder's own) and restored afterwards."""
+        value = None if mask_threshold is None else _mask_threshold(mask_threshold)
+        with self._lock:
+            own = self.grounder.mask_threshold
+            if value is not None:
+                self.grounder.mask_threshold = value
+            try:
+                yield self.grounder
+            finally:
+                self.grounder.mask_threshold = own
+
+    def run(self, job: Callable[[Any], T]) -> T:
+        """``job(grounder)`` under the lock: for work that calls the model many times (a video job iterates the
+        tracker, which runs the mask decoder on every frame, inside ``job``)."""
+        with self._model() as grounder:
+            return job(grounder)
+
     def load(self, source: Any, name: str | None = None) -> np.ndarray:
         """Decode an image (EXIF applied) and encode it for the mask decoder now, so that the first click
         on it only runs the decoder. -> RGB uint8 ``H x W x 3``."""
@@ -91,23 +122,39 @@ class ModelService:
             self.grounder.prepare([pixels])
         return pixels
 
-    def segment(self, pixels: np.ndarray, points=None, point_labels=None, boxes=None) -> Prediction:
-        with self._lock:
-            return self.grounder.segment(pixels, points=points or None, point_labels=point_labels or None,
-                                         boxes=boxes or None)
+    def segment(self, pixels: np.ndarray, points=None, point_labels=None, boxes=None,
+                mask_threshold: Any = None) -> Prediction:
+        with self._model(mask_threshold) as grounder:
+            return grounder.segment(pixels, points=points or None, point_labels=point_labels or None,
+                                    boxes=boxes or None)
 
     def predict(self, pixels: np.ndarray, question: str, max_new_tokens: int, points=None, point_labels=None,
-                boxes=None) -> Prediction:
-        if not isinstance(question, str) or not question.strip():
-            raise QuestionError("the question is empty: type what you want to find")
-        tokens = _max_new_tokens(max_new_tokens)
-        with self._lock:
-            return self.grounder.predict(pixels, question, points=points or None,
-                                         point_labels=point_labels or None, boxes=boxes or None,
-                                         max_new_tokens=tokens)
+                boxes=None, mask_threshold: Any = None) -> Prediction:
+        check_question(question)
+        tokens = check_max_new_tokens(max_new_tokens)
+        with self._model(mask_threshold) as grounder:
+            return grounder.predict(pixels, question, points=points or None, point_labels=point_labels or None,
+                                    boxes=boxes or None, max_new_tokens=tokens)
 
 
-def _max_new_tokens(value: Any) -> int:
+def check_question(question: Any) -> str:
+    if not isinstance(question, str) or not question.strip():
+        raise QuestionError("the question is empty: type what you want to find")
+    return question
+
+
+def _mask_threshold(value: Any) -> float:
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise PromptError(f"the mask threshold must be a number (a decoder logit), got {value!r}") from None
+    if not math.isfinite(threshold) or abs(threshold) > MASK_THRESHOLD_LIMIT:
+        raise PromptError(f"the mask threshold must be a logit between {-MASK_THRESHOLD_LIMIT:g} and "
+                          f"{MASK_THRESHOLD_LIMIT:g}, got {value!r}")
+    return threshold
+
+
+def check_max_new_tokens(value: Any) -> int:
     try:
         tokens = int(value)
     except (TypeError, ValueError):
@@ -217,14 +264,19 @@ class DownloadFolder:
 
     def write(self, prediction: Prediction) -> list[str]:
         """-> [result.json (masks as COCO RLE), masks.zip (one 0/255 PNG per target with a mask)]."""
-        self._prune()
-        folder = self.root / uuid.uuid4().hex
-        folder.mkdir()
+        folder = self.new_folder()
         result = folder / "groundseg_result.json"
         result.write_text(json.dumps(prediction.to_json(), ensure_ascii=False), encoding="utf-8")
         masks = folder / "groundseg_masks.zip"
         masks.write_bytes(masks_zip(prediction))
         return [str(result), str(masks)]
+
+    def new_folder(self) -> Path:
+        """A fresh, empty sub-folder for one result's files (old ones are pruned first)."""
+        self._prune()
+        folder = self.root / uuid.uuid4().hex
+        folder.mkdir()
+        return folder
 
     def _prune(self) -> None:
         cutoff = time.time() - self.max_age_s
@@ -263,9 +315,10 @@ class DemoHandlers:
 
     # ---- UI ------------------------------------------------------------------------------------------
     @user_errors
-    def on_input(self, session: Session | None, value: dict | None):
+    def on_input(self, session: Session | None, value: dict | None, threshold: float | None = None):
         """The image input changed: a new image (upload, example; encode it, forget the old prompts and result),
-        a box drawn, moved or deleted on it (segment again), or nothing (cleared).
+        a box drawn, moved or deleted on it (segment again), or nothing (cleared). ``threshold``: the mask
+        threshold setting (a decoder logit; None = the model's own), here and in every handler below.
 
         ``value`` is gradio_image_annotation's: ``{"image": path, "boxes": [{"xmin", "ymin", "xmax", "ymax",
         ...}]}`` in the image's pixels; ``single_box`` keeps at most one box."""
@@ -288,32 +341,46 @@ class DemoHandlers:
         if not session.boxes and not session.points:
             session.prediction, session.shown, session.status = None, None, "Box removed."
             return self._view(session)
-        return self._segment(session)
+        return self._segment(session, threshold)
 
     @user_errors
-    def on_click(self, session: Session, mode: str, evt: gr.SelectData):
-        """A click on the result image adds an object or background point; the mask follows at once."""
+    def on_click(self, session: Session, mode: str, evt: gr.SelectData, threshold: float | None = None):
+        """A click on the result image adds an object or background point; the mask follows at once.
+        (Gradio passes ``evt`` by its annotation: the event's inputs are ``[session, mode, threshold]``.)"""
         session = self._need_image(session)
         if mode not in MODES:
             raise PromptError(f"unknown click mode {mode!r}; choose one of {', '.join(MODES)}")
         x, y = _click_xy(evt, session.pixels.shape[:2])
         session.points.append([x, y])
         session.labels.append(1 if mode == "positive" else 0)
-        return self._segment(session)
+        return self._segment(session, threshold)
 
     @user_errors
-    def on_ask(self, session: Session, question: str, max_new_tokens: float):
+    def on_ask(self, session: Session, question: str, max_new_tokens: float, threshold: float | None = None):
         """The question about the whole image (clicks are kept on screen but not sent)."""
         session = self._need_image(session)
-        return self._ask(session, question, max_new_tokens, with_region=False)
+        return self._ask(session, question, max_new_tokens, with_region=False, threshold=threshold)
 
     @user_errors
-    def on_ask_region(self, session: Session, question: str, max_new_tokens: float):
+    def on_ask_region(self, session: Session, question: str, max_new_tokens: float, threshold: float | None = None):
         """The question with the clicked points / box written into it as <point>/<box> text."""
         session = self._need_image(session)
         if not session.points and not session.boxes:
             raise PromptError("click a point or draw a box first: there is no region to ask about")
-        return self._ask(session, (question or "").strip() or REGION_QUESTION, max_new_tokens, with_region=True)
+        return self._ask(session, (question or "").strip() or REGION_QUESTION, max_new_tokens, with_region=True,
+                         threshold=threshold)
+
+    @user_errors
+    def on_threshold(self, session: Session | None, threshold: float):
+        """The mask threshold setting moved: a mask from clicks / a box is cut again at once (decoder only, on
+        the cached embedding); an answer's masks change with the next question (re-asking would rerun the VLM)."""
+        if session is None or session.pixels is None:
+            return (session, *(gr.update() for _ in VIEW_OUTPUTS[1:]))
+        value = _mask_threshold(threshold)
+        if session.prediction is not None and session.prediction.question is None and (session.points or session.boxes):
+            return self._segment(self._need_image(session), value)
+        session = dataclasses.replace(session, status=f"Mask threshold {value:g}: it applies to the next result.")
+        return (session, gr.update(), gr.update(), session.status, gr.update(), gr.update())
 
     @user_errors
     def on_clear(self, session: Session | None):
@@ -370,20 +437,24 @@ class DemoHandlers:
         return dataclasses.replace(session, points=[list(p) for p in session.points], labels=list(session.labels),
                                    boxes=[list(b) for b in session.boxes])
 
-    def _segment(self, session: Session):
+    def _segment(self, session: Session, threshold: float | None = None):
         t0 = time.perf_counter()
-        prediction = self.service.segment(session.pixels, session.points, session.labels, session.boxes)
+        prediction = self.service.segment(session.pixels, session.points, session.labels, session.boxes,
+                                          mask_threshold=threshold)
         ms = (time.perf_counter() - t0) * 1000
         session.prediction, session.shown = prediction, None
         details = "; ".join(f"score {t.score:.2f}, {int(t.mask.sum())} px" for t in prediction.targets
                             if t.mask is not None and t.score is not None)
-        session.status = f"Mask from {session.prompt_text()} (mask decoder only, {ms:.0f} ms): {details or 'empty'}."
+        cut = "" if threshold is None else f", mask threshold {float(threshold):g}"
+        session.status = (f"Mask from {session.prompt_text()} (mask decoder only, {ms:.0f} ms{cut}): "
+                          f"{details or 'empty'}.")
         return self._view(session)
 
-    def _ask(self, session: Session, question: str, max_new_tokens: float, with_region: bool):
+    def _ask(self, session: Session, question: str, max_new_tokens: float, with_region: bool,
+             threshold: float | None = None):
         t0 = time.perf_counter()
         region = (session.points, session.labels, session.boxes) if with_region else ([], [], [])
-        prediction = self.service.predict(session.pixels, question, max_new_tokens, *region)
+        prediction = self.service.predict(session.pixels, question, max_new_tokens, *region, mask_threshold=threshold)
         seconds = time.perf_counter() - t0
         session.prediction, session.shown = prediction, None
         masks = sum(t.mask is not None for t in prediction.targets)

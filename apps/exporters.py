@@ -4,6 +4,16 @@ Input: one :class:`AnnotatedImage` per image (in the caller's order: sorted path
 :class:`Instance` objects, and the category names (the prompts, in order). Every writer is
 deterministic (same input, same bytes: no timestamps, no absolute paths) and writes atomically.
 
+Video frames are images too: frame ``i`` of ``a/clip.mp4`` is an :class:`AnnotatedImage` named
+``a/clip.mp4/{i:06d}.png`` (see :func:`frame_file`: where the frame would be if the video were
+extracted into a folder named after it) with ``frame`` = :class:`FrameOf` ``(video, index, length)``,
+and its instances carry ``track_id``, the object's id across the frames (unique in the whole output).
+COCO adds a top-level ``videos`` list (``{id, file_name, width, height, length}``; present only when
+there are videos), ``video_id`` and ``frame_id`` (0-based, presentation order) on each frame's image
+entry and ``track_id`` on its annotations. YOLO and LabelMe write one file per frame under the video's
+path (``labels/a/clip.mp4/000012.txt``, ``labelme/a/clip.mp4/000012.json`` whose ``imagePath`` is
+``000012.png`` and whose ``group_id`` is the track id, so an object keeps its group on every frame).
+
 Coordinate conventions (the project's, see ``design.md``):
 
 - ``Instance.box`` is float pixel ``(x1, y1, x2, y2)`` in continuous coordinates: pixel column ``c``
@@ -54,6 +64,7 @@ class Instance:
     mask: np.ndarray | None = None
     box: tuple[float, float, float, float] | None = None
     score: float | None = None
+    track_id: int | None = None  # video frames: the object's id across frames
 
     def __post_init__(self) -> None:
         if self.mask is None and self.box is None:
@@ -61,12 +72,28 @@ class Instance:
 
 
 @dataclass(frozen=True)
+class FrameOf:
+    """Where a video frame comes from: ``video`` (POSIX path relative to the input folder), frame ``index``
+    (0-based, presentation order) of ``length`` frames."""
+    video: str
+    index: int
+    length: int
+
+
+@dataclass(frozen=True)
 class AnnotatedImage:
-    """``file``: POSIX path relative to the input folder; ``width``/``height`` of the upright image."""
+    """``file``: POSIX path relative to the input folder (a video frame: :func:`frame_file`);
+    ``width``/``height`` of the upright image; ``frame``: set for a video frame."""
     file: str
     width: int
     height: int
     instances: list[Instance] = field(default_factory=list)
+    frame: FrameOf | None = None
+
+
+def frame_file(video: str, index: int) -> str:
+    """The name of frame ``index`` of ``video`` in every format: ``a/clip.mp4/000012.png``."""
+    return f"{video}/{index:06d}.png"
 
 
 # --------------------------------------------------------------------------- geometry
@@ -138,10 +165,17 @@ class CocoWriter:
         self.path, self.categories = out_dir / COCO_FILE, list(categories)
         self.images: list[dict] = []
         self.annotations: list[dict] = []
+        self.videos: list[dict] = []  # video ids 1..V in the order their first frame is added
 
     def add(self, image: AnnotatedImage) -> None:
         image_id = len(self.images) + 1
-        self.images.append({"id": image_id, "file_name": image.file, "width": image.width, "height": image.height})
+        entry = {"id": image_id, "file_name": image.file, "width": image.width, "height": image.height}
+        if image.frame is not None:
+            if not self.videos or self.videos[-1]["file_name"] != image.frame.video:
+                self.videos.append({"id": len(self.videos) + 1, "file_name": image.frame.video, "width": image.width,
+                                    "height": image.height, "length": image.frame.length})
+            entry.update(video_id=self.videos[-1]["id"], frame_id=image.frame.index)
+        self.images.append(entry)
         for inst in image.instances:
             x1, y1, x2, y2 = instance_box(inst, image.width, image.height)
             ann = {"id": len(self.annotations) + 1, "image_id": image_id, "category_id": inst.category + 1}
@@ -153,11 +187,14 @@ class CocoWriter:
             ann["bbox"] = [_r(x1), _r(y1), _r(x2 - x1), _r(y2 - y1)]
             ann["score"] = None if inst.score is None else _r(inst.score, 4)
             ann["iscrowd"] = 0
+            if inst.track_id is not None:
+                ann["track_id"] = inst.track_id
             self.annotations.append(ann)
 
     def finish(self) -> Path:
         data = {
             "info": {"description": "groundseg annotate"},
+            **({"videos": self.videos} if self.videos else {}),
             "images": self.images,
             "annotations": self.annotations,
             "categories": [{"id": i, "name": n, "supercategory": "object"} for i, n in enumerate(self.categories, 1)],
@@ -195,16 +232,19 @@ class YoloWriter:
         prune(self.folder, self.written, ".txt")
         data = {"nc": len(self.categories), "names": dict(enumerate(self.categories))}
         header = ("# groundseg annotate: YOLO segmentation labels. labels/ mirrors the input folder: the labels\n"
-                  "# of <input>/a/b.jpg are in labels/a/b.txt (class x1 y1 x2 y2 ..., normalised polygon).\n")
+                  "# of <input>/a/b.jpg are in labels/a/b.txt (class x1 y1 x2 y2 ..., normalised polygon);\n"
+                  "# those of frame 12 of <input>/a/clip.mp4 in labels/a/clip.mp4/000012.txt.\n")
         atomic_write_text(self.out_dir / YOLO_DATA, header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
         return self.folder
 
 
 def labelme_dict(image: AnnotatedImage, categories: Sequence[str]) -> dict:
     """LabelMe JSON of one image; ``imagePath`` is the image's file name, so the file works once placed
-    beside its image (``labelme/`` mirrors the input folder)."""
+    beside its image (``labelme/`` mirrors the input folder). ``group_id``: 1, 2, ... per instance, or the
+    instance's ``track_id`` on video frames."""
     shapes = []
-    for group_id, inst in enumerate(image.instances, start=1):
+    for number, inst in enumerate(image.instances, start=1):
+        group_id = number if inst.track_id is None else inst.track_id
         base = {"label": categories[inst.category], "group_id": group_id, "description": "", "flags": {}}
         polygons = mask_polygons(inst.mask) if inst.mask is not None else []
         for poly in polygons:

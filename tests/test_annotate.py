@@ -1,8 +1,9 @@
 """``groundseg annotate``: files a user can load (COCO, YOLO-seg, LabelMe) holding the masks the model gave,
-unreadable files reported, resume after kill -9, identical output with 1 or 2 worker processes.
+unreadable files reported, resume after kill -9, identical output with 1 or 2 worker processes; videos as
+per-frame annotations with track ids.
 
-Most tests use a fake grounder whose masks are known (the pixels of the prompt's colour); one end-to-end
-test runs the CLI with the tiny random checkpoint to prove the wiring and the worker processes."""
+Most tests use a fake grounder whose masks are known (the pixels of the prompt's colour); end-to-end tests
+run the tiny random checkpoint to prove the wiring, the worker processes and the video pipeline."""
 from __future__ import annotations
 
 import fcntl
@@ -26,6 +27,7 @@ from apps.exporters import mask_polygons, sidecar_paths
 from grounding.errors import CheckpointError, DatasetError, PromptError
 from grounding.images import load_image
 from grounding.result import Prediction, Target, box_from_mask
+from grounding.video_io import VideoReader, VideoWriter
 
 REPO = Path(__file__).resolve().parent.parent
 FORMATS = ["coco", "yolo", "labelme"]
@@ -33,7 +35,7 @@ FORMATS = ["coco", "yolo", "labelme"]
 PROMPTS = ["the red disc", "all blue squares", "the green box"]
 COLOURS = {"the red disc": (220, 30, 30), "all blue squares": (40, 60, 230)}
 FAKE_BOX = (2.5, 3.0, 20.0, 12.25)
-CALLS = {"images": 0}
+CALLS = {"images": 0, "videos": 0, "every": None}
 GOOD = ["rotated.jpg", "scan.dat", "scene.png", "sub/deeper/photo.jpg"]
 BAD = {"broken/empty.png": "empty", "broken/notes.png": "not an image", "broken/truncated.png": "corrupt or truncated"}
 
@@ -75,6 +77,26 @@ class FakeGrounder:
             out.append(Prediction(answer="fake", targets=targets, image_size=size, question=question))
         return out
 
+    def predict_video(self, reader, question, key_frame=0, every=8):
+        """Like grounding.video.predict_video: every frame's objects are the prompt's colour regions, the k-th
+        (in scan order) with id k + 1; yielded key frame first, then forwards, as the real pipeline does."""
+        from grounding.video import FrameObject, FrameResult, VideoRun
+        CALLS["videos"] += 1
+        CALLS["every"] = every
+        assert key_frame == 0
+        prompt = next(p for p in PROMPTS if question_for(p) == question)
+        objects: dict[int, str] = {}
+
+        def frames():
+            for index, rgb in reader.frames():
+                found = [FrameObject(k + 1, prompt, m, 0.75) for k, m in enumerate(expected_masks(rgb, prompt))]
+                objects.update((o.obj_id, prompt) for o in found)
+                yield FrameResult(index, reader.time_s(index), found)
+
+        answer = Prediction("fake video answer", [], reader.info.size, question)
+        return VideoRun(reader, frames, mode="fake", key_frame=0, objects=objects, question=question,
+                        key_prediction=answer)
+
 
 def fake_factory(model_dir, device):
     return FakeGrounder(float(os.environ.get("FAKE_SLEEP", "0")))
@@ -111,6 +133,36 @@ def make_folder(root: Path) -> Path:
     (root / "readme.txt").write_text("not an image, not reported\n")
     Image.fromarray(scene).save(root / ".hidden.png")
     Image.fromarray(scene).save(root / ".cache" / "x.png")
+    return root
+
+
+N_FRAMES = 8
+
+
+def write_video(path: Path, n: int = N_FRAMES, h: int = 48, w: int = 64) -> list[np.ndarray]:
+    """A red disc moving right past two still blue squares (never touching), as an H.264 mp4. -> the frames
+    as they decode (the fake grounder and the checks read these)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with VideoWriter(path, w, h, 8) as writer:
+        for i in range(n):
+            writer.write(_scene(h, w, (12 + 2 * i, 30), [(44, 2, 10), (46, 30, 12)]))
+    return [rgb for _, rgb in VideoReader(path).frames()]
+
+
+def make_video_folder(root: Path) -> Path:
+    """One image, two videos (one named .jpg), an animated GIF (an image), a PNG named .mp4 (an image), a
+    truncated .mp4 and a text file named .mov (both reported)."""
+    root.mkdir(parents=True)
+    Image.fromarray(_scene(48, 64, (18, 24), [(40, 4, 12), (40, 28, 14)])).save(root / "scene.png")
+    write_video(root / "clips" / "moving.mp4")
+    data = (root / "clips" / "moving.mp4").read_bytes()
+    (root / "clips" / "misnamed.jpg").write_bytes(data)
+    (root / "broken").mkdir()
+    (root / "broken" / "cut.mp4").write_bytes(data[: len(data) // 2])
+    (root / "broken" / "notes.mov").write_text("not a video\n" * 40)
+    gif = [Image.fromarray(_scene(40, 40, (10 + 8 * i, 20), [])) for i in range(3)]
+    gif[0].save(root / "anim.gif", save_all=True, append_images=gif[1:], duration=100, loop=0)
+    Image.fromarray(_scene(40, 40, (20, 20), [(2, 2, 10)])).save(root / "still.mp4", format="PNG")
     return root
 
 
@@ -358,6 +410,114 @@ def test_user_mistakes_are_clear_errors(folder, fake_model, tmp_path):
     r = subprocess.run([sys.executable, "-m", "apps.cli", "annotate", str(tmp_path / "nowhere"), "--prompts", "x",
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "input folder not found" in r.stderr, r.stderr
+
+
+def test_videos_become_per_frame_annotations_with_track_ids(tmp_path, fake_model):
+    from pycocotools.coco import COCO
+
+    root = make_video_folder(tmp_path / "media")
+    out = tmp_path / "out"
+    CALLS.update(images=0, videos=0)
+    summary = annotate_folder(root, PROMPTS, out, formats=FORMATS, overlays=True, model_dir=fake_model,
+                              grounder_factory=fake_factory, video_every=5)
+    assert (summary.images, summary.videos, summary.frames, summary.errors) == (3, 2, 2 * N_FRAMES, 2)
+    assert CALLS["videos"] == 2 * len(PROMPTS) and CALLS["every"] == 5 and CALLS["images"] == 3
+    assert "annotated 3 images and 2 videos (16 frames)" in summary.text()
+
+    coco = COCO(str(out / "instances.json"))
+    data = json.loads((out / "instances.json").read_text())
+    videos = ["clips/misnamed.jpg", "clips/moving.mp4"]
+    assert data["videos"] == [{"id": i, "file_name": v, "width": 64, "height": 48, "length": N_FRAMES}
+                              for i, v in enumerate(videos, 1)]
+    images = coco.loadImgs(sorted(coco.getImgIds()))
+    # sorted by path; the GIF and the PNG named .mp4 are images, the mp4 named .jpg a video
+    assert [im["file_name"] for im in images if "video_id" not in im] == ["anim.gif", "scene.png", "still.mp4"]
+    frames = [im for im in images if "video_id" in im]
+    assert [(im["file_name"], im["video_id"], im["frame_id"]) for im in frames] == [
+        (f"{v}/{i:06d}.png", k, i) for k, v in enumerate(videos, 1) for i in range(N_FRAMES)]
+    assert all("track_id" not in a for im in images if "video_id" not in im
+               for a in coco.loadAnns(coco.getAnnIds(imgIds=im["id"])))
+
+    decoded = [rgb for _, rgb in VideoReader(root / "clips" / "moving.mp4").frames()]
+    tracks: dict[int, set] = {}
+    for im in frames:
+        anns = coco.loadAnns(sorted(coco.getAnnIds(imgIds=im["id"])))
+        expected = [(k, m) for k, p in enumerate(PROMPTS) for m in expected_masks(decoded[im["frame_id"]], p)]
+        assert len(anns) == len(expected) == 3  # the disc and the two squares; "the green box" finds nothing
+        for ann, (k, mask) in zip(anns, expected):
+            assert ann["category_id"] == k + 1 and ann["score"] == 0.75
+            assert np.array_equal(coco.annToMask(ann).astype(bool), mask)
+            tracks.setdefault(ann["track_id"], set()).add((im["video_id"], k))
+        # YOLO: one label file per frame under the video's path; LabelMe: group_id = track id
+        lines = (out / "labels" / f"{im['file_name'][:-4]}.txt").read_text().splitlines()
+        assert [int(line.split()[0]) for line in lines] == [k for k, _ in expected]
+        labelme = json.loads((out / "labelme" / f"{im['file_name'][:-4]}.json").read_text())
+        assert labelme["imagePath"] == f"{im['frame_id']:06d}.png"
+        assert [s["group_id"] for s in labelme["shapes"]] == [a["track_id"] for a in anns]
+    # each object keeps one id on every frame of its video; ids are unique across videos
+    assert sorted(tracks) == [1, 2, 3, 4, 5, 6]
+    assert all(len(owners) == 1 for owners in tracks.values())
+    # images: a disc each, 2 + 1 squares, a box each; videos: one track per disc and square
+    assert summary.objects == {"the red disc": 3 + 2, "all blue squares": 3 + 4, "the green box": 3}
+    overlay = VideoReader(out / "overlays" / "clips" / "moving.mp4.mp4")
+    assert overlay.info.num_frames == N_FRAMES and overlay.info.size == (48, 64)
+
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [e["file"] for e in errors] == ["broken/cut.mp4", "broken/notes.mov"]
+    assert "truncated" in errors[0]["reason"] and "not a readable video" in errors[1]["reason"]
+    assert all(e["reason"].startswith(e["file"]) for e in errors) and str(tmp_path) not in json.dumps(errors)
+
+    # Rerun: nothing is redone, same bytes. Another --video-every redoes the videos only.
+    first = snapshot(out)
+    CALLS.update(images=0, videos=0)
+    again = annotate_folder(root, PROMPTS, out, formats=FORMATS, overlays=True, model_dir=fake_model,
+                            grounder_factory=fake_factory, video_every=5)
+    assert (CALLS["images"], CALLS["videos"], again.done_now, again.reused) == (0, 0, 0, 7)
+    assert snapshot(out) == first
+    overlay_mp4 = out / "overlays" / "clips" / "moving.mp4.mp4"
+    overlay_mp4.unlink()  # a lost overlay is redrawn from the result, without the model
+    annotate_folder(root, PROMPTS, out, formats=FORMATS, overlays=True, model_dir=fake_model,
+                    grounder_factory=fake_factory, video_every=5)
+    assert CALLS["videos"] == 0 and VideoReader(overlay_mp4).info.num_frames == N_FRAMES
+    # (libx264's bytes vary from one encoding to the next: the overlay video is compared by its frames)
+    redrawn = snapshot(out)
+    assert redrawn.pop("overlays/clips/moving.mp4.mp4") and first.pop("overlays/clips/moving.mp4.mp4")
+    assert redrawn == first
+    annotate_folder(root, PROMPTS, out, formats=FORMATS, overlays=True, model_dir=fake_model,
+                    grounder_factory=fake_factory, video_every=2)
+    assert (CALLS["images"], CALLS["videos"], CALLS["every"]) == (0, 2 * len(PROMPTS), 2)
+
+
+def test_tiny_model_annotates_a_video_end_to_end(tiny_dir, tmp_path, monkeypatch):
+    """The real pipeline (SAM backend: re-ask mode) with the tiny checkpoint, whose random VLM names nothing:
+    its answer is replaced by a box (the decoder cuts the mask from it and carries it), so tracks exist."""
+    from pycocotools.coco import COCO
+
+    from grounding.predictor import Grounder
+
+    def boxed(self, image, question, **kwargs):
+        return Prediction("<ref>the red circle</ref>", [Target("the red circle", (6.0, 18.0, 30.0, 42.0))],
+                          image.shape[:2], question)
+
+    monkeypatch.setattr(Grounder, "predict", boxed)
+    root = tmp_path / "in"
+    write_video(root / "clip.mp4", n=6)
+    Image.fromarray(_scene(48, 64, (18, 24), [(40, 4, 12)])).save(root / "a.png")
+    out = tmp_path / "out"
+    summary = annotate_folder(root, ["the red circle"], out, formats=["coco"], model_dir=tiny_dir, device="cpu",
+                              video_every=3)
+    assert (summary.images, summary.videos, summary.frames, summary.errors) == (1, 1, 6, 0)
+    record = json.loads((out / "results" / "clip.mp4.json").read_text())
+    (run,) = record["runs"]
+    assert run["mode"] == "reask" and run["question"] == "Please segment the red circle."
+    assert [f["frame"] for f in run["frames"]] == list(range(6))
+    coco = COCO(str(out / "instances.json"))
+    frames = [im for im in coco.loadImgs(sorted(coco.getImgIds())) if "video_id" in im]
+    assert [im["frame_id"] for im in frames] == list(range(6))
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[im["id"] for im in frames]))
+    assert anns and all(a["track_id"] >= 1 and coco.annToMask(a).shape == (48, 64) for a in anns)
+    first = next(a for a in anns if a["image_id"] == frames[0]["id"])
+    assert first["track_id"] == 1  # the key frame's object is the first track
 
 
 def test_sidecar_names_and_polygons():

@@ -1,5 +1,5 @@
 """The web app: handlers called directly (clicks as Gradio builds gr.SelectData), then the launched app driven
-by gradio_client, its file access rules and its limits. Tiny random model, 96x72 images."""
+by gradio_client, its file access rules and its limits. Tiny random model, 96x72 images, an 8-frame 96x72 video."""
 from __future__ import annotations
 
 import io
@@ -17,10 +17,12 @@ from typer.testing import CliRunner
 from apps.demo import MODEL_CONCURRENCY, build_app, launch_options
 from apps.demo_handlers import (COLOR_MAP, GENERIC_ERROR, DemoHandlers, DownloadFolder, ModelService, Session,
                                 answer_pieces, masks_zip)
+from apps.demo_video import VideoHandlers
 from apps.overlay import target_colour
 from grounding.boxes import parse_answer
 from grounding.predictor import Grounder
-from grounding.result import Prediction, Target, rle_decode
+from grounding.result import Prediction, Target, box_from_mask, rle_decode
+from grounding.video_io import VideoReader, VideoWriter
 from tests.conftest import draw_scene
 
 # gradio's queue calls pandas in a way pandas 3 deprecates: not ours, and not worth a warning per test.
@@ -52,6 +54,32 @@ def scene_png(tmp_path_factory):
 @pytest.fixture()
 def handlers(grounder, tmp_path):
     return DemoHandlers(ModelService(grounder), DownloadFolder(tmp_path / "downloads"), default_max_new_tokens=8)
+
+
+@pytest.fixture()
+def video_handlers(grounder, tmp_path):
+    return VideoHandlers(ModelService(grounder), DownloadFolder(tmp_path / "downloads"), default_max_new_tokens=8)
+
+
+N_FRAMES = 8
+
+
+def disc_at(i: int) -> tuple[int, int]:
+    """(x, y) of the red disc's centre on frame i of the test clip: it moves 6 px right per frame."""
+    return 22 + 6 * i, 36
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """8 frames, 96x72, 8 fps: a red disc moving right over a blue square. -> (path, decoded frames)."""
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    with VideoWriter(path, W, H, 8) as writer:
+        for i in range(N_FRAMES):
+            frame = np.full((H, W, 3), 90, np.uint8)
+            cv2.rectangle(frame, (60, 8), (86, 34), (40, 60, 230), -1)
+            cv2.circle(frame, disc_at(i), 12, (220, 30, 30), -1)
+            writer.write(frame)
+    return path, [rgb for _, rgb in VideoReader(path).frames()]
 
 
 def upload(path, boxes=()) -> dict:
@@ -256,6 +284,131 @@ def test_api_handlers_return_the_result_json(handlers, scene_png):
         handlers.api_ground(None, "Where?", 8)
 
 
+def test_a_higher_mask_threshold_gives_a_smaller_mask_for_the_same_click(handlers, scene_png, grounder):
+    session = loaded(handlers, scene_png)
+    masks = {t: handlers.on_click(session, "positive", select(*DISC), t)[0].prediction.targets[0].mask
+             for t in (-1.0, 0.0, 1.0)}
+    areas = [int(masks[t].sum()) for t in (-1.0, 0.0, 1.0)]
+    assert areas[0] > areas[2] and areas == sorted(areas, reverse=True), areas
+    assert not (masks[1.0] & ~masks[0.0]).any() and not (masks[0.0] & ~masks[-1.0]).any()  # nested: one logit map
+    assert grounder.mask_threshold == 0.0  # a request's setting is restored: the API and other tabs get the default
+    api = handlers.api_click(str(scene_png[0]), *DISC, 1)
+    assert np.array_equal(rle_decode(api["targets"][0]["mask"]), masks[0.0])
+
+    # Moving the slider re-cuts a click's mask at once (decoder only, no new encoding), and says so.
+    clicked = handlers.on_click(session, "positive", select(*DISC), -1.0)[0]
+    encoded = grounder.encoder_calls
+    session, overlay, _, status, _, files = handlers.on_threshold(clicked, 1.0)
+    assert grounder.encoder_calls == encoded and "mask threshold 1" in status
+    assert np.array_equal(session.prediction.targets[0].mask, masks[1.0])
+    saved = json.loads(open(files[0], encoding="utf-8").read())
+    assert np.array_equal(rle_decode(saved["targets"][0]["mask"]), masks[1.0])
+    # An answer is not re-asked: the setting applies to the next question.
+    answered = handlers.on_ask(loaded(handlers, scene_png), "Where is the red circle?", 4)[0]
+    view = handlers.on_threshold(answered, 2.0)
+    assert view[0].prediction is answered.prediction and "applies to the next result" in view[3]
+    with pytest.raises(gr.Error, match="mask threshold must be a logit between -20 and 20"):
+        handlers.on_click(session, "positive", select(*DISC), float("nan"))
+    assert grounder.mask_threshold == 0.0
+
+
+# ----------------------------------------------------------------------------- the video tab
+
+
+def fake_disc_answer(grounder, monkeypatch, frames):
+    """The tiny random model names nothing: make its answer on any frame the red disc, with that frame's mask."""
+    def predict(image, question, **kwargs):
+        index = next(i for i, f in enumerate(frames) if np.array_equal(f, image))
+        mask = np.abs(image.astype(int) - (220, 30, 30)).sum(-1) < 90
+        target = Target("the red disc", box_from_mask(mask), mask, 0.9, 0)
+        return Prediction("It is <ref>the red disc</ref>[SEG].", [target], image.shape[:2], question,
+                          [f"answered on frame {index}"])
+    monkeypatch.setattr(grounder, "predict", predict)
+
+
+def read_frames_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in open(path, encoding="utf-8").read().splitlines()]
+
+
+def test_video_question_gives_an_overlay_mp4_of_every_frame_and_the_answer(video_handlers, clip, grounder,
+                                                                           monkeypatch):
+    path, frames = clip
+    session, frame, result, answer, status, files, slider = video_handlers.on_video(None, str(path))
+    assert np.array_equal(frame, frames[0]) and result is None and files is None
+    assert slider["maximum"] == N_FRAMES - 1 and slider["interactive"] and f"{N_FRAMES} frames" in status
+    session, frame, *_ = video_handlers.on_frame(session, 3.0)
+    assert session.index == 3 and np.array_equal(frame, frames[3])
+
+    fake_disc_answer(grounder, monkeypatch, frames)
+    session, frame, result, answer, status, files = video_handlers.on_ask(session, "Please segment the red disc.", 8)
+    assert answer == [("It is ", None), ("the red disc", "1"), (".", None)]
+    assert "Answered on frame 3 and tracked 1 object(s) through 8 frames" in status
+    assert "answered on frame 3" in status  # the model's notes are shown
+    overlay = VideoReader(result)
+    assert overlay.info.num_frames == N_FRAMES and overlay.info.size == (H, W)
+    key_mask = session.answer.targets[0].mask
+    shown = overlay.read(3)
+    assert np.abs(shown[key_mask].astype(int) - frames[3][key_mask]).mean() > 10  # the mask is drawn on the video
+    frames_file, summary_file = files
+    lines = read_frames_jsonl(frames_file)
+    assert [line["frame"] for line in lines] == list(range(N_FRAMES))
+    assert all([o["id"] for o in line["objects"]] == [1] for line in lines)
+    assert np.array_equal(rle_decode(lines[3]["objects"][0]["mask"]), key_mask)
+    summary = json.loads(open(summary_file, encoding="utf-8").read())
+    assert summary["key_frame"] == 3 and summary["video"] == "clip.mp4"  # no server path
+    assert summary["objects"] == [{"id": 1, "phrase": "the red disc"}]
+    assert np.abs(frame[key_mask].astype(int) - frames[3][key_mask]).mean() > 10  # the answer on the shown frame
+
+
+def test_video_clicks_then_track_follow_one_object_through_every_frame(video_handlers, clip, grounder):
+    path, frames = clip
+    session = video_handlers.on_frame(video_handlers.on_video(None, str(path))[0], 2)[0]
+    with pytest.raises(gr.Error, match="click on the object in the frame first"):
+        video_handlers.on_track(session)
+    session, frame, result, _, status, files = video_handlers.on_click(session, "positive", select(*disc_at(2)))
+    preview = session.preview.targets[0].mask
+    assert session.points == [[float(disc_at(2)[0]), float(disc_at(2)[1])]] and preview.shape == (H, W)
+    assert not np.array_equal(frame, frames[2]) and "1 object point" in status and result == gr.update()
+    session = video_handlers.on_click(session, "negative", select(80, 60))[0]
+    assert session.labels == [1, 0]
+
+    session, frame, result, answer, status, files = video_handlers.on_track(session)
+    assert "Tracked the object of 1 object point and 1 background point on frame 2 through 8 frames" in status
+    assert VideoReader(result).info.num_frames == N_FRAMES
+    lines = read_frames_jsonl(files[0])
+    assert [line["frame"] for line in lines] == list(range(N_FRAMES))
+    assert all(len(line["objects"]) == 1 and line["objects"][0]["id"] == 1 for line in lines)
+    expected = grounder.segment(frames[2], points=session.points, point_labels=session.labels).targets[0].mask
+    assert np.array_equal(rle_decode(lines[2]["objects"][0]["mask"]), expected)  # the click's mask on its frame
+
+    # A new frame drops the clicks (they belong to the frame they were made on).
+    session = video_handlers.on_frame(session, 5)[0]
+    assert session.points == [] and session.preview is None
+
+
+def test_video_errors_are_readable(video_handlers, clip, tmp_path):
+    with pytest.raises(gr.Error, match="upload a video or pick an example first"):
+        video_handlers.on_ask(None, "Where?", 8)
+    good = clip[0].read_bytes()
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(good[: len(good) // 2])
+    with pytest.raises(gr.Error) as err:
+        video_handlers.on_video(None, str(broken))
+    assert "'broken.mp4'" in err.value.message and "truncated" in err.value.message
+    assert str(tmp_path) not in err.value.message
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n" * 40)
+    with pytest.raises(gr.Error, match="the video 'notes.mp4' is not a readable video"):
+        video_handlers.on_video(None, str(text))
+    session = video_handlers.on_video(None, str(clip[0]))[0]
+    with pytest.raises(gr.Error, match="the question is empty"):
+        video_handlers.on_ask(session, "  ", 8)
+    with pytest.raises(gr.Error, match="frame 8 does not exist: the video has 8 frames"):
+        video_handlers.api_track_video(str(clip[0]), 8, [[10, 10]], [1], None)
+    with pytest.raises(gr.Error, match="nothing to track"):
+        video_handlers.api_track_video(str(clip[0]), 0, None, None, None)
+
+
 # ----------------------------------------------------------------------------- the launched app
 
 
@@ -307,6 +460,24 @@ def test_client_errors_are_readable(client, scene_png, tmp_path):
     assert "'readme.png' is not an image" in str(err.value) and "Traceback" not in str(err.value)
 
 
+def test_client_track_video_and_ground_video(client, clip):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+    path, frames = clip
+    overlay, result = client.predict(handle_file(str(path)), 4, [list(disc_at(4))], [1], None,
+                                     api_name="/track_video")
+    assert VideoReader(overlay).info.num_frames == N_FRAMES and VideoReader(overlay).info.size == (H, W)
+    assert [f["frame"] for f in result["frames"]] == list(range(N_FRAMES))
+    assert result["video"]["key_frame"] == 4 and result["video"]["objects"] == [{"id": 1, "phrase": None}]
+    assert rle_decode(result["frames"][4]["objects"][0]["mask"]).shape == (H, W)
+    overlay, result = client.predict(handle_file(str(path)), "Please segment the red disc.", 0, 4,
+                                     api_name="/ground_video")
+    assert VideoReader(overlay).info.num_frames == N_FRAMES and len(result["frames"]) == N_FRAMES
+    assert result["video"]["question"] == "Please segment the red disc."
+    with pytest.raises(AppError, match="the question is empty"):
+        client.predict(handle_file(str(path)), "", 0, 4, api_name="/ground_video")
+
+
 def test_only_the_examples_are_readable(served):
     app, url = served
     repo = launch_options()["allowed_paths"][0].rsplit("/", 1)[0]
@@ -341,9 +512,10 @@ def test_server_settings(served):
     assert launch_options()["server_name"] == "127.0.0.1" and app.server_name == "127.0.0.1"
     assert app.max_file_size == 100 * 1000 or app.max_file_size == 100 * 1024
     by_name = {fn.api_name: fn for fn in app.fns.values()}
-    assert {"segment", "click", "ground"} <= set(by_name)
+    assert {"segment", "click", "ground", "ground_video", "track_video"} <= set(by_name)
     model_fns = [fn for fn in app.fns.values() if fn.concurrency_id == MODEL_CONCURRENCY]
-    assert {by_name[n] for n in ("segment", "click", "ground")} <= set(model_fns) and len(model_fns) >= 7
+    assert {by_name[n] for n in ("segment", "click", "ground", "ground_video", "track_video")} <= set(model_fns)
+    assert len(model_fns) == 16  # the image tab's 7 model events, the video tab's 4, the 5 endpoints
     assert all(fn.concurrency_limit == 1 for fn in model_fns)
 
 

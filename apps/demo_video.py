@@ -1,0 +1,324 @@
+"""The web app's Video tab, without the page: one function per user action, testable without a browser.
+
+What a user does: upload a video (or pick ``examples/*.mp4``); the frame slider shows one frame; a question about
+that frame runs :func:`grounding.video.predict_video` with it as the key frame (the VLM answers on it and every
+object its answer names is carried through the whole video); clicks on the shown frame (object + / background -)
+show their mask at once (mask decoder only) and **Track** runs :func:`grounding.video.track` from that frame.
+Each job's ``VideoRun.save`` writes ``overlay.mp4`` (shown in the result player), ``frames.jsonl`` and
+``video.json`` (the downloads) into a fresh folder of the app's :class:`~apps.demo_handlers.DownloadFolder`.
+
+UI handlers return :data:`VIDEO_VIEW`; ``on_video`` also returns the frame slider's update. The API handlers
+(``/ground_video``, ``/track_video``) return ``(overlay.mp4, {"video": video.json, "frames": [frames.jsonl
+lines]})``.
+
+A job (the VLM's answer, tracking, writing) runs whole under the model lock (``ModelService.run``): the tracker
+calls the mask decoder on every frame while the run is iterated. Frames done of the total go to ``gr.Progress``
+at most every 0.25 s. Videos are opened with grounding.video_io's checks; a missing, corrupt, truncated or
+oversized video is a VideoError, shown as its one-line message with the server's path replaced by the file name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import gradio as gr
+import numpy as np
+
+from apps.demo_handlers import (MODES, DownloadFolder, ModelService, _click_xy, _json_list, answer_pieces,
+                                check_max_new_tokens, check_question, user_errors)
+from apps.overlay import draw_overlay
+from grounding.errors import PromptError, VideoError
+from grounding.result import Prediction
+from grounding.video import VideoRun, predict_video, track
+from grounding.video_io import DEFAULT_MAX_VIDEO_PIXELS, VideoInfo, VideoReader
+
+VIDEO_VIEW = ("session", "frame", "result", "answer", "status", "downloads")
+PROGRESS_EVERY_S = 0.25
+_KEEP = object()  # "leave this output as it is" in _view
+
+
+@dataclass
+class VideoSession:
+    """One browser tab's video, shown frame, clicks on it and last answer (kept in a ``gr.State``)."""
+
+    path: str | None = None
+    info: VideoInfo | None = None
+    index: int = 0                              # the shown frame: the key frame of the next job
+    frame: np.ndarray | None = None             # its pixels, RGB H x W x 3
+    points: list[list[float]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    preview: Prediction | None = None           # the clicks' mask on the shown frame (decoder only)
+    answer: Prediction | None = None            # the last question's answer, on frame answer_frame
+    answer_frame: int | None = None
+    status: str = ""
+
+    def prompt_text(self) -> str:
+        pos = sum(1 for v in self.labels if v == 1)
+        neg = len(self.labels) - pos
+        parts = ([f"{pos} object point{'s' * (pos != 1)}"] if pos else []) + (
+            [f"{neg} background point{'s' * (neg != 1)}"] if neg else [])
+        return " and ".join(parts) or "no clicks"
+
+
+def render_frame(session: VideoSession) -> np.ndarray | None:
+    """The shown frame with the clicks and their mask, or (on the key frame of the last answer) the answer's."""
+    if session.frame is None:
+        return None
+    prediction = session.preview
+    if prediction is None and session.answer is not None and session.answer_frame == session.index:
+        prediction = session.answer
+    prediction = prediction or Prediction("", [], session.frame.shape[:2])
+    return draw_overlay(session.frame, prediction, points=session.points or None,
+                        point_labels=session.labels or None)
+
+
+class VideoHandlers:
+    """The Video tab's actions. ``max_pixels``: the largest frame accepted (pixels per frame)."""
+
+    def __init__(self, service: ModelService, downloads: DownloadFolder, default_max_new_tokens: int = 128,
+                 max_pixels: int = DEFAULT_MAX_VIDEO_PIXELS):
+        self.service, self.downloads = service, downloads
+        self.default_max_new_tokens, self.max_pixels = default_max_new_tokens, max_pixels
+        # Opening a video demuxes it once (to count frames): keep the last few open for the slider and the jobs.
+        self._readers: OrderedDict[tuple, VideoReader] = OrderedDict()
+        self._readers_lock = threading.Lock()
+
+    # ---- UI ------------------------------------------------------------------------------------------
+    @user_errors
+    def on_video(self, session: VideoSession | None, path: str | None):
+        """A new video (upload or example): show its frame 0 and size the slider; nothing: clear the tab.
+        -> the view, then the frame slider's update."""
+        if not path:
+            return (*self._view(VideoSession(), result=None, answer=None, downloads=None),
+                    gr.update(value=0, maximum=1, interactive=False))
+        reader = self._reader(path)
+        with _named(path):
+            frame = reader.read(0)
+        info = reader.info
+        session = VideoSession(path=str(path), info=info, frame=frame, status=(
+            f"Video {info.width}x{info.height}, {info.num_frames} frames, {info.fps:.3g} fps. Pick a frame, then ask "
+            "about it (the answer's objects are tracked through the video) or click on it and press Track."))
+        slider = gr.update(minimum=0, maximum=max(info.num_frames - 1, 1), value=0, step=1,
+                           interactive=info.num_frames > 1)
+        return (*self._view(session, result=None, answer=None, downloads=None), slider)
+
+    @user_errors
+    def on_frame(self, session: VideoSession | None, index: float):
+        """The frame slider moved: show that frame; clicks belong to a frame, so they are dropped."""
+        session = self._need_video(session)
+        i = _frame_number(index, session.info)
+        if i == session.index and session.frame is not None:
+            return (session, *(gr.update() for _ in VIDEO_VIEW[1:]))
+        with _named(session.path):
+            frame = self._reader(session.path).read(i)
+        session = dataclasses.replace(session, index=i, frame=frame, points=[], labels=[], preview=None, status=(
+            f"Frame {i} of {session.info.num_frames} ({self._time(session, i):.2f} s): ask about it, or click on "
+            "it and press Track."))
+        return self._view(session)
+
+    @user_errors
+    def on_click(self, session: VideoSession | None, mode: str, evt: gr.SelectData):
+        """A click on the shown frame adds an object / background point; its mask (decoder only) is shown."""
+        session = self._need_video(session)
+        if mode not in MODES:
+            raise PromptError(f"unknown click mode {mode!r}; choose one of {', '.join(MODES)}")
+        x, y = _click_xy(evt, session.info.size)
+        session.points.append([x, y])
+        session.labels.append(1 if mode == "positive" else 0)
+        session.preview = self.service.segment(session.frame, session.points, session.labels)
+        area = sum(int(t.mask.sum()) for t in session.preview.targets if t.mask is not None)
+        session.status = (f"Frame {session.index}: {session.prompt_text()}, mask {area} px. Press Track to follow "
+                          "it through the video.")
+        return self._view(session)
+
+    @user_errors
+    def on_clear(self, session: VideoSession | None):
+        """Forget the clicks on the shown frame."""
+        session = self._need_video(session)
+        session = dataclasses.replace(session, points=[], labels=[], preview=None, status="Clicks cleared.")
+        return self._view(session)
+
+    @user_errors
+    def on_ask(self, session: VideoSession | None, question: str, max_new_tokens: float,
+               progress=gr.Progress()):
+        """The question about the shown frame; every object of the answer is tracked through the video."""
+        session = self._need_video(session)
+        question = check_question(question)
+        tokens = check_max_new_tokens(max_new_tokens)
+        reader = self._reader(session.path)
+        key = session.index
+        run, files, seen, seconds = self._job(session.path, lambda g: predict_video(
+            g, reader, question, key_frame=key, max_new_tokens=tokens), progress, "Tracking the answer's objects")
+        prediction = run.key_prediction
+        raw = prediction.answer.replace("`", "'")
+        lines = [f"Answered on frame {key} and tracked {len(run.objects)} object(s) through "
+                 f"{run.info.num_frames} frames in {seconds:.1f} s ({run.mode} mode)."]
+        lines += [f"Object {i} ({phrase or 'no phrase'}): visible on {seen.get(i, 0)} of {run.info.num_frames} "
+                  "frames." for i, phrase in sorted(run.objects.items())]
+        lines.append(f"Model output: `{raw}`" if raw.strip() else "Model output: (empty)")
+        lines += [f"Note: {n}" for n in run.notes]
+        session = dataclasses.replace(session, points=[], labels=[], preview=None, answer=prediction,
+                                      answer_frame=key, status="  \n".join(lines))
+        return self._view(session, result=str(files["overlay"]), answer=answer_pieces(prediction) or None,
+                          downloads=[str(files["frames"]), str(files["summary"])])
+
+    @user_errors
+    def on_track(self, session: VideoSession | None, progress=gr.Progress()):
+        """Track the clicked object from the shown frame through the whole video (no language model)."""
+        session = self._need_video(session)
+        if not session.points:
+            raise PromptError("click on the object in the frame first: there is nothing to track")
+        reader = self._reader(session.path)
+        points, labels, key = session.points, session.labels, session.index
+        run, files, seen, seconds = self._job(session.path, lambda g: track(
+            g, reader, key, points=points, point_labels=labels), progress, "Tracking the clicked object")
+        session = dataclasses.replace(session, status=(
+            f"Tracked the object of {session.prompt_text()} on frame {key} through {run.info.num_frames} frames in "
+            f"{seconds:.1f} s ({run.mode} mode): visible on {seen.get(1, 0)} of {run.info.num_frames} frames."))
+        return self._view(session, result=str(files["overlay"]), answer=None,
+                          downloads=[str(files["frames"]), str(files["summary"])])
+
+    # ---- API -----------------------------------------------------------------------------------------
+    @user_errors
+    def api_ground_video(self, video: str | None, question: str, key_frame: float | None = 0,
+                         max_new_tokens: float | None = None) -> tuple[str, dict]:
+        """A question about frame ``key_frame`` -> (overlay.mp4, {"video": video.json, "frames": [...]})."""
+        check_question(question)
+        tokens = check_max_new_tokens(self.default_max_new_tokens if max_new_tokens is None else max_new_tokens)
+        reader = self._api_reader(video)
+        key = _frame_number(0 if key_frame is None else key_frame, reader.info)
+        _, files, _, _ = self._job(video, lambda g: predict_video(g, reader, question, key_frame=key,
+                                                                 max_new_tokens=tokens))
+        return _api_result(files)
+
+    @user_errors
+    def api_track_video(self, video: str | None, frame_index: float | None = 0, points: Any = None,
+                        point_labels: Any = None, box: Any = None) -> tuple[str, dict]:
+        """Clicks (pixel ``[[x, y], ...]``, labels ``[1/0, ...]``) and/or a box ``[x1, y1, x2, y2]`` on frame
+        ``frame_index`` -> one object tracked through the video: (overlay.mp4, {"video": ..., "frames": [...]})."""
+        reader = self._api_reader(video)
+        key = _frame_number(0 if frame_index is None else frame_index, reader.info)
+        points, labels, box = _json_list(points, "points"), _json_list(point_labels, "point_labels"), _json_list(
+            box, "box")
+        if points is None and box is None:
+            raise PromptError("give points and/or a box on the frame: there is nothing to track")
+        _, files, _, _ = self._job(video, lambda g: track(g, reader, key, points=points, point_labels=labels,
+                                                          box=box))
+        return _api_result(files)
+
+    # ---- helpers -------------------------------------------------------------------------------------
+    def _job(self, path: str, start, progress=None, desc: str = "Tracking"):
+        """Run ``start(grounder) -> VideoRun`` and save it, all under the model lock. -> (run, files, visible
+        frames per object id, seconds)."""
+        seen: dict[int, int] = {}
+        t0 = time.perf_counter()
+
+        def job(grounder):
+            run = start(grounder)
+            return run, _reporting(run, progress, desc, seen).save(self.downloads.new_folder())
+
+        with _named(path):
+            run, files = self.service.run(job)
+        return run, files, seen, time.perf_counter() - t0
+
+    def _reader(self, path: str) -> VideoReader:
+        """The video at ``path``, opened (and checked) once while it is among the last four used."""
+        stat = os.stat(path) if os.path.isfile(path) else None
+        key = (str(path), None if stat is None else (stat.st_size, stat.st_mtime_ns))
+        with self._readers_lock:
+            if key in self._readers:
+                self._readers.move_to_end(key)
+                return self._readers[key]
+        with _named(path):
+            reader = VideoReader(path, max_pixels=self.max_pixels)
+        with self._readers_lock:
+            self._readers[key] = reader
+            while len(self._readers) > 4:
+                self._readers.popitem(last=False)
+        return reader
+
+    def _api_reader(self, video: str | None) -> VideoReader:
+        if not video:
+            raise VideoError("no video was given: upload one")
+        return self._reader(video)
+
+    @staticmethod
+    def _need_video(session: VideoSession | None) -> VideoSession:
+        """A copy of the session to change (a failed action leaves the stored one as it was)."""
+        if session is None or session.path is None or session.frame is None:
+            raise VideoError("upload a video or pick an example first")
+        return dataclasses.replace(session, points=[list(p) for p in session.points], labels=list(session.labels))
+
+    def _time(self, session: VideoSession, index: int) -> float:
+        return self._reader(session.path).time_s(index)
+
+    @staticmethod
+    def _view(session: VideoSession, result: Any = _KEEP, answer: Any = _KEEP, downloads: Any = _KEEP) -> tuple:
+        keep = lambda v: gr.update() if v is _KEEP else v
+        return session, render_frame(session), keep(result), keep(answer), session.status, keep(downloads)
+
+
+def _reporting(run: VideoRun, progress, desc: str, seen: dict[int, int]) -> VideoRun:
+    """``run`` whose iteration also reports progress and counts, per object id, the frames it is visible on."""
+    total = run.info.num_frames
+
+    def frames() -> Iterator:
+        seen.clear()
+        last = 0.0
+        for done, result in enumerate(run, 1):
+            for o in result.objects:
+                if o.mask.any():
+                    seen[o.obj_id] = seen.get(o.obj_id, 0) + 1
+            now = time.monotonic()
+            if progress is not None and (now - last >= PROGRESS_EVERY_S or done == total):
+                progress((done, total), desc=desc, unit="frames")
+                last = now
+            yield result
+
+    return _AppRun(run.reader, frames, mode=run.mode, key_frame=run.key_frame, objects=run.objects,
+                   question=run.question, key_prediction=run.key_prediction, notes=run.notes)
+
+
+class _AppRun(VideoRun):
+    """A run whose video.json names the video by its file name: uploads live in the server's temporary tree."""
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "video": Path(self.info.name).name}
+
+
+def _api_result(files: dict[str, Path]) -> tuple[str, dict]:
+    frames = [json.loads(line) for line in files["frames"].read_text(encoding="utf-8").splitlines() if line]
+    return str(files["overlay"]), {"video": json.loads(files["summary"].read_text(encoding="utf-8")),
+                                   "frames": frames}
+
+
+def _frame_number(value: Any, info: VideoInfo) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise PromptError(f"a frame number must be a whole number, got {value!r}") from None
+    if not number.is_integer() or not 0 <= number < info.num_frames:
+        raise PromptError(f"frame {value!r} does not exist: the video has {info.num_frames} frames "
+                          f"(0..{info.num_frames - 1})")
+    return int(number)
+
+
+@contextmanager
+def _named(path: str | os.PathLike | None) -> Iterator[None]:
+    """VideoErrors about ``path`` name the file, not the server's folders (uploads live in a temporary tree)."""
+    try:
+        yield
+    except VideoError as err:
+        if path is None:
+            raise
+        message = str(err).replace(str(path), f"the video {Path(str(path)).name!r}")
+        raise VideoError(message) from None
+
