@@ -480,45 +480,12 @@ def mask_iou_matrix(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> np.ndar
 
 
 def match_by_iou(iou: np.ndarray, min_iou: float) -> list[tuple[int, int]]:
-    """The one-to-one assignment of rows to columns with the largest total IoU (Hungarian method), keeping
-    pairs with IoU >= ``min_iou``; sorted by row."""
+    """The one-to-one assignment of rows to columns with the largest total IoU (Hungarian method, scipy),
+    keeping pairs with IoU >= ``min_iou``; sorted by row."""
+    from scipy.optimize import linear_sum_assignment
+
     iou = np.asarray(iou, dtype=np.float64)
     if iou.size == 0:
         return []
-    flip = iou.shape[0] > iou.shape[1]
-    cost = -(iou.T if flip else iou)
-    pairs = [(j, i) if flip else (i, j) for i, j in _hungarian(cost)]
-    return sorted((i, j) for i, j in pairs if iou[i, j] >= min_iou)
-
-
-def _hungarian(cost: np.ndarray) -> list[tuple[int, int]]:
-    """Minimum-cost assignment of every row of an ``n x m`` (``n <= m``) matrix to a distinct column
-    (shortest augmenting paths with row/column potentials, O(n^2 m))."""
-    n, m = cost.shape
-    u, v = np.zeros(n + 1), np.zeros(m + 1)
-    owner = np.zeros(m + 1, dtype=int)          # owner[j]: row (1-based) holding column j; column 0 is a sentinel
-    for row in range(1, n + 1):
-        owner[0], col = row, 0
-        best = np.full(m + 1, np.inf)
-        came_from = np.zeros(m + 1, dtype=int)
-        used = np.zeros(m + 1, dtype=bool)
-        while owner[col] != 0:
-            used[col] = True
-            r = owner[col]
-            slack = cost[r - 1] - u[r] - v[1:]
-            free = ~used[1:]
-            better = free & (slack < best[1:])
-            best[1:][better] = slack[better]
-            came_from[1:][better] = col
-            candidates = np.where(free, best[1:], np.inf)
-            nxt = int(np.argmin(candidates)) + 1
-            delta = candidates[nxt - 1]
-            u[owner[used]] += delta
-            v[used] -= delta
-            best[~used] -= delta
-            col = nxt
-        while col:
-            prev = came_from[col]
-            owner[col] = owner[prev]
-            col = prev
-    return [(owner[j] - 1, j - 1) for j in range(1, m + 1) if owner[j]]
+    rows, cols = linear_sum_assignment(iou, maximize=True)
+    return sorted((int(i), int(j)) for i, j in zip(rows, cols) if iou[i, j] >= min_iou)
