@@ -51,6 +51,8 @@ class TrainConfig:
     vlm_preset: str = "small"
     decoder: dict[str, Any] = field(default_factory=lambda: {"backend": "sam", "preset": "tiny"})
     kinds: tuple[str, ...] = ("seg", "rec", "no_target", "multi", "region")
+    seg_box_fraction: float = 0.5   # seg answers that write the box before [SEG]; the others make the mask come
+                                    # from the image alone (with the box in the text, the mask can copy it)
     steps: int = 1000
     batch_size: int = 8
     grad_accum: int = 1
@@ -112,7 +114,7 @@ class _Data:
     def __init__(self, cfg: TrainConfig):
         self.ds = ReferDataset(cfg.data, dataset=cfg.dataset, split_by=cfg.split_by)
         self.conversations: list[Conversation] = build_conversations(
-            self.ds, cfg.split, cfg.seed, with_masks=cfg.masks, kinds=cfg.kinds)
+            self.ds, cfg.split, cfg.seed, with_masks=cfg.masks, kinds=cfg.kinds, seg_box_fraction=cfg.seg_box_fraction)
         if not self.conversations:
             raise ValueError(f"no training conversations in split {cfg.split!r} of {cfg.data}")
         self.anns_by_image: dict[int, list[int]] = {}

@@ -88,3 +88,16 @@ def test_stage2_keeps_training_clicks_on_the_decoder_only(data_dir, stage1, tmp_
     assert all(r["prompt_loss"] > 0 for r in records)
     before, after = weights(stage1), weights(final)
     assert all(torch.equal(before[k], after[k]) for k in before if "prompt_encoder" in k or "image_encoder" in k)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_seg_answers_carry_the_box_in_the_asked_fraction(data_dir, fraction):
+    """seg_box_fraction decides how many [SEG] answers write the box first; 0 forces masks from the image."""
+    from grounding.data.refer import ReferDataset
+    from grounding.data.tasks import build_conversations
+
+    convs = build_conversations(ReferDataset(data_dir, "synth", "unc"), "train", seed=0, seg_box_fraction=fraction)
+    seg = [c for c in convs if c.kind == "seg"]
+    boxed = sum("<box>" in c.answer for c in seg) / len(seg)
+    assert len(seg) > 20 and abs(boxed - fraction) <= (0 if fraction in (0.0, 1.0) else 0.25)
+    assert all(c.answer.endswith("[SEG]") for c in seg)

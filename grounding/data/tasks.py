@@ -49,8 +49,8 @@ def _no_article(sent: str) -> str:
 
 
 def build_conversations(ds: ReferDataset, split: str, seed: int, with_masks: bool = True,
-                        extra: str | Path | None = None, kinds: tuple[str, ...] = ("seg", "rec", "no_target", "multi", "region")
-                        ) -> list[Conversation]:
+                        extra: str | Path | None = None, kinds: tuple[str, ...] = ("seg", "rec", "no_target", "multi", "region"),
+                        seg_box_fraction: float = 0.5) -> list[Conversation]:
     """Every sentence of ``split`` as a seg and a rec conversation, plus the extra samples of that split.
 
     with_masks=False (stage 1) keeps the boxes and drops [SEG] (and so the seg kind equals rec)."""
@@ -60,10 +60,11 @@ def build_conversations(ds: ReferDataset, split: str, seed: int, with_masks: boo
     for sent in ds.sentences(split):
         size, box = ds.image_size(sent.image_id), ds.box_xyxy(sent.ann_id)
         if "seg" in kinds and with_masks:
-            # Half the answers carry no box: otherwise the mask could be learnt from the box text alone, which
-            # at inference is the model's own (possibly wrong) box; and "<ref>s</ref>[SEG]" is the answer
-            # that teacher-forced RES evaluation gives.
-            answer = _ref(sent.text, box, size, True) if rng.random() < 0.5 else f"<ref>{sent.text}</ref>{SEG}"
+            # Some answers (1 - seg_box_fraction) carry no box: otherwise the mask could be learnt from the box
+            # text alone, which at inference is the model's own (possibly wrong) box; and "<ref>s</ref>[SEG]" is
+            # the answer that teacher-forced RES evaluation gives.
+            boxed = rng.random() < seg_box_fraction
+            answer = _ref(sent.text, box, size, True) if boxed else f"<ref>{sent.text}</ref>{SEG}"
             out.append(Conversation(sent.image_id, pick(SEG_QUESTIONS).format(s=sent.text), answer, "seg",
                                     (sent.ann_id,)))
         if "rec" in kinds:
