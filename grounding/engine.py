@@ -1,4 +1,4 @@
-"""Many questions about ONE image, fast: the image prefix is computed once and its KV cache shared.
+"""Questions grouped by image, fast: each image's prompt prefix is computed once and its KV cache shared.
 
 ``Grounder.predict_batch`` treats every question on its own: the vision tower and the whole prompt
 (system text + hundreds of image tokens + question) run again for each. Evaluation sets ask ~7 questions
@@ -16,7 +16,7 @@ questions of one image share once:
      which makes each row compute what it would compute alone;
   4. greedy decoding feeds each new token and keeps its last-layer hidden state, so the [SEG] states come
      out of the decoding itself (``Grounder`` needs one more forward pass over prompt + answer for them);
-  5. all [SEG]s of all questions are decoded into masks in one call of the mask decoder.
+  5. the [SEG]s of all of an image's questions are decoded into masks in one call of the mask decoder.
 
 Results equal ``Grounder.predict_batch`` up to float rounding (the test compares answers and masks).
 A question may carry a whole answer (teacher forcing: nothing is generated) or an answer prefix (the model
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from grounding.predictor import Grounder, PreparedImage, Query, _cut_at
@@ -40,7 +39,6 @@ class PrefixEngine:
 
     def __init__(self, grounder: Grounder):
         self.grounder = grounder
-        self.prefix_tokens_saved = 0  # prompt tokens not recomputed thanks to the shared prefix (a counter)
 
     def predict_group(self, image: Any, queries: Sequence[Query | tuple], batch_size: int = 16,
                       max_new_tokens: int | None = None) -> list[Prediction]:
@@ -76,7 +74,6 @@ class PrefixEngine:
         images = list({id(p): p for p, _ in items}.values())
         owner = [next(k for k, im in enumerate(images) if im is p) for p, _ in items]
         prefix_len = _shared_prefix_length(prompts, g.processor.image_token_id)
-        self.prefix_tokens_saved += prefix_len * (len(rows) - len(images))
         n = len(rows)
 
         with torch.no_grad():
