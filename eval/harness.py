@@ -37,23 +37,23 @@ are fractions in [0, 1] (the printed table shows percentages).
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from grounding.result import box_from_mask
+from eval.report import ProgressBar, print_table, write_report
 from eval.metrics import ResAccumulator, mask_iou_parts, rec_hit, sentence_iou, summarise
 from grounding.boxes import box_iou, parse_answer
 from grounding.data.refer import ReferDataset, Sentence
 from grounding.data.tasks import REC_QUESTIONS, SEG_QUESTIONS
 from grounding.errors import GroundsegError
-from grounding.result import Prediction, atomic_write_bytes, atomic_write_text, rle_decode, rle_encode
+from grounding.result import Prediction, atomic_write_text, rle_decode, rle_encode
 from grounding.tokens import SEG
 
 TASKS = ("res", "rec", "both")
@@ -329,7 +329,7 @@ def evaluate(grounder, dataset: ReferDataset, split: str, task: str = "both", mo
     predict = _predict_function(grounder, engine, batch_size, max_new_tokens)
     images = _ImageCache(dataset, getattr(grounder, "max_pixels", None))
     pred_path = out / (PREDICTIONS if world == 1 else f"predictions.rank{rank}.jsonl")
-    with _progress_bar(n_mine, n_mine - n_todo, progress and rank == 0) as advance, \
+    with ProgressBar(n_mine, n_mine - n_todo, progress and rank == 0) as advance, \
             open(pred_path, "a", encoding="utf-8") as handle:
         for pack in todo:
             t0 = time.perf_counter()
@@ -526,102 +526,3 @@ def _predict_pack(predict, pack: Sequence[list[Sentence]], pixels: Sequence[np.n
     rec_preds = ask(rec_query)
     return [_Outcome(sp.answer, first_mask(sp), first_text_box(rp), rec_answer=rp.answer,
                      notes=tuple(sp.notes) + tuple(rp.notes)) for sp, rp in zip(seg_preds, rec_preds)]
-
-
-# --------------------------------------------------------------------------- display
-
-
-class _progress_bar:
-    """A rich progress bar on stderr showing sentences/s and the running cIoU (or nothing)."""
-
-    def __init__(self, total: int, completed: int, enabled: bool):
-        self.total, self.completed, self.enabled = total, completed, enabled
-        self._bar = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda rate, ciou: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                             TextColumn("{task.fields[rate]} sent/s  cIoU {task.fields[ciou]}"),
-                             TimeRemainingColumn(), console=Console(stderr=True))
-        self._bar.__enter__()
-        task = self._bar.add_task("eval", total=self.total, completed=self.completed, rate="-", ciou="-")
-
-        def advance(rate: float, ciou: float | None) -> None:
-            self._bar.update(task, advance=1, rate=f"{rate:.2f}",
-                             ciou="-" if ciou is None else f"{100 * ciou:.1f}")
-        return advance
-
-    def __exit__(self, *exc):
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
-        return False
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
-
-
-def print_table(metrics: dict, console=None) -> None:
-    """The scores as a rich table (percentages) on stdout."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{metrics['dataset']} {metrics['split']}: task {metrics['task']}, mode {metrics['mode']}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in ("cIoU", "gIoU", "acc@0.5"):
-        table.add_row(key + (" %" if metrics.get(key) is not None else ""), _pct(metrics.get(key)))
-    table.add_row("sentences", str(metrics["n_sentences"]))
-    table.add_row("images", str(metrics["n_images"]))
-    if metrics.get("res_mode"):
-        table.add_row("RES mode", metrics["res_mode"] + (f" ({metrics['teacher_answer']})" if metrics.get("teacher_answer") else ""))
-    if metrics.get("rec_mode"):
-        table.add_row("REC mode", f"{metrics['rec_mode']} ({metrics['rec_question']})")
-        table.add_row("REC box", "the predicted mask's box" if metrics.get("rec_box") == "mask" else "the answer's text box")
-    table.add_row("model", str(metrics["model"]))
-    rate = metrics.get("sentences_per_s")
-    table.add_row("wall time", f"{metrics['wall_time_s']:.1f} s" + (f", {rate:.2f} sentences/s" if rate else ""))
-    (console or Console()).print(table)
-
-
-def write_report(path: str | os.PathLike, metrics: dict, lines: Iterable[dict]) -> Path:
-    """``report.png``: score bars, and histograms of per-sentence mask IoU and box IoU."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    lines = list(lines)
-    mask_ious = [line["mask_iou"] for line in lines if line.get("mask_iou") is not None]
-    box_ious = [line["box_iou"] for line in lines if line.get("box_iou") is not None
-                and (line.get("rec_hit") is not None or line.get("box") is not None)]
-    fig = Figure(figsize=(13, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax_scores, ax_mask, ax_box = fig.subplots(1, 3)
-    names = ["cIoU", "gIoU", "acc@0.5"]
-    values = [metrics.get(k) for k in names]
-    bars = ax_scores.bar(names, [0.0 if v is None else 100 * v for v in values], color=["#4c72b0", "#55a868", "#c44e52"])
-    for bar, v in zip(bars, values):
-        ax_scores.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 1, _pct(v), ha="center", va="bottom")
-    ax_scores.set_ylim(0, 110)
-    ax_scores.set_ylabel("%")
-    ax_scores.set_title(f"{metrics['n_sentences']} sentences, {metrics['n_images']} images")
-    for ax, values_, what in ((ax_mask, mask_ious, "mask IoU"), (ax_box, box_ious, "box IoU")):
-        if values_:
-            ax.hist(values_, bins=20, range=(0.0, 1.0), color="#8172b2")
-            ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
-        else:
-            ax.text(0.5, 0.5, "not scored", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xlim(0, 1)
-        ax.set_xlabel(f"per-sentence {what}")
-        ax.set_ylabel("sentences")
-        ax.set_title(what)
-    mode = metrics["mode"] + (f" (REC {metrics['rec_mode']})" if metrics.get("rec_mode") and metrics["mode"] != metrics["rec_mode"] else "")
-    fig.suptitle(f"{metrics['model']}  |  {metrics['dataset']} {metrics['split']}  |  task {metrics['task']}, {mode}",
-                 fontsize=10)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return atomic_write_bytes(path, buffer.getvalue())
