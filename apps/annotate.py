@@ -19,16 +19,10 @@ whose name has an image extension but whose content cannot be read: those are li
 are ignored. Images are read upright (EXIF orientation applied): widths, heights and coordinates are those
 of the upright image. Everything is in sorted relative-path order.
 
-Videos. A file that is not an image is a video when PyAV (FFmpeg) opens it and finds a video stream that is
-not a still picture (cover art, an image-pipe or text-art "video"), whatever its name; a file with a video
-extension (:data:`VIDEO_SUFFIXES`) that cannot be read is reported in errors.jsonl like a broken image. The
-image test comes first, so anything Pillow reads is an image: an animated GIF (or APNG, animated WebP) is
-annotated as one image, its first frame (convert it to .mp4 to annotate it as a video). For each prompt, the
-video gets the same question on its frame 0 through ``grounder.predict_video`` (grounding/video.py: the
-targets are carried through every frame, SAM2 memory or re-asking every ``--video-every`` frames), so every
-object keeps one id across frames. Frame ``i`` of ``a/clip.mp4`` is the image ``a/clip.mp4/{i:06d}.png`` in
-every format (apps/exporters.py: COCO ``videos``, ``video_id``, ``frame_id``, ``track_id``; one YOLO / LabelMe
-file per frame). A video's result is one file (``results/a/clip.mp4.json``), so resume works per video.
+Videos. Any other file is a video when FFmpeg finds moving pictures in it, whatever its name (a file named
+like a video that cannot be read is reported). Each prompt is asked on its frame 0 and its objects are carried
+through every frame, each keeping one track id; frame ``i`` of ``a/clip.mp4`` is the image
+``a/clip.mp4/{i:06d}.png`` in every format. Details in apps/annotate_video.py.
 
 OUT_DIR::
 
@@ -50,64 +44,48 @@ Resume. A per-file result is written atomically after its overlay, so it exists 
 files; it is reused when its ``signature`` (hash of the question template, the prompts and the model's
 files; for a video also ``--video-every``) and ``source`` (the file's size and mtime) match, otherwise
 redone. A run killed at any point and started again therefore ends with the same files as an
-uninterrupted one. The final files are rewritten
-from the per-image results at the end of every run (cheap), in sorted order, with no timestamps or absolute
-paths. A lock file keeps two runs from writing into one OUT_DIR at once.
+uninterrupted one. The final files are rewritten from the per-file results at the end of every run
+(cheap), in sorted order, with no timestamps or absolute paths. A lock file keeps two runs from writing
+into one OUT_DIR at once.
 
-Sharding. ``--num-procs N`` starts N "spawn" processes; the i-th image still to do goes to worker i % N,
-which loads the model itself with ``torch.set_num_threads(max(1, cpus // N))``. Workers and parent share
-nothing but the per-image result files: the parent counts them for the progress bar and merges them.
-A worker stops by itself when its parent dies.
+Sharding. ``--num-procs N`` starts N processes, each with its own model, sharing nothing with the
+parent but the per-file result files (apps/annotate_workers.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import re
-import sys
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Optional, Sequence
+from typing import Annotated, Callable, Iterator, Optional, Sequence
 
 import typer
+from PIL import Image
 
-from apps.exporters import WRITERS, AnnotatedImage, FrameOf, Instance, frame_file, instance_box
-from grounding.errors import CheckpointError, DatasetError, GroundsegError, ImageError, PromptError, VideoError
-from grounding.result import atomic_write_text
+from apps.annotate_common import (DEFAULT_VIDEO_EVERY, IMAGE, OVERLAYS_DIR, QUESTION, RECORD_VERSION, VIDEO,
+                                  VIDEO_KEY_FRAME, AnnotateError, GrounderFactory, Item, Settings, overlay_path,
+                                  read_record, record_path)
+from apps.annotate_common import RESULTS_DIR, question_for  # noqa: F401  (re-export: public names of this command)
+from apps.annotate_video import VIDEO_SUFFIXES, is_video, video_frames
+from apps.annotate_workers import annotate_items, instances_from, run_workers
+from apps.exporters import WRITERS, AnnotatedImage, frame_file
+from grounding.config import CONFIG_NAME
+from grounding.errors import CheckpointError, DatasetError, PromptError
+from grounding.images import list_images
+from grounding.result import Prediction, atomic_write_text
 
-QUESTION = "Please segment {prompt}."
-RESULTS_DIR = "results"
-OVERLAYS_DIR = "overlays"
 ERRORS_FILE = "errors.jsonl"
 LOCK_FILE = ".annotate.lock"
-RECORD_VERSION = 1
 FORMATS = tuple(WRITERS)
-IMAGE, VIDEO = "image", "video"
-VIDEO_KEY_FRAME = 0
-DEFAULT_VIDEO_EVERY = 8
-# Names that promise a video: such a file that FFmpeg cannot read is reported, not skipped. (Not .ts / .mts,
-# which are TypeScript sources as often as MPEG transport streams; real ones are found by content.)
-VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".wmv", ".flv", ".mpg", ".mpeg",
-                            ".m2ts", ".3gp", ".ogv"})
-# FFmpeg "videos" that are pictures or text: single-image demuxers (image2, *_pipe) and text art (tty).
-_STILL_FORMATS = frozenset({"image2", "tty", "bin", "adf", "idf", "xbin"})
-_TEXT_CODECS = frozenset({"ansi", "bintext", "idf", "xbin"})
 # Files of a model folder that do not change what it predicts (the model card, its loss plots).
 _NOT_MODEL = {".md", ".png", ".jpg", ".jpeg"}
 _HUGE = 1 << 30  # model files above this are fingerprinted by size, mtime and their first and last 64 MiB
 # Temporary files of grounding.result.atomic_write_bytes left behind by a killed run.
 _TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]{32}\.tmp$")
-
-GrounderFactory = Callable[[str, str], Any]
-
-
-class AnnotateError(GroundsegError):
-    """A batch annotation run could not finish; the message says what to do."""
 
 
 # --------------------------------------------------------------------------- the command
@@ -170,34 +148,6 @@ def parse_formats(text: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- a run
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What every worker needs (picklable)."""
-    input_dir: str
-    out_dir: str
-    prompts: tuple[str, ...]
-    signature: str
-    overlays: bool
-    model_dir: str
-    device: str
-    batch_size: int
-    video_every: int = DEFAULT_VIDEO_EVERY
-    video_signature: str = ""   # a video result's signature: the run's plus the video options
-
-    def signature_for(self, kind: str) -> str:
-        return self.video_signature if kind == VIDEO else self.signature
-
-
-@dataclass(frozen=True)
-class Item:
-    """One image or video: ``file`` relative to the input folder (POSIX); ``source`` = (bytes, mtime_ns);
-    ``overlay_only``: its result is valid, only the overlay is missing."""
-    file: str
-    source: tuple[int, int]
-    overlay_only: bool = False
-    kind: str = IMAGE
 
 
 @dataclass
@@ -274,7 +224,7 @@ def annotate_folder(input_dir: str | os.PathLike, prompts: Sequence[str], out_di
                 if todo:
                     annotate_items(settings, todo, factory(settings.model_dir, device), advance)
             else:
-                _run_workers(settings, todo, num_procs, factory, advance)
+                run_workers(settings, todo, num_procs, factory, advance)
         summary = _merge(settings, files, formats)
     summary.done_now = sum(not item.overlay_only for item in todo)
     summary.reused = reused
@@ -288,21 +238,13 @@ def load_grounder(model_dir: str, device: str):
     return Grounder.from_pretrained(model_dir, device=device)
 
 
-def question_for(prompt: str) -> str:
-    return QUESTION.format(prompt=prompt)
-
-
-# --------------------------------------------------------------------------- files, signature
+# --------------------------------------------------------------------------- files, signature, plan
 
 
 def find_media(root: Path, exclude: Path | None = None) -> list[tuple[str, str]]:
     """``(relative POSIX path, "image" | "video")`` of the files to annotate (see the module doc), sorted by
     path components. Content decides: an image (Pillow reads it) first, else a video (:func:`is_video`), else
     the extension (an unreadable file named like an image or a video is kept, to be reported)."""
-    from PIL import Image
-
-    from grounding.images import list_images
-
     Image.init()
     suffixes = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
     skip = exclude.resolve() if exclude is not None else None
@@ -330,29 +272,6 @@ def find_media(root: Path, exclude: Path | None = None) -> list[tuple[str, str]]
     return [(p.as_posix(), kind) for p, kind in sorted(found, key=lambda f: f[0].parts)]
 
 
-def is_video(path: Path) -> bool:
-    """Whether FFmpeg (PyAV) opens ``path`` and finds a moving-picture stream in it: not a cover picture
-    (``attached_pic``), not a single-image demuxer (``image2``, ``*_pipe``: a PNG is not a one-frame video) and
-    not text art. Only the container's header is read; no frame is decoded."""
-    import av
-
-    try:
-        container = av.open(str(path), metadata_errors="ignore")
-    except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError):
-        return False
-    try:
-        names = set(container.format.name.split(","))
-        if names & _STILL_FORMATS or any(n.endswith("_pipe") for n in names):
-            return False
-        for stream in container.streams.video:
-            still = int(stream.disposition) & int(av.stream.Disposition.attached_pic)
-            if not still and stream.codec_context.name not in _TEXT_CODECS:
-                return True
-        return False
-    finally:
-        container.close()
-
-
 def run_signature(prompts: Sequence[str], model_dir: Path) -> str:
     """Hash of what decides a per-image result: record format, question template, prompts, model files.
     (Device, precision and batch size are not in it: they do not change what is asked.)"""
@@ -364,8 +283,6 @@ def run_signature(prompts: Sequence[str], model_dir: Path) -> str:
 def model_fingerprint(model_dir: Path) -> str:
     """Content hash of a checkpoint: every file of the folder (but the model card and pictures) and the
     official files its ``groundseg.json`` points at. Files over 1 GiB: size, mtime, first and last 64 MiB."""
-    from grounding.config import CONFIG_NAME
-
     model_dir = Path(model_dir)
     config = model_dir / CONFIG_NAME
     if not config.is_file():
@@ -400,27 +317,12 @@ def _file_digest(path: Path) -> bytes:
     return digest.digest()
 
 
-def _record_path(settings: Settings, file: str) -> Path:
-    return Path(settings.out_dir) / RESULTS_DIR / (file + ".json")
-
-
-def _overlay_path(settings: Settings, file: str, kind: str = IMAGE) -> Path:
-    return Path(settings.out_dir) / OVERLAYS_DIR / (file + (".mp4" if kind == VIDEO else ".png"))
-
-
 def _source(path: Path) -> tuple[int, int]:
     stat = path.stat()
     return stat.st_size, stat.st_mtime_ns
 
 
-def _read_record(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _valid(record: dict | None, settings: Settings, item_source: tuple[int, int], kind: str = IMAGE) -> bool:
+def _valid(record: dict | None, settings: Settings, item_source: tuple[int, int], kind: str) -> bool:
     return (record is not None and record.get("version") == RECORD_VERSION
             and record.get("kind", IMAGE) == kind and record.get("signature") == settings.signature_for(kind)
             and tuple(record.get("source", ())) == item_source)
@@ -432,246 +334,30 @@ def _plan(settings: Settings, files: list[tuple[str, str]]) -> tuple[list[Item],
     todo, reused = [], 0
     for file, kind in files:
         source = _source(Path(settings.input_dir) / file)
-        path = _record_path(settings, file)
-        record = _read_record(path) if path.is_file() else None
+        path = record_path(settings, file)
+        record = read_record(path)
         if not _valid(record, settings, source, kind):
             if path.exists():
                 path.unlink()
             todo.append(Item(file, source, kind=kind))
             continue
         reused += 1
-        if settings.overlays and record["status"] == "ok" and not _overlay_path(settings, file, kind).is_file():
+        if settings.overlays and record["status"] == "ok" and not overlay_path(settings, file, kind).is_file():
             todo.append(Item(file, source, overlay_only=True, kind=kind))
     return todo, reused
 
 
-# --------------------------------------------------------------------------- per image (worker side)
-
-
-def annotate_items(settings: Settings, items: Sequence[Item], grounder, on_done: Callable[[int], None] | None = None,
-                   stop: Callable[[], bool] | None = None) -> None:
-    """Annotate ``items`` in order with ``grounder``, writing each result; ``stop()`` is asked between images."""
-    for item in items:
-        if stop is not None and stop():
-            return
-        _annotate_one(settings, item, grounder)
-        if on_done is not None:
-            on_done(1)
-
-
-def _annotate_one(settings: Settings, item: Item, grounder) -> None:
-    from grounding.images import DEFAULT_MAX_PIXELS, load_image
-    from grounding.result import Prediction
-
-    if item.kind == VIDEO:
-        _annotate_video(settings, item, grounder)
-        return
-
-    try:
-        pixels = load_image(Path(settings.input_dir) / item.file, getattr(grounder, "max_pixels", DEFAULT_MAX_PIXELS),
-                            name=item.file)
-    except ImageError as err:
-        record = {"status": "error", "reason": str(err)}
-    else:
-        if item.overlay_only:
-            record = _read_record(_record_path(settings, item.file)) or {}
-            predictions = [Prediction.from_json(p) for p in record.get("predictions", [])]
-        else:
-            # (image, question) tuples are Grounder Queries; no import of the model code here
-            queries = [(pixels, question_for(p)) for p in settings.prompts]
-            predictions = grounder.predict_batch(queries, batch_size=settings.batch_size)
-        if settings.overlays:
-            _write_overlay(settings, item.file, pixels, instances_from(predictions))
-        if item.overlay_only:
-            return
-        record = {"status": "ok", "image_size": list(pixels.shape[:2]),
-                  "predictions": [p.to_json() for p in predictions]}
-    header = {"version": RECORD_VERSION, "signature": settings.signature, "file": item.file, "source": list(item.source)}
-    atomic_write_text(_record_path(settings, item.file), json.dumps({**header, **record}, ensure_ascii=False))
-
-
-def _annotate_video(settings: Settings, item: Item, grounder) -> None:
-    """Every prompt's question on frame 0, its objects carried through the video; one result file per video.
-    A video that cannot be read (at the start or midway) is an error record, like an unreadable image."""
-    from grounding.video_io import VideoReader
-
-    path = Path(settings.input_dir) / item.file
-    try:
-        reader = VideoReader(path)
-        if item.overlay_only:
-            record = _read_record(_record_path(settings, item.file)) or {}
-        else:
-            info = reader.info
-            record = {"status": "ok", "kind": VIDEO, "video": {"width": info.width, "height": info.height,
-                                                               "num_frames": info.num_frames, "fps": info.fps},
-                      "runs": [_video_run(grounder, reader, prompt, settings.video_every)
-                               for prompt in settings.prompts]}
-        if settings.overlays:
-            _write_video_overlay(settings, item.file, reader, record["runs"])
-    except VideoError as err:
-        record = {"status": "error", "kind": VIDEO, "reason": str(err).replace(str(path), item.file)}
-    if item.overlay_only and record["status"] == "ok":
-        return
-    header = {"version": RECORD_VERSION, "signature": settings.video_signature, "file": item.file,
-              "source": list(item.source)}
-    atomic_write_text(_record_path(settings, item.file), json.dumps({**header, **record}, ensure_ascii=False))
-
-
-def _video_run(grounder, reader, prompt: str, every: int) -> dict:
-    run = grounder.predict_video(reader, question_for(prompt), VIDEO_KEY_FRAME, every=every)
-    frames = sorted((result.to_json() for result in run), key=lambda f: f["frame"])  # key frame first: sort
-    return {"question": run.question, "answer": None if run.key_prediction is None else run.key_prediction.answer,
-            "mode": run.mode, "objects": [{"id": k, "phrase": v} for k, v in sorted(run.objects.items())],
-            "notes": list(run.notes), "frames": frames}
-
-
-def video_frames(file: str, record: dict, first_track: int) -> tuple[Iterator[AnnotatedImage], list[tuple[int, int]]]:
-    """A video's result as one AnnotatedImage per frame (masks decoded one frame at a time) and the
-    (prompt index, object id) of each of its tracks in order: the track ids are ``first_track``, ``+1``, ...
-    Objects never visible get no track."""
-    from grounding.result import rle_decode
-
-    info = record["video"]
-    width, height, length = info["width"], info["height"], info["num_frames"]
-    per_frame: list[list[tuple[int, dict]]] = [[] for _ in range(length)]
-    for category, run in enumerate(record["runs"]):
-        for frame in run["frames"]:
-            per_frame[frame["frame"]] += [(category, o) for o in frame["objects"] if o["area"] > 0]
-    keys = sorted({(category, o["id"]) for found in per_frame for category, o in found})
-    track = {key: first_track + i for i, key in enumerate(keys)}
-
-    def images() -> Iterator[AnnotatedImage]:
-        for index, found in enumerate(per_frame):
-            instances = [Instance(category, rle_decode(o["mask"]), None, o["score"], track[category, o["id"]])
-                         for category, o in sorted(found, key=lambda f: track[f[0], f[1]["id"]])]
-            yield AnnotatedImage(frame_file(file, index), width, height, instances, FrameOf(file, index, length))
-
-    return images(), keys
-
-
-def _write_video_overlay(settings: Settings, file: str, reader, runs: list[dict]) -> None:
-    """overlays/<video>.mp4: every object of every prompt on every frame, one colour per object, written under a
-    temporary name (cleaned up by the next run if this one is killed) and renamed."""
-    from apps.overlay import draw_overlay
-    from grounding.result import Prediction, Target, box_from_mask, rle_decode
-    from grounding.video_io import VideoWriter
-
-    final = _overlay_path(settings, file, VIDEO)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    by_frame: dict[int, list[tuple[int, dict]]] = {}
-    for category, run in enumerate(runs):
-        for frame in run["frames"]:
-            by_frame.setdefault(frame["frame"], []).extend((category, o) for o in frame["objects"] if o["area"] > 0)
-    colours = {key: i for i, key in enumerate(sorted({(c, o["id"]) for found in by_frame.values() for c, o in found}))}
-    info = reader.info
-    try:
-        with VideoWriter(temporary, info.width, info.height, info.fps) as writer:
-            for index, rgb in reader.frames():
-                targets = [Target() for _ in colours]
-                for category, o in by_frame.get(index, []):
-                    mask = rle_decode(o["mask"])
-                    targets[colours[category, o["id"]]] = Target(settings.prompts[category], box_from_mask(mask),
-                                                                 mask, o["score"])
-                writer.write(draw_overlay(rgb, Prediction("", targets, info.size)), time_s=reader.time_s(index))
-        os.replace(temporary, final)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def instances_from(predictions: Sequence) -> list[Instance]:
-    """Prediction ``k`` answers prompt ``k``: each of its targets with a non-empty mask or a box is one
-    instance of category ``k`` (an empty mask counts as none)."""
-    out = []
-    for category, prediction in enumerate(predictions):
-        for t in prediction.targets:
-            mask = t.mask if t.mask is not None and t.mask.any() else None
-            if mask is None and t.box is None:
-                continue
-            out.append(Instance(category, mask, t.box, t.score))
-    return out
-
-
-def _write_overlay(settings: Settings, file: str, pixels, instances: list[Instance]) -> None:
-    from apps.overlay import draw_overlay, save_image
-    from grounding.result import Prediction, Target
-
-    h, w = pixels.shape[:2]
-    targets = [Target(phrase=settings.prompts[i.category], box=instance_box(i, w, h), mask=i.mask, score=i.score)
-               for i in instances]
-    save_image(_overlay_path(settings, file), draw_overlay(pixels, Prediction("", targets, (h, w))))
-
-
-def _worker_main(settings: Settings, items: list[Item], factory: GrounderFactory, threads: int) -> None:
-    """Entry point of a spawned worker: its own model, its own threads, results written as files."""
-    import torch
-
-    torch.set_num_threads(threads)
-    parent = mp.parent_process()
-    try:
-        annotate_items(settings, items, factory(settings.model_dir, settings.device),
-                       stop=lambda: parent is not None and not parent.is_alive())
-    except GroundsegError as err:
-        sys.stderr.write(f"error: {err}\n")
-        sys.exit(2)
-
-
-# --------------------------------------------------------------------------- workers, merge (parent side)
-
-
-def _run_workers(settings: Settings, todo: list[Item], num_procs: int, factory: GrounderFactory,
-                 advance: Callable[[int], None]) -> None:
-    """Shard ``todo`` over ``num_procs`` spawned workers (item i -> worker i % N); follow their result files."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cpus // num_procs)
-    shards = [todo[k::num_procs] for k in range(num_procs)]
-    context = mp.get_context("spawn")
-    workers = [context.Process(target=_worker_main, args=(settings, shard, factory, threads), name=f"annotate-{k}")
-               for k, shard in enumerate(shards) if shard]
-    cursors = [0] * len(workers)
-    shards = [s for s in shards if s]
-
-    def follow() -> None:  # each worker goes through its shard in order: check its next file only
-        for k, shard in enumerate(shards):
-            while cursors[k] < len(shard) and _done(settings, shard[cursors[k]]):
-                cursors[k] += 1
-                advance(1)
-
-    try:
-        for worker in workers:
-            worker.start()
-        while any(w.is_alive() for w in workers):
-            follow()
-            time.sleep(0.2)
-        follow()
-    finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
-            worker.join()
-    failed = [(k, w.exitcode) for k, w in enumerate(workers) if w.exitcode != 0]
-    if failed:
-        k, code = failed[0]
-        raise AnnotateError(f"worker {k} of {len(workers)} stopped with exit code {code} (its message is above); "
-                            "finished images are kept: run the same command again to resume")
-
-
-def _done(settings: Settings, item: Item) -> bool:
-    if item.overlay_only:
-        return _overlay_path(settings, item.file, item.kind).is_file()
-    return _record_path(settings, item.file).is_file()
+# --------------------------------------------------------------------------- merge, lock, progress
 
 
 def _merge(settings: Settings, files: list[tuple[str, str]], formats: Sequence[str]) -> Summary:
     """Read every per-file result (sorted order) and write errors.jsonl and the chosen formats. Track ids run
     1, 2, ... over the whole output: video by video, prompt by prompt, object id by object id."""
-    from grounding.result import Prediction
-
     out = Path(settings.out_dir)
     ok = []
     errors = []
     for file, kind in files:
-        record = _read_record(_record_path(settings, file))
+        record = read_record(record_path(settings, file))
         if not _valid(record, settings, _source(Path(settings.input_dir) / file), kind):
             raise AnnotateError(f"no valid result for {file} after the run (was it changed meanwhile?); run again")
         if record["status"] == "error":  # type: ignore[index]

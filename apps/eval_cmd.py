@@ -35,7 +35,7 @@ def eval_command(
 ) -> None:
     """Evaluate REC (Acc@0.5) and/or RES (cIoU, gIoU) on one split; resumable."""
     from apps.cli import DEFAULT_MODEL
-    from eval.harness import MODES, TASKS, EvalError, evaluate
+    from eval.harness import MODES, TASKS, EvalError
     from grounding.data.refer import ReferDataset
 
     # Check the cheap things before loading a model.
