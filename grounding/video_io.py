@@ -23,6 +23,7 @@ frames keep their own timestamps (``time_s``), which the writer can reproduce.
 """
 from __future__ import annotations
 
+import abc
 import bisect
 import os
 import uuid
@@ -129,14 +130,16 @@ class VideoReader:
 # ---- sources --------------------------------------------------------------------------------------------
 
 
-class _Backend:
+class _Backend(abc.ABC):
+    """One kind of video source (in-memory frames, a folder of images, a file PyAV decodes)."""
     info: VideoInfo
 
     def time_s(self, index: int) -> float:
         return index / self.info.fps
 
+    @abc.abstractmethod
     def frames(self, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
-        raise NotImplementedError
+        """``(index, uint8 H x W x 3 RGB)`` for frames ``start <= index < stop``, in order."""
 
 
 def _check_pixels(name: str, width: int, height: int, max_pixels: int) -> None:
