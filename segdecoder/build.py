@@ -225,10 +225,30 @@ def check_image(image) -> None:
 class SamFamilyBackend:
     """What the SAM and SAM2 backends share: prompt checking, best-of-3 choice, ``decode``.
 
-    Mixed into ``torch.nn.Module`` subclasses that define ``backend_name``, ``preset``, ``spec``,
-    ``prompt_dim``, ``image_size``, ``official_model()`` (the wrapped ``Sam`` / ``SAM2Base``, what
+    Mixed into ``torch.nn.Module`` subclasses that define ``backend_name`` (and call ``_describe`` for
+    ``preset``, ``spec``, ``prompt_dim``, ``image_size``), ``official_model()`` (the wrapped ``Sam`` / ``SAM2Base``, what
     official checkpoint files hold), ``encode_with_grad``, ``mask_logits`` and ``upscale``.
     """
+
+    def _describe(self, preset: str, spec: dict[str, Any] | None, image_size: int, prompt_dim: int) -> None:
+        """The attributes every backend has (call from ``__init__``, after ``nn.Module.__init__``)."""
+        self.preset = preset
+        self.spec = dict(spec or {})
+        self.image_size = int(image_size)
+        self.prompt_dim = int(prompt_dim)
+        self.encode_batch_size = 4   # images per image-encoder call in `encode`
+
+    def _prompt_tokens(self, enc, n: int, seg: torch.Tensor | None, encoded=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sparse, dense) from the prompt encoder ``enc``'s output ``encoded`` (None: no point or box, so
+        no sparse token and the "no mask" dense embedding), then one ``[SEG]`` token per prompt appended."""
+        if encoded is None:
+            sparse = enc.no_mask_embed.weight.new_zeros((n, 0, self.prompt_dim))
+            dense = enc.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *enc.image_embedding_size)
+        else:
+            sparse, dense = encoded
+        if seg is not None:
+            sparse = torch.cat([sparse.to(seg.dtype), seg[:, None, :]], dim=1)
+        return sparse, dense
 
     def config(self) -> dict[str, Any]:
         """Keyword arguments of ``build_decoder`` that rebuild this architecture (no weights)."""

@@ -71,11 +71,7 @@ class SamBackend(SamFamilyBackend, nn.Module):
     def __init__(self, sam: Sam, preset: str = "custom", spec: dict[str, Any] | None = None):
         nn.Module.__init__(self)
         self.sam = sam
-        self.preset = preset
-        self.spec = dict(spec or {})
-        self.image_size = int(sam.image_encoder.img_size)
-        self.prompt_dim = int(sam.prompt_encoder.embed_dim)
-        self.encode_batch_size = 4   # images per image-encoder call in `encode`
+        self._describe(preset, spec, sam.image_encoder.img_size, sam.prompt_encoder.embed_dim)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], preset: str = "custom",
@@ -150,19 +146,14 @@ class SamBackend(SamFamilyBackend, nn.Module):
         n, seg, pts, labels, box = self.check_prompts(embedding, seg_embeddings, points,
                                                       point_labels, boxes)
         enc = self.sam.prompt_encoder
+        encoded = None
         if pts is not None or box is not None:
-            sparse, dense = enc(
+            encoded = enc(
                 points=None if pts is None else (self.to_input_frame(pts, embedding), labels),
                 boxes=None if box is None else
                 self.to_input_frame(box.reshape(-1, 2, 2), embedding).reshape(-1, 4),
                 masks=None)
-        else:
-            sparse = enc.no_mask_embed.weight.new_zeros((n, 0, self.prompt_dim))
-            dense = enc.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
-                n, -1, *enc.image_embedding_size)
-        if seg is not None:
-            sparse = torch.cat([sparse.to(seg.dtype), seg[:, None, :]], dim=1)
-        return sparse, dense
+        return self._prompt_tokens(enc, n, seg, encoded)
 
     def mask_logits(
         self,

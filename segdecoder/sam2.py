@@ -107,11 +107,7 @@ class Sam2Backend(SamFamilyBackend, nn.Module):
     def __init__(self, sam2: SAM2Base, preset: str = "custom", spec: dict[str, Any] | None = None):
         nn.Module.__init__(self)
         self.sam2 = sam2
-        self.preset = preset
-        self.spec = dict(spec or {})
-        self.image_size = int(sam2.image_size)
-        self.prompt_dim = int(sam2.sam_prompt_embed_dim)
-        self.encode_batch_size = 4   # images per image-encoder call in `encode`
+        self._describe(preset, spec, sam2.image_size, sam2.sam_prompt_embed_dim)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], preset: str = "custom",
@@ -198,16 +194,11 @@ class Sam2Backend(SamFamilyBackend, nn.Module):
         if pts is not None:
             xy.append(pts)
             lab.append(labels)
+        encoded = None
         if xy:
             coords = self.to_input_frame(torch.cat(xy, dim=1), embedding)
-            sparse, dense = enc(points=(coords, torch.cat(lab, dim=1)), boxes=None, masks=None)
-        else:
-            sparse = enc.no_mask_embed.weight.new_zeros((n, 0, self.prompt_dim))
-            dense = enc.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
-                n, -1, *enc.image_embedding_size)
-        if seg is not None:
-            sparse = torch.cat([sparse.to(seg.dtype), seg[:, None, :]], dim=1)
-        return sparse, dense
+            encoded = enc(points=(coords, torch.cat(lab, dim=1)), boxes=None, masks=None)
+        return self._prompt_tokens(enc, n, seg, encoded)
 
     def mask_logits(
         self,

@@ -35,7 +35,7 @@ kept, as ``Sam2Backend.preprocess`` and SAM2 do) and mask logits live at ``S/4 x
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
