@@ -40,6 +40,7 @@ class GroundingConfig:
                        position itself (Sa2VA), ``"before"`` = the token that predicts it (LISA, GLaMM).
     box_format:        text format of boxes in prompts and answers (``qwen`` or ``shikra``).
     max_length:        longest token sequence the model accepts (image tokens included).
+    vision_stem:       None: the tower's own patch embedding (CLIP's); ``"conv"``: grounding/vision_stem.py.
     """
 
     vlm: dict[str, Any] | None = None
@@ -53,6 +54,7 @@ class GroundingConfig:
     max_length: int = 2048
     loss_weights: LossWeights = field(default_factory=LossWeights)
     lora: LoraSettings | None = None
+    vision_stem: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_weights, dict):

@@ -17,6 +17,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedT
 from grounding.config import GroundingConfig
 from grounding.errors import CheckpointError
 from grounding.tokens import IMAGE, SEG
+from grounding.vision_stem import install_vision_stem
 from segdecoder import ImageEmbedding, MaskDecoderBackend, build_decoder
 
 
@@ -89,7 +90,9 @@ class GroundingModel(nn.Module):
                 )
             vlm = LlavaForConditionalGeneration.from_pretrained(config.vlm_path, local_files_only=True, dtype=dtype)
         else:
-            vlm = LlavaForConditionalGeneration(LlavaConfig(**config.vlm)).to(dtype)
+            vlm = LlavaForConditionalGeneration(LlavaConfig(**config.vlm))
+            install_vision_stem(vlm.model.vision_tower, config.vision_stem)
+            vlm = vlm.to(dtype)
         if len(tokenizer) > vlm.get_input_embeddings().num_embeddings:
             vlm.resize_token_embeddings(len(tokenizer), mean_resizing=config.vlm_path is not None)
         vlm.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE)

@@ -19,13 +19,25 @@ VLM_PRESETS: dict[str, dict[str, Any]] = {
                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False),
         "max_length": 512,
     },
-    # The embedded default model: ~6M parameters (~24 MB fp32), fast enough to train on a 2-core CPU.
+    # The first embedded default model (v0): ~6M parameters (~24 MB fp32), fast enough to train on a 2-core CPU.
     "small": {
         "vision": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
                        image_size=128, patch_size=16, projection_dim=192),
         "text": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False),
         "max_length": 512,
+    },
+    # The embedded default model since v1: ``small``'s language model; the tower reads 256 px through a
+    # convolutional stem (grounding/vision_stem.py) into the same 8x8 = 64 tokens, so that a 10-pixel star is
+    # still a star, and the language model reads its LAST layer (it was pretrained on dense labels there, stage 0).
+    "shapes": {
+        "vision": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
+                       image_size=256, patch_size=32, projection_dim=192),
+        "text": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False),
+        "max_length": 512,
+        "vision_stem": "conv",
+        "vision_feature_layer": -1,
     },
     # LLaVA-1.5-7B's shapes (CLIP ViT-L/14 at 336 px -> 576 image tokens; Llama-2-7B), for benchmarks with
     # random weights. Real weights come from a local llava-1.5-7b-hf folder (GroundingConfig.vlm_path).
@@ -48,7 +60,7 @@ def vlm_config(preset: str, vocab_size: int, image_token_id: int, pad_token_id: 
     text = dict(model_type="llama", vocab_size=vocab_size, pad_token_id=pad_token_id, **p["text"])
     n_tokens = (p["vision"]["image_size"] // p["vision"]["patch_size"]) ** 2
     return dict(vision_config=vision, text_config=text, image_token_id=image_token_id, image_seq_length=n_tokens,
-                vision_feature_select_strategy="default", vision_feature_layer=-2)
+                vision_feature_select_strategy="default", vision_feature_layer=p.get("vision_feature_layer", -2))
 
 
 def build_random(vlm_preset: str = "tiny", decoder: dict[str, Any] | None = None, seed: int = 0,
@@ -59,7 +71,7 @@ def build_random(vlm_preset: str = "tiny", decoder: dict[str, Any] | None = None
     tokenizer = train_tokenizer(corpus, vocab_size) if corpus is not None else train_tokenizer()
     config = GroundingConfig(
         vlm=vlm_config(vlm_preset, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id),
-        decoder=decoder or {"backend": "sam", "preset": "tiny"},
+        decoder=decoder or {"backend": "sam", "preset": "tiny"}, vision_stem=VLM_PRESETS[vlm_preset].get("vision_stem"),
         seg_state=seg_state, max_length=VLM_PRESETS[vlm_preset]["max_length"],
     )
     return GroundingModel.build(config, tokenizer), tokenizer
