@@ -1,9 +1,12 @@
 """LoRA setup, and the ONE place that says which parameters train in each stage.
 
-Stage 1 (pretraining stand-in, because no pretrained LLaVA or SAM can be downloaded here): the whole VLM on
-text answers, and the whole mask decoder backend (image encoder included) on click/box prompts; optionally
-(``masks: true``) also the [SEG] answers with every weight trainable, standing in for pretrained vision
-features that already know where objects are (a frozen tower trained on text alone does not).
+Stage 0 (pretraining stand-in for CLIP and SAM, because no pretrained weights can be downloaded here): the
+vision tower on dense per-patch labels of the synthetic scenes, and the whole mask decoder backend (image
+encoder included) on click/box prompts. The language model does not train.
+
+Stage 1 (pretraining stand-in for LLaVA): the VLM on text answers, and optionally (``masks: true``) the [SEG]
+answers with the [SEG] projection; parts named in ``freeze`` (``vision_tower``, ``projector``,
+``mask_decoder``, ``image_encoder``) keep their weights, e.g. the tower stage 0 trained.
 
 Stage 2 (reference §3, LISA's recipe) trains:
   - LoRA adapters on the language model's q_proj / v_proj (never on the CLIP tower);
@@ -58,14 +61,38 @@ def set_trainable(model: GroundingModel) -> None:
         p.requires_grad_(True)
 
 
-def set_stage1_trainable(model: GroundingModel, seg: bool = False) -> None:
-    """Stage 1: everything trains; the [SEG] projection only when stage 1 has [SEG] answers (``seg``)."""
+def model_part(model: GroundingModel, name: str) -> nn.Module:
+    """``vision_tower``, ``projector``, ``mask_decoder`` (all of SAM) or ``image_encoder`` (SAM's) of a plain (not
+    LoRA-wrapped) model."""
+    parts = {"vision_tower": lambda: model.vlm.model.vision_tower,
+             "projector": lambda: model.vlm.model.multi_modal_projector, "mask_decoder": lambda: model.mask_decoder,
+             "image_encoder": lambda: model.mask_decoder.frozen_image_encoder_module()}
+    if name not in parts:
+        raise ValueError(f"unknown model part {name!r}; choose from {', '.join(parts)}")
+    return parts[name]()
+
+
+def set_stage0_trainable(model: GroundingModel, prompts: bool = True) -> None:
+    """Stage 0: the vision tower, and the whole mask decoder backend when it learns click/box prompts."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in ("vision_tower",) + (("mask_decoder",) if prompts else ()):
+        for p in model_part(model, name).parameters():
+            p.requires_grad_(True)
+
+
+def set_stage1_trainable(model: GroundingModel, seg: bool = False, freeze: tuple[str, ...] = ()) -> None:
+    """Stage 1: everything trains but the parts in ``freeze``; the [SEG] projection only when stage 1 has [SEG]
+    answers (``seg``)."""
     if isinstance(model.vlm, PeftModel):
         raise ValueError("stage 1 trains the plain VLM; LoRA belongs to stage 2")
     for p in model.parameters():
         p.requires_grad_(True)
     for p in model.seg_projection.parameters():
         p.requires_grad_(seg)
+    for name in freeze:
+        for p in model_part(model, name).parameters():
+            p.requires_grad_(False)
 
 
 def merge_lora(model: GroundingModel) -> GroundingModel:

@@ -1,7 +1,9 @@
 """Training: ``groundseg train --config FILE [--resume]``.
 
-Stage 1 stands in for the pretraining a user downloads (LLaVA, SAM): the whole VLM learns the text answers
-(boxes, descriptions, "there is no ...") and the whole mask decoder learns click/box prompts. Stage 2 is
+Stages 0 and 1 stand in for the pretraining a user downloads (CLIP and SAM; LLaVA). Stage 0: the vision tower
+learns dense per-patch labels of the synthetic scenes (grounding/data/patch_labels.py) and the whole mask decoder
+learns click/box prompts. Stage 1: the VLM learns the text answers (boxes, descriptions, "there is no ...") and,
+with ``masks: true``, the [SEG] answers; ``freeze`` keeps stage 0's parts as they are. Stage 2 is
 LISA's recipe (reference §3): LoRA on the language model, new token rows, lm_head, [SEG] projection and SAM's
 mask decoder; loss 1.0 CE + 2.0 BCE + 0.5 DICE. ``grounding/lora.py`` lists what trains in each stage.
 
@@ -15,24 +17,30 @@ import json
 import math
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from grounding.checkpoint import load_checkpoint, save_checkpoint
 from grounding.config import LoraSettings
-from grounding.data.collate import TrainSample, collate, make_sample
+from grounding.data.collate import collate, make_sample
+from grounding.data.patch_labels import PatchLabels, SceneLabels
 from grounding.data.refer import ReferDataset
 from grounding.data.tasks import Conversation, build_conversations
 from grounding.images import load_image
-from grounding.lora import apply_lora, new_token_ids, set_stage1_trainable
+from grounding.lora import apply_lora, new_token_ids, set_stage0_trainable, set_stage1_trainable
 from grounding.model import bce_per_mask, dice_per_mask
+from grounding.patch_heads import PatchHeads, vision_features
 from grounding.presets import build_random
 from grounding.processor import GroundingProcessor
 
@@ -43,7 +51,7 @@ class TrainConfig:
     ``model``), else a random model of ``vlm_preset`` + ``decoder``. Batches are per process."""
     data: str
     out: str
-    stage: int = 2
+    stage: int = 2                  # 0: vision tower + SAM pretraining; 1: VLM pretraining; 2: LISA's recipe
     init: str | None = None
     dataset: str = "refcoco"
     split_by: str = "unc"
@@ -65,20 +73,25 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "auto"   # auto: bf16 on GPU, none on CPU
     lora: LoraSettings = field(default_factory=LoraSettings)
-    prompts_per_image: int = 3      # stage 1: click/box prompts per image for the mask decoder
+    prompts_per_image: int = 3      # click/box prompts per image for the mask decoder
+    prompt_images: int | None = None  # images of each batch that get them (default: all)
     masks: bool | None = None       # [SEG] answers with mask losses; default: stage 2 only. Stage 1 with masks
                                     # stands in for pretrained features that know where objects are
     prompts: bool = True            # SAM's click/box task too. In stage 2 it keeps the fine-tuned mask decoder
                                     # from forgetting clicks (trained on [SEG] alone, it does; the app needs both)
-    vocab_size: int = 1024          # stage 1 from scratch: size of the tokenizer trained on the data
+    vocab_size: int = 1024          # from scratch: size of the tokenizer trained on the data
     merge_lora: bool = True
+    freeze: tuple[str, ...] = ()    # stage 1: parts that keep their weights (vision_tower, projector, mask_decoder)
+    patch_loss_weights: tuple[float, float] = (1.0, 10.0)  # stage 0: per-attribute CE, box L1
+    patch_heads: str | None = None  # stage 1: stage 0's heads file; the tower keeps learning its per-patch task
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
-        self.kinds, self.betas = tuple(self.kinds), tuple(self.betas)
-        if self.stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        self.kinds, self.betas, self.freeze = tuple(self.kinds), tuple(self.betas), tuple(self.freeze)
+        self.patch_loss_weights = tuple(self.patch_loss_weights)
+        if self.stage not in (0, 1, 2):
+            raise ValueError(f"stage must be 0, 1 or 2, got {self.stage}")
         if self.masks is None:
             self.masks = self.stage == 2
 
@@ -126,7 +139,7 @@ class _Data:
         self._masks: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def image(self, image_id: int) -> np.ndarray:
-        return _cached(self._images, image_id, lambda: load_image(self.ds.image_path(image_id)), 2048)
+        return _cached(self._images, image_id, lambda: load_image(self.ds.image_path(image_id)), 4096)
 
     def mask(self, ann_id: int) -> np.ndarray:
         return _cached(self._masks, ann_id, lambda: self.ds.mask(ann_id), 8192)
@@ -142,12 +155,11 @@ def _cached(cache: OrderedDict, key, make, limit: int):
     return value
 
 
-def _prompt_loss(model, data: _Data, samples: list[TrainSample], image_ids: list[int], rng: np.random.Generator,
+def _prompt_loss(model, data: _Data, images: list[np.ndarray], image_ids: list[int], rng: np.random.Generator,
                  per_image: int) -> torch.Tensor:
     """SAM's task on click and box prompts, for whatever part of the mask decoder trains (all of it in stage 1,
     the light decoder in stage 2)."""
     backend = model.mask_decoder
-    images = [s.image for s in samples]
     encoder_trains = any(p.requires_grad for p in backend.frozen_image_encoder_module().parameters())
     embeddings = backend.encode_with_grad(images) if encoder_trains else backend.encode(images)
     losses = []
@@ -188,6 +200,109 @@ def _prompt_loss(model, data: _Data, samples: list[TrainSample], image_ids: list
     return torch.stack(losses).mean() if losses else torch.zeros((), device=device)
 
 
+class _ConversationTask:
+    """Stages 1 and 2: conversations (text answers; [SEG] masks when ``cfg.masks``), plus SAM's prompt task
+    and, with ``cfg.patch_heads``, stage 0's per-patch task on the batch's images."""
+
+    def __init__(self, cfg: TrainConfig, data: _Data, processor: GroundingProcessor, model):
+        self.cfg, self.data, self.processor = cfg, data, processor
+        self.size = len(data.conversations)
+        self.patch = _PatchLoss(cfg, data, model, cfg.patch_heads) if cfg.patch_heads else None
+        self.modules: tuple[nn.Module, ...] = (self.patch.heads,) if self.patch else ()
+
+    def loss(self, model, raw, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        convs = [self.data.conversations[i] for i in idx]
+        samples = [make_sample(self.processor, self.data.image(c.image_id), c.question, c.answer,
+                               [self.data.mask(a) for a in c.ann_ids]) for c in convs]
+        with _tower_features(raw, enabled=self.patch is not None) as tower:  # the VLM's own pass feeds the heads
+            result = model(**collate(samples, self.processor, raw))
+        loss, parts = result.loss, {k: getattr(result, k).item() for k in ("ce_loss", "bce_loss", "dice_loss")}
+        if self.patch:
+            patch, patch_parts = self.patch(tower.features, [c.image_id for c in convs], [False] * len(convs))
+            loss = loss + patch
+            parts.update(patch_parts)
+        if self.cfg.prompts:
+            n = self.cfg.prompt_images or len(samples)
+            prompt = _prompt_loss(raw, self.data, [s.image for s in samples[:n]], [c.image_id for c in convs[:n]], rng,
+                                  self.cfg.prompts_per_image)
+            loss, parts["prompt_loss"] = loss + prompt, prompt.item()
+        return loss, parts
+
+
+@contextmanager
+def _tower_features(model, enabled: bool = True):
+    """Within the block, ``.features`` is the vision tower's last output at the VLM's feature layer
+    (``[B, n, width]``, as ``vision_features`` gives it), caught by a forward hook: no second tower pass."""
+    catch = SimpleNamespace(features=None)
+    if not enabled:
+        yield catch
+        return
+    config = model.llava_config
+
+    def hook(module, args, output):
+        feats = output.hidden_states[config.vision_feature_layer]
+        catch.features = feats[:, 1:] if config.vision_feature_select_strategy == "default" else feats
+
+    handle = model.vlm.model.vision_tower.register_forward_hook(hook)
+    try:
+        yield catch
+    finally:
+        handle.remove()
+
+
+class _PatchLoss:
+    """Stage 0's per-patch task: heads on the vision tower's tokens against the scenes' labels (also an
+    auxiliary task of stage 1 when ``patch_heads`` names stage 0's heads)."""
+
+    def __init__(self, cfg: TrainConfig, data: _Data, model, heads: str | None = None):
+        self.cfg, self.data = cfg, data
+        self.labels = SceneLabels(data.ds, int(round(model.num_image_tokens ** 0.5)))
+        self.heads = PatchHeads(model.llava_config.vision_config.hidden_size)
+        if heads:
+            self.heads.load_state_dict(load_file(heads))
+        self._cache: dict[tuple[int, bool], PatchLabels] = {}
+
+    def __call__(self, features: torch.Tensor, image_ids: list[int], flips: list[bool]) -> tuple[torch.Tensor, dict[str, float]]:
+        """features ``[B, n, width]`` (``vision_features``) of the images of ``image_ids``, mirrored where
+        ``flips`` says."""
+        labels = [self._labels(i, f) for i, f in zip(image_ids, flips)]
+        classes = torch.from_numpy(np.stack([l.classes for l in labels])).to(features.device)
+        boxes = torch.from_numpy(np.stack([l.boxes for l in labels])).to(features.device)
+        ce, l1 = self.heads.losses(features, classes, boxes)
+        w_ce, w_box = self.cfg.patch_loss_weights
+        return w_ce * ce + w_box * l1, {"patch_ce": ce.item(), "patch_box_l1": l1.item()}
+
+    def _labels(self, image_id: int, flip: bool) -> PatchLabels:
+        key = (image_id, flip)
+        if key not in self._cache:
+            self._cache[key] = self.labels(image_id, flip, mask=self.data.mask)
+        return self._cache[key]
+
+
+class _PatchTask:
+    """Stage 0: the vision tower learns per-patch labels (images mirrored at random), SAM its prompt task."""
+
+    def __init__(self, cfg: TrainConfig, data: _Data, processor: GroundingProcessor, model):
+        self.cfg, self.data, self.processor = cfg, data, processor
+        self.image_ids = data.ds.images(cfg.split)
+        self.size = len(self.image_ids)
+        self.patch = _PatchLoss(cfg, data, model)
+        self.modules = (self.patch.heads,)
+
+    def loss(self, model, raw, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        ids = [self.image_ids[i] for i in idx]
+        flips = (rng.random(len(ids)) < 0.5).tolist()
+        images = [self.data.image(i) for i in ids]
+        pixels = torch.stack([self.processor.vision_pixels(np.ascontiguousarray(im[:, ::-1]) if f else im)
+                              for im, f in zip(images, flips)]).to(next(raw.parameters()).device)
+        loss, parts = self.patch(vision_features(raw, pixels), ids, flips)
+        if self.cfg.prompts:
+            n = self.cfg.prompt_images or len(ids)
+            prompt = _prompt_loss(raw, self.data, images[:n], ids[:n], rng, self.cfg.prompts_per_image)
+            loss, parts["prompt_loss"] = loss + prompt, prompt.item()
+        return loss, parts
+
+
 def _initial_model(cfg: TrainConfig, data: "_Data"):
     if cfg.init:
         model, tokenizer = load_checkpoint(cfg.init)
@@ -195,8 +310,10 @@ def _initial_model(cfg: TrainConfig, data: "_Data"):
         corpus = [t for c in data.conversations for t in (c.question, c.answer)]
         model, tokenizer = build_random(cfg.vlm_preset, cfg.decoder, seed=cfg.seed, corpus=corpus,
                                         vocab_size=cfg.vocab_size)
-    if cfg.stage == 1:
-        set_stage1_trainable(model, seg=cfg.masks)
+    if cfg.stage == 0:
+        set_stage0_trainable(model, prompts=cfg.prompts)
+    elif cfg.stage == 1:
+        set_stage1_trainable(model, seg=cfg.masks, freeze=cfg.freeze)
     else:
         apply_lora(model, cfg.lora, new_token_ids(model, tokenizer))
     return model, tokenizer
@@ -230,10 +347,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     data = _Data(cfg)
     model, tokenizer = _initial_model(cfg, data)
     processor = GroundingProcessor(tokenizer, model.config, model.vision_image_size, model.num_image_tokens)
-    params = [p for p in model.parameters() if p.requires_grad]
+    task = (_PatchTask if cfg.stage == 0 else _ConversationTask)(cfg, data, processor, model)
+    params = [p for p in model.parameters() if p.requires_grad] + [p for m in task.modules for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, *task.modules, optimizer, scheduler = accelerator.prepare(model, *task.modules, optimizer, scheduler)
     raw = accelerator.unwrap_model(model)
     start = 0
     if resume and (ckpt := latest_checkpoint(out)) is not None:
@@ -252,26 +370,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     t0 = time.time()
     for step in bar:
         model.train()
-        idx = batch_indices(step, len(data.conversations), per_step * world, cfg.seed)
+        idx = batch_indices(step, task.size, per_step * world, cfg.seed)
         idx = idx[rank * per_step:(rank + 1) * per_step]
         rng = np.random.default_rng([cfg.seed, step, rank, 7])
-        parts = {"loss": 0.0, "ce_loss": 0.0, "bce_loss": 0.0, "dice_loss": 0.0, "prompt_loss": 0.0}
+        parts: dict[str, float] = {"loss": 0.0}
         for micro in range(cfg.grad_accum):
-            convs = [data.conversations[i] for i in idx[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]]
-            samples = [make_sample(processor, data.image(c.image_id), c.question, c.answer,
-                                   [data.mask(a) for a in c.ann_ids]) for c in convs]
-            batch = collate(samples, processor, raw)
             with accelerator.autocast():
-                result = model(**batch)
-                loss = result.loss
-                if cfg.prompts:
-                    prompt = _prompt_loss(raw, data, samples, [c.image_id for c in convs], rng, cfg.prompts_per_image)
-                    loss = loss + prompt
-                    parts["prompt_loss"] += prompt.item() / cfg.grad_accum
+                loss, micro_parts = task.loss(model, raw, idx[micro * cfg.batch_size:(micro + 1) * cfg.batch_size], rng)
             accelerator.backward(loss / cfg.grad_accum)
-            parts["loss"] += loss.item() / cfg.grad_accum
-            for k in ("ce_loss", "bce_loss", "dice_loss"):
-                parts[k] += getattr(result, k).item() / cfg.grad_accum
+            for k, v in {"loss": loss.item(), **micro_parts}.items():
+                parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
@@ -281,12 +389,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
                       **{k: round(v, 5) for k, v in parts.items()}}
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{parts['loss']:.3f}", ce=f"{parts['ce_loss']:.3f}")
+            bar.set_postfix(loss=f"{parts['loss']:.3f}")
         stopping = stop_after is not None and step + 1 >= stop_after and step + 1 < cfg.steps
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stopping:
             _save_state(accelerator, out, step + 1, cfg.keep_checkpoints)
             if accelerator.is_main_process:  # a usable model of the run so far, and its curve
                 save_checkpoint(raw, tokenizer, out / "model", merge_lora=cfg.merge_lora)
+                for module in task.modules:  # stage 0's heads, for grounding/patch_eval.py
+                    save_file(accelerator.unwrap_model(module).state_dict(), str(out / "patch_heads.safetensors"))
                 plot_losses(log_path, out / "loss.png")
         if stopping:
             return None
@@ -318,7 +428,8 @@ def plot_losses(log_path: Path, png_path: Path) -> Path | None:
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     steps = np.array([r["step"] for r in records])
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("loss", "ce_loss", "bce_loss", "dice_loss", "prompt_loss"):
+    keys = [k for k in records[0] if k not in ("step", "lr", "time_s")] if records else []
+    for key in keys:
         values = np.array([r.get(key, 0.0) for r in records])
         if not values.any():
             continue

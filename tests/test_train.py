@@ -43,7 +43,7 @@ def test_stage1_writes_model_log_and_loss_curve(stage1):
     assert (stage1 / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_resume_equals_uninterrupted(data_dir, stage1, tmp_path, stage):
     from grounding.train import train
     init = str(stage1) if stage == 2 else None
@@ -101,3 +101,72 @@ def test_seg_answers_carry_the_box_in_the_asked_fraction(data_dir, fraction):
     boxed = sum("<box>" in c.answer for c in seg) / len(seg)
     assert len(seg) > 20 and abs(boxed - fraction) <= (0 if fraction in (0.0, 1.0) else 0.25)
     assert all(c.answer.endswith("[SEG]") for c in seg)
+
+
+def test_patch_labels_name_the_object_covering_each_cell_and_mirror_with_the_image():
+    import numpy as np
+    from grounding.data.patch_labels import ATTRIBUTES, patch_labels
+
+    h, w, grid = 40, 80, 4  # padded to 80 x 80 (20 rows on top), cells of 20 x 20
+    left = np.zeros((h, w), bool)
+    left[0:20, 0:20] = True    # square-frame rows 20..40, columns 0..20: cell (1, 0)
+    right = np.zeros((h, w), bool)
+    right[10:40, 50:80] = True  # rows 30..60, columns 50..80: mostly cells (1..2, 2..3)
+    objects = [dict(colour="red", kind="circle", texture="solid", size="small"),
+               dict(colour="blue", kind="star", texture="dots", size="large")]
+    labels = patch_labels(objects, [left, right], grid)
+    cls = labels.classes.reshape(grid, grid, len(ATTRIBUTES))
+    colour = ATTRIBUTES["colour"]
+    assert cls[1, 0, 0] == 1 + colour.index("red") and cls[1, 0, 1] == 1 + ATTRIBUTES["kind"].index("circle")
+    assert cls[2, 3, 0] == 1 + colour.index("blue") and cls[2, 3, 3] == 1 + ATTRIBUTES["size"].index("large")
+    assert (cls[0] == 0).all() and (cls[3] == 0).all()   # the padding rows and empty cells are background
+    np.testing.assert_allclose(labels.boxes.reshape(grid, grid, 4)[1, 0], [0, 20 / 80, 20 / 80, 40 / 80])
+    np.testing.assert_allclose(labels.boxes.reshape(grid, grid, 4)[2, 3], [50 / 80, 30 / 80, 1, 60 / 80])
+    flipped = patch_labels(objects, [left, right], grid, flip=True)
+    np.testing.assert_array_equal(flipped.classes.reshape(grid, grid, -1), cls[:, ::-1])
+    np.testing.assert_allclose(flipped.boxes.reshape(grid, grid, 4)[1, 3], [60 / 80, 20 / 80, 1, 40 / 80])
+
+
+@pytest.fixture(scope="module")
+def stage0(data_dir, tmp_path_factory):
+    from grounding.train import train
+    out = tmp_path_factory.mktemp("s0")
+    return train(config(data_dir, out, stage=0, vlm_preset="shapes", steps=3, lr=1e-2), progress=False)
+
+
+def test_stage0_trains_the_tower_on_patch_labels_and_sam_on_prompts(data_dir, stage0):
+    records = [json.loads(l) for l in (stage0.parent / "log.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    assert all(r["patch_ce"] > 0 and r["patch_box_l1"] > 0 and r["prompt_loss"] > 0 for r in records)
+    assert "ce_loss" not in records[0]  # the language model does not train in stage 0
+    from grounding.patch_eval import evaluate_patches
+    scores = evaluate_patches(stage0.parent, data_dir, "train", limit=2)  # the heads were saved beside the model
+    assert scores["images"] == 2 and all(0 <= scores[k] <= 1 for k in ("object", "colour", "kind", "box_l1"))
+
+
+def test_stage1_keeps_frozen_parts_of_stage0(data_dir, stage0, tmp_path):
+    from grounding.checkpoint import load_checkpoint
+    from grounding.train import train
+    final = train(config(data_dir, tmp_path / "s1f", stage=1, init=str(stage0), steps=2, masks=True, prompts=False,
+                         freeze=["vision_tower", "mask_decoder"], lr=1e-2), progress=False)
+    before, after = weights(stage0), weights(final)
+    tower = [k for k in before if "vision_tower" in k]
+    assert any("patch_embedding.net" in k for k in tower)  # the conv stem of the shapes preset
+    assert all(torch.equal(before[k], after[k]) for k in tower)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("mask_decoder."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if "language_model" in k)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("seg_projection."))
+    model, _ = load_checkpoint(final)  # the conv stem is rebuilt from groundseg.json
+    assert model.config.vision_stem == "conv"
+
+
+def test_stage1_with_stage0_heads_keeps_training_the_tower_on_patches(data_dir, stage0, tmp_path):
+    from grounding.train import train
+    final = train(config(data_dir, tmp_path / "s1p", stage=1, init=str(stage0), steps=2, masks=True, lr=1e-2,
+                         patch_heads=str(stage0.parent / "patch_heads.safetensors"), freeze=["image_encoder"]),
+                  progress=False)
+    records = [json.loads(l) for l in (final.parent / "log.jsonl").read_text().splitlines()]
+    assert all(r["ce_loss"] > 0 and r["patch_ce"] > 0 and r["bce_loss"] > 0 for r in records)
+    before, after = weights(stage0), weights(final)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "vision_tower" in k)
+    assert all(torch.equal(before[k], after[k]) for k in before if "image_encoder" in k)
