@@ -37,8 +37,8 @@ bench: $(VENV)/.installed
 # Rebuild the embedded default model from scratch (weights/shapes-tiny/MODEL_CARD.md has times and scores).
 default-model: $(VENV)/.installed
 	$(VENV)/bin/groundseg synth --out data/synth --images 3000 --seed 0
-	$(VENV)/bin/groundseg train --config configs/shapes-tiny-stage0.yaml
-	$(VENV)/bin/groundseg train --config configs/shapes-tiny-stage1.yaml
+	$(VENV)/bin/groundseg train --config configs/shapes-tiny-stage1.yaml --stop-after 1250
+	$(VENV)/bin/groundseg train --config configs/shapes-tiny-stage1b.yaml
 	$(VENV)/bin/groundseg train --config configs/shapes-tiny-stage2.yaml
 	rm -rf $(DEFAULT_MODEL) && cp -r runs/shapes-tiny/stage2/model $(DEFAULT_MODEL)
 

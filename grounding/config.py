@@ -41,6 +41,7 @@ class GroundingConfig:
     box_format:        text format of boxes in prompts and answers (``qwen`` or ``shikra``).
     max_length:        longest token sequence the model accepts (image tokens included).
     vision_stem:       None: the tower's own patch embedding (CLIP's); ``"conv"``: grounding/vision_stem.py.
+    projector_norm:    a LayerNorm on the tower features before the projector (grounding/projector_norm.py).
     """
 
     vlm: dict[str, Any] | None = None
@@ -55,6 +56,7 @@ class GroundingConfig:
     loss_weights: LossWeights = field(default_factory=LossWeights)
     lora: LoraSettings | None = None
     vision_stem: str | None = None
+    projector_norm: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_weights, dict):

@@ -16,6 +16,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedT
 
 from grounding.config import GroundingConfig
 from grounding.errors import CheckpointError
+from grounding.projector_norm import install_projector_norm
 from grounding.tokens import IMAGE, SEG
 from grounding.vision_stem import install_vision_stem
 from segdecoder import ImageEmbedding, MaskDecoderBackend, build_decoder
@@ -92,6 +93,8 @@ class GroundingModel(nn.Module):
         else:
             vlm = LlavaForConditionalGeneration(LlavaConfig(**config.vlm))
             install_vision_stem(vlm.model.vision_tower, config.vision_stem)
+            if config.projector_norm:
+                install_projector_norm(vlm.model.multi_modal_projector, vlm.config.vision_config.hidden_size)
             vlm = vlm.to(dtype)
         if len(tokenizer) > vlm.get_input_embeddings().num_embeddings:
             vlm.resize_token_embeddings(len(tokenizer), mean_resizing=config.vlm_path is not None)

@@ -37,6 +37,7 @@ VLM_PRESETS: dict[str, dict[str, Any]] = {
                      num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False),
         "max_length": 512,
         "vision_stem": "conv",
+        "projector_norm": True,
         "vision_feature_layer": -1,
     },
     # LLaVA-1.5-7B's shapes (CLIP ViT-L/14 at 336 px -> 576 image tokens; Llama-2-7B), for benchmarks with
@@ -72,6 +73,7 @@ def build_random(vlm_preset: str = "tiny", decoder: dict[str, Any] | None = None
     config = GroundingConfig(
         vlm=vlm_config(vlm_preset, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id),
         decoder=decoder or {"backend": "sam", "preset": "tiny"}, vision_stem=VLM_PRESETS[vlm_preset].get("vision_stem"),
+        projector_norm=VLM_PRESETS[vlm_preset].get("projector_norm", False),
         seg_state=seg_state, max_length=VLM_PRESETS[vlm_preset]["max_length"],
     )
     return GroundingModel.build(config, tokenizer), tokenizer

@@ -34,15 +34,16 @@ from tqdm import tqdm
 from grounding.checkpoint import load_checkpoint, save_checkpoint
 from grounding.config import LoraSettings
 from grounding.data.collate import collate, make_sample
-from grounding.data.patch_labels import PatchLabels, SceneLabels
+from grounding.data.patch_labels import SceneLabels
 from grounding.data.refer import ReferDataset
 from grounding.data.tasks import Conversation, build_conversations
 from grounding.images import load_image
 from grounding.lora import apply_lora, new_token_ids, set_stage0_trainable, set_stage1_trainable
 from grounding.model import bce_per_mask, dice_per_mask
-from grounding.patch_heads import PatchHeads, vision_features
+from grounding.patch_heads import PatchHeads, PointerHead, vision_features
 from grounding.presets import build_random
 from grounding.processor import GroundingProcessor
+from grounding.tokens import REF_END
 
 
 @dataclass
@@ -84,6 +85,7 @@ class TrainConfig:
     freeze: tuple[str, ...] = ()    # stage 1: parts that keep their weights (vision_tower, projector, mask_decoder)
     patch_loss_weights: tuple[float, float] = (1.0, 10.0)  # stage 0: per-attribute CE, box L1
     patch_heads: str | None = None  # stage 1: stage 0's heads file; the tower keeps learning its per-patch task
+    pointer_loss: float = 0.0       # stage 1 on synthetic data: weight of the pointer task (patch_heads.PointerHead)
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -208,19 +210,29 @@ class _ConversationTask:
         self.cfg, self.data, self.processor = cfg, data, processor
         self.size = len(data.conversations)
         self.patch = _PatchLoss(cfg, data, model, cfg.patch_heads) if cfg.patch_heads else None
-        self.modules: tuple[nn.Module, ...] = (self.patch.heads,) if self.patch else ()
+        self.pointer = PointerHead(model.llava_config.text_config.hidden_size) if cfg.pointer_loss else None
+        self.modules: tuple[nn.Module, ...] = tuple(m for m in (self.patch and self.patch.heads, self.pointer) if m)
+        if self.pointer:
+            self.labels = self.patch.labels if self.patch else SceneLabels(data.ds, int(round(model.num_image_tokens ** 0.5)))
+            self.ref_end = processor.tokenizer.convert_tokens_to_ids(REF_END)
 
     def loss(self, model, raw, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         convs = [self.data.conversations[i] for i in idx]
         samples = [make_sample(self.processor, self.data.image(c.image_id), c.question, c.answer,
                                [self.data.mask(a) for a in c.ann_ids]) for c in convs]
-        with _tower_features(raw, enabled=self.patch is not None) as tower:  # the VLM's own pass feeds the heads
-            result = model(**collate(samples, self.processor, raw))
+        vlm = raw.vlm.model
+        batch = collate(samples, self.processor, raw)
+        with _catch_output(vlm.vision_tower if self.patch else None, _tower_select(raw)) as tower, \
+                _catch_output(vlm.language_model.norm if self.pointer else None) as last:
+            result = model(**batch)
         loss, parts = result.loss, {k: getattr(result, k).item() for k in ("ce_loss", "bce_loss", "dice_loss")}
         if self.patch:
-            patch, patch_parts = self.patch(tower.features, [c.image_id for c in convs], [False] * len(convs))
+            patch, patch_parts = self.patch(tower.value, [c.image_id for c in convs], [False] * len(convs))
             loss = loss + patch
             parts.update(patch_parts)
+        if self.pointer and (pointer := self._pointer_loss(convs, batch["input_ids"], last.value)) is not None:
+            loss = loss + self.cfg.pointer_loss * pointer
+            parts["pointer_loss"] = pointer.item()
         if self.cfg.prompts:
             n = self.cfg.prompt_images or len(samples)
             prompt = _prompt_loss(raw, self.data, [s.image for s in samples[:n]], [c.image_id for c in convs[:n]], rng,
@@ -228,26 +240,55 @@ class _ConversationTask:
             loss, parts["prompt_loss"] = loss + prompt, prompt.item()
         return loss, parts
 
+    def _pointer_loss(self, convs: list[Conversation], input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The pointer task on the batch's one-object conversations: query = the state at the answer's first
+        ``</ref>``, targets = the image tokens whose cell that object covers most."""
+        rows, queries, targets = [], [], []
+        image_token = self.processor.image_token_id
+        for b, conv in enumerate(convs):
+            ends = (input_ids[b] == self.ref_end).nonzero().flatten()
+            if len(conv.ann_ids) != 1 or not len(ends):
+                continue
+            cells = self.labels(conv.image_id, mask=self.data.mask).objects
+            target = torch.from_numpy(cells == self.labels.object_index(conv.image_id, conv.ann_ids[0]))
+            if target.any():
+                rows.append(b)
+                queries.append(ends[0])
+                targets.append(target)
+        if not rows:
+            return None
+        rows_t = torch.tensor(rows)
+        image = torch.stack([hidden[b, input_ids[b] == image_token] for b in rows])
+        return self.pointer.loss(hidden[rows_t, torch.stack(queries)], image, torch.stack(targets).to(hidden.device))
+
 
 @contextmanager
-def _tower_features(model, enabled: bool = True):
-    """Within the block, ``.features`` is the vision tower's last output at the VLM's feature layer
-    (``[B, n, width]``, as ``vision_features`` gives it), caught by a forward hook: no second tower pass."""
-    catch = SimpleNamespace(features=None)
-    if not enabled:
+def _catch_output(module: nn.Module | None, select=lambda output: output):
+    """Within the block, ``.value`` is ``select(output)`` of the module's last forward (a forward hook: the
+    training pass itself feeds the auxiliary heads, no second pass). ``module`` None catches nothing."""
+    catch = SimpleNamespace(value=None)
+    if module is None:
         yield catch
         return
-    config = model.llava_config
 
-    def hook(module, args, output):
-        feats = output.hidden_states[config.vision_feature_layer]
-        catch.features = feats[:, 1:] if config.vision_feature_select_strategy == "default" else feats
+    def hook(mod, args, output):
+        catch.value = select(output)
 
-    handle = model.vlm.model.vision_tower.register_forward_hook(hook)
+    handle = module.register_forward_hook(hook)
     try:
         yield catch
     finally:
         handle.remove()
+
+
+def _tower_select(model):
+    """The tower's output -> its tokens at the VLM's feature layer, as ``vision_features`` gives them."""
+    config = model.llava_config
+
+    def select(output):
+        feats = output.hidden_states[config.vision_feature_layer]
+        return feats[:, 1:] if config.vision_feature_select_strategy == "default" else feats
+    return select
 
 
 class _PatchLoss:
@@ -260,23 +301,16 @@ class _PatchLoss:
         self.heads = PatchHeads(model.llava_config.vision_config.hidden_size)
         if heads:
             self.heads.load_state_dict(load_file(heads))
-        self._cache: dict[tuple[int, bool], PatchLabels] = {}
 
     def __call__(self, features: torch.Tensor, image_ids: list[int], flips: list[bool]) -> tuple[torch.Tensor, dict[str, float]]:
         """features ``[B, n, width]`` (``vision_features``) of the images of ``image_ids``, mirrored where
         ``flips`` says."""
-        labels = [self._labels(i, f) for i, f in zip(image_ids, flips)]
+        labels = [self.labels(i, f, mask=self.data.mask) for i, f in zip(image_ids, flips)]
         classes = torch.from_numpy(np.stack([l.classes for l in labels])).to(features.device)
         boxes = torch.from_numpy(np.stack([l.boxes for l in labels])).to(features.device)
         ce, l1 = self.heads.losses(features, classes, boxes)
         w_ce, w_box = self.cfg.patch_loss_weights
         return w_ce * ce + w_box * l1, {"patch_ce": ce.item(), "patch_box_l1": l1.item()}
-
-    def _labels(self, image_id: int, flip: bool) -> PatchLabels:
-        key = (image_id, flip)
-        if key not in self._cache:
-            self._cache[key] = self.labels(image_id, flip, mask=self.data.mask)
-        return self._cache[key]
 
 
 class _PatchTask:

@@ -9,8 +9,9 @@ the same ``[B, width, s/patch, s/patch]`` grid with local shape features, and CL
 added to it: GroupNorm removes each image's mean colour, which the linear path keeps.
 
 Measured on the synthetic scenes (per-patch labels of grounding/data/patch_labels.py, 256 px, patch 32, batch
-64, same tower, 200 steps): kind accuracy 11.5% with one conv per stage and no norm, 25.5% with this deep path
-alone (but colour 40%: GroupNorm), 20.8% / colour 85.5% with both paths, and 37% kind at 300 steps.
+64, same tower, 200 steps; weights/shapes-tiny/MODEL_CARD.md, v1): kind accuracy 11.5% with one conv per stage
+and no norm, 25.5% with this deep path alone (but colour 40%: GroupNorm), 20.8% / colour 85.5% with both paths
+(37% kind at 300 steps).
 Real LLaVA checkpoints keep CLIP's own embedding (``GroundingConfig.vision_stem`` is None).
 """
 from __future__ import annotations

@@ -93,3 +93,19 @@ def test_seg_state_before_reads_the_token_preceding_seg(tiny):
         picked[mode] = captured[0]
     model.config.seg_state = "seg"
     assert picked == {"seg": [2.0, 4.0], "before": [1.0, 3.0]}
+
+
+def test_projector_norm_keeps_image_tokens_at_the_text_embeddings_scale():
+    """A from-scratch tower's features are hundreds wide in norm; with the projector norm the image tokens reach
+    the language model at about the text embeddings' norm (without it they were ~200x larger)."""
+    from grounding.presets import build_random
+
+    model, _ = build_random("shapes", seed=0)
+    assert model.config.projector_norm and hasattr(model.vlm.model.multi_modal_projector, "norm")
+    size = model.vision_image_size
+    with torch.no_grad():
+        feats = 300 * torch.randn(2, model.num_image_tokens, model.llava_config.vision_config.hidden_size)
+        tokens = model.vlm.model.multi_modal_projector(feats)
+    text = model.vlm.get_input_embeddings().weight.norm(dim=-1).mean()
+    assert tokens.shape == (2, model.num_image_tokens, model.llava_config.text_config.hidden_size) and size == 256
+    assert 0.1 < tokens.norm(dim=-1).mean() / text < 10

@@ -170,3 +170,12 @@ def test_stage1_with_stage0_heads_keeps_training_the_tower_on_patches(data_dir, 
     before, after = weights(stage0), weights(final)
     assert any(not torch.equal(before[k], after[k]) for k in before if "vision_tower" in k)
     assert all(torch.equal(before[k], after[k]) for k in before if "image_encoder" in k)
+
+
+def test_stage1_pointer_task_points_the_phrase_at_its_objects_tokens(data_dir, stage0, tmp_path):
+    from grounding.train import train
+    final = train(config(data_dir, tmp_path / "s1ptr", stage=1, init=str(stage0), steps=2, masks=True, batch_size=8,
+                         pointer_loss=1.0, prompts=False), progress=False)
+    records = [json.loads(l) for l in (final.parent / "log.jsonl").read_text().splitlines()]
+    # -log(mass on the object's cells): positive, and at most log(64 cells) + a margin for a random start
+    assert all(0 < r["pointer_loss"] < 6 for r in records)

@@ -32,10 +32,12 @@ MIN_COVER = 0.05
 
 @dataclass
 class PatchLabels:
-    """classes ``[grid*grid, len(ATTRIBUTES)]`` int64 (0 = background), boxes ``[grid*grid, 4]`` float32;
-    cells row-major, as the tower's tokens."""
+    """classes ``[grid*grid, len(ATTRIBUTES)]`` int64 (0 = background), boxes ``[grid*grid, 4]`` float32,
+    objects ``[grid*grid]`` int64 (index of the cell's object in the scene, -1 = background); cells row-major,
+    as the tower's tokens."""
     classes: np.ndarray
     boxes: np.ndarray
+    objects: np.ndarray
 
 
 def patch_labels(objects: list[dict], masks: list[np.ndarray], grid: int, flip: bool = False) -> PatchLabels:
@@ -58,6 +60,7 @@ def patch_labels(objects: list[dict], masks: list[np.ndarray], grid: int, flip: 
         boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) if len(xs) else (0, 0, 0, 0))
     classes = np.zeros((grid * grid, len(ATTRIBUTES)), np.int64)
     out_boxes = np.zeros((grid * grid, 4), np.float32)
+    cell_objects = np.full(grid * grid, -1, np.int64)
     edges = [int(round(k * side / grid)) for k in range(grid + 1)]
     for r in range(grid):
         for c in range(grid):
@@ -68,7 +71,8 @@ def patch_labels(objects: list[dict], masks: list[np.ndarray], grid: int, flip: 
             i = int(counts.argmax())
             classes[r * grid + c] = [1 + values.index(objects[i][a]) for a, values in ATTRIBUTES.items()]
             out_boxes[r * grid + c] = np.asarray(boxes[i], np.float32) / side
-    return PatchLabels(classes, out_boxes)
+            cell_objects[r * grid + c] = i
+    return PatchLabels(classes, out_boxes, cell_objects)
 
 
 class SceneLabels:
@@ -81,9 +85,17 @@ class SceneLabels:
                                "(only folders written by `groundseg synth` have it)")
         self.ds, self.grid = ds, grid
         self.scenes = {s["image_id"]: s for s in json.loads(path.read_text())["images"]}
+        self._cache: dict[tuple[int, bool], PatchLabels] = {}
+
+    def object_index(self, image_id: int, ann_id: int) -> int:
+        """Index of annotation ``ann_id`` among its scene's objects (as ``PatchLabels.objects`` counts them)."""
+        return next(i for i, o in enumerate(self.scenes[image_id]["objects"]) if o["ann_id"] == ann_id)
 
     def __call__(self, image_id: int, flip: bool = False, mask: Callable[[int], np.ndarray] | None = None) -> PatchLabels:
-        """mask: ann_id -> visible mask (default: the dataset's, decoded from its polygons)."""
-        objects = self.scenes[image_id]["objects"]
-        mask = mask or self.ds.mask
-        return patch_labels(objects, [mask(o["ann_id"]) for o in objects], self.grid, flip)
+        """mask: ann_id -> visible mask (default: the dataset's, decoded from its polygons). Cached."""
+        key = (image_id, flip)
+        if key not in self._cache:
+            objects = self.scenes[image_id]["objects"]
+            mask = mask or self.ds.mask
+            self._cache[key] = patch_labels(objects, [mask(o["ann_id"]) for o in objects], self.grid, flip)
+        return self._cache[key]
