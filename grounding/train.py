@@ -429,8 +429,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
             _save_state(accelerator, out, step + 1, cfg.keep_checkpoints)
             if accelerator.is_main_process:  # a usable model of the run so far, and its curve
                 save_checkpoint(raw, tokenizer, out / "model", merge_lora=cfg.merge_lora)
-                for module in task.modules:  # stage 0's heads, for grounding/patch_eval.py
-                    save_file(accelerator.unwrap_model(module).state_dict(), str(out / "patch_heads.safetensors"))
+                if getattr(task, "patch", None):  # the per-patch heads, for grounding/patch_eval.py and stage 1
+                    save_file(task.patch.heads.state_dict(), str(out / "patch_heads.safetensors"))
                 plot_losses(log_path, out / "loss.png")
         if stopping:
             return None
@@ -462,7 +462,7 @@ def plot_losses(log_path: Path, png_path: Path) -> Path | None:
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     steps = np.array([r["step"] for r in records])
     fig, ax = plt.subplots(figsize=(7, 4))
-    keys = [k for k in records[0] if k not in ("step", "lr", "time_s")] if records else []
+    keys = list(dict.fromkeys(k for r in records for k in r if k not in ("step", "lr", "time_s")))
     for key in keys:
         values = np.array([r.get(key, 0.0) for r in records])
         if not values.any():
