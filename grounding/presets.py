@@ -11,6 +11,9 @@ from grounding.config import GroundingConfig
 from grounding.model import GroundingModel
 from grounding.tokenizer import train_tokenizer
 
+_SMALL_TEXT = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
+
 VLM_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -23,8 +26,7 @@ VLM_PRESETS: dict[str, dict[str, Any]] = {
     "small": {
         "vision": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
                        image_size=128, patch_size=16, projection_dim=192),
-        "text": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False),
+        "text": _SMALL_TEXT,
         "max_length": 512,
     },
     # The embedded default model since v1: ``small``'s language model; the tower reads 256 px through a
@@ -33,8 +35,7 @@ VLM_PRESETS: dict[str, dict[str, Any]] = {
     "shapes": {
         "vision": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
                        image_size=256, patch_size=32, projection_dim=192),
-        "text": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False),
+        "text": _SMALL_TEXT,
         "max_length": 512,
         "vision_stem": "conv",
         "projector_norm": True,
