@@ -395,8 +395,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     log_path = out / "log.jsonl"
-    if start == 0 and accelerator.is_main_process:
-        log_path.unlink(missing_ok=True)
+    if accelerator.is_main_process and log_path.is_file():  # a resumed run redoes the steps after its checkpoint
+        kept = [l for l in log_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start]
+        log_path.write_text("".join(l + "\n" for l in kept))
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * cfg.grad_accum
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (progress and accelerator.is_main_process),

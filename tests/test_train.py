@@ -50,7 +50,11 @@ def test_resume_equals_uninterrupted(data_dir, stage1, tmp_path, stage):
     full = train(config(data_dir, tmp_path / "full", stage=stage, init=init), progress=False)
     cut = config(data_dir, tmp_path / "cut", stage=stage, init=init, save_every=100)
     assert train(cut, progress=False, stop_after=2) is None
+    with (tmp_path / "cut" / "log.jsonl").open("a") as f:  # a step logged after the last checkpoint, then killed
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
     resumed = train(cut, resume=True, progress=False)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # the killed step's line is replaced, not repeated
     a, b = weights(full), weights(resumed)
     assert a.keys() == b.keys()
     for k in a:
