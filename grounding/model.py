@@ -112,10 +112,14 @@ class GroundingModel(nn.Module):
         return self.llava_config.vision_config.image_size
 
     @property
-    def num_image_tokens(self) -> int:
+    def token_grid(self) -> int:
+        """Side of the vision tower's square patch grid (8 for 64 patch tokens)."""
         vc = self.llava_config.vision_config
-        patches = (vc.image_size // vc.patch_size) ** 2
-        return patches + (1 if self.llava_config.vision_feature_select_strategy == "full" else 0)
+        return vc.image_size // vc.patch_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.token_grid ** 2 + (1 if self.llava_config.vision_feature_select_strategy == "full" else 0)
 
     # ---- [SEG] states -----------------------------------------------------------------------------------
     def seg_embeddings(self, last_hidden: torch.Tensor, input_ids: torch.Tensor,

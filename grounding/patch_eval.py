@@ -31,7 +31,7 @@ def evaluate_patches(run: str | Path, data: str | Path, split: str = "val", limi
     heads.load_state_dict(load_file(str(run / "patch_heads.safetensors")))
     processor = GroundingProcessor(tokenizer, model.config, model.vision_image_size, model.num_image_tokens)
     ds = ReferDataset(data, "synth", "unc")
-    labels = SceneLabels(ds, int(round(model.num_image_tokens ** 0.5)))
+    labels = SceneLabels(ds, model.token_grid)
     image_ids = ds.images(split)[:limit]
     hits = {name: [] for name in ("object", *ATTRIBUTES)}
     box_err = []

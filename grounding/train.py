@@ -213,7 +213,7 @@ class _ConversationTask:
         self.pointer = PointerHead(model.llava_config.text_config.hidden_size) if cfg.pointer_loss else None
         self.modules: tuple[nn.Module, ...] = tuple(m for m in (self.patch and self.patch.heads, self.pointer) if m)
         if self.pointer:
-            self.labels = self.patch.labels if self.patch else SceneLabels(data.ds, int(round(model.num_image_tokens ** 0.5)))
+            self.labels = self.patch.labels if self.patch else SceneLabels(data.ds, model.token_grid)
             self.ref_end = processor.tokenizer.convert_tokens_to_ids(REF_END)
 
     def loss(self, model, raw, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
@@ -297,7 +297,7 @@ class _PatchLoss:
 
     def __init__(self, cfg: TrainConfig, data: _Data, model, heads: str | None = None):
         self.cfg, self.data = cfg, data
-        self.labels = SceneLabels(data.ds, int(round(model.num_image_tokens ** 0.5)))
+        self.labels = SceneLabels(data.ds, model.token_grid)
         self.heads = PatchHeads(model.llava_config.vision_config.hidden_size)
         if heads:
             self.heads.load_state_dict(load_file(heads))
