@@ -43,7 +43,8 @@ from grounding.model import bce_per_mask, dice_per_mask
 from grounding.patch_heads import PatchHeads, PointerHead, vision_features
 from grounding.presets import build_random
 from grounding.processor import GroundingProcessor
-from grounding.tokens import REF_END
+from grounding.text_init import unit_scale_init
+from grounding.tokens import REF_END, REF_START
 
 
 @dataclass
@@ -86,6 +87,10 @@ class TrainConfig:
     patch_loss_weights: tuple[float, float] = (1.0, 10.0)  # stage 0: per-attribute CE, box L1
     patch_heads: str | None = None  # stage 1: stage 0's heads file; the tower keeps learning its per-patch task
     pointer_loss: float = 0.0       # stage 1 on synthetic data: weight of the pointer task (patch_heads.PointerHead)
+    phrase_words_loss: float = 0.0  # stage 1: weight of the phrase-words task (the state at </ref> names the
+                                    # words between <ref> and </ref>; it teaches a model from scratch to
+                                    # gather a phrase into one state)
+    reinit_language_model: bool = False  # stage 1 from a stage-0 checkpoint: text_init.unit_scale_init first
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -210,11 +215,16 @@ class _ConversationTask:
         self.cfg, self.data, self.processor = cfg, data, processor
         self.size = len(data.conversations)
         self.patch = _PatchLoss(cfg, data, model, cfg.patch_heads) if cfg.patch_heads else None
-        self.pointer = PointerHead(model.llava_config.text_config.hidden_size) if cfg.pointer_loss else None
-        self.modules: tuple[nn.Module, ...] = tuple(m for m in (self.patch and self.patch.heads, self.pointer) if m)
+        text = model.llava_config.text_config
+        self.pointer = PointerHead(text.hidden_size) if cfg.pointer_loss else None
+        vocab = model.vlm.get_input_embeddings().num_embeddings
+        self.words = nn.Linear(text.hidden_size, vocab) if cfg.phrase_words_loss else None
+        self.modules: tuple[nn.Module, ...] = tuple(
+            m for m in (self.patch and self.patch.heads, self.pointer, self.words) if m)
         if self.pointer:
             self.labels = self.patch.labels if self.patch else SceneLabels(data.ds, model.token_grid)
-            self.ref_end = processor.tokenizer.convert_tokens_to_ids(REF_END)
+        self.ref_start = processor.tokenizer.convert_tokens_to_ids(REF_START)
+        self.ref_end = processor.tokenizer.convert_tokens_to_ids(REF_END)
 
     def loss(self, model, raw, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         convs = [self.data.conversations[i] for i in idx]
@@ -223,7 +233,7 @@ class _ConversationTask:
         vlm = raw.vlm.model
         batch = collate(samples, self.processor, raw)
         with _catch_output(vlm.vision_tower if self.patch else None, _tower_select(raw)) as tower, \
-                _catch_output(vlm.language_model.norm if self.pointer else None) as last:
+                _catch_output(vlm.language_model.norm if self.pointer or self.words else None) as last:
             result = model(**batch)
         loss, parts = result.loss, {k: getattr(result, k).item() for k in ("ce_loss", "bce_loss", "dice_loss")}
         if self.patch:
@@ -233,6 +243,9 @@ class _ConversationTask:
         if self.pointer and (pointer := self._pointer_loss(convs, batch["input_ids"], last.value)) is not None:
             loss = loss + self.cfg.pointer_loss * pointer
             parts["pointer_loss"] = pointer.item()
+        if self.words and (words := self._phrase_words_loss(batch["input_ids"], last.value)) is not None:
+            loss = loss + self.cfg.phrase_words_loss * words
+            parts["phrase_words_loss"] = words.item()
         if self.cfg.prompts:
             n = self.cfg.prompt_images or len(samples)
             prompt = _prompt_loss(raw, self.data, [s.image for s in samples[:n]], [c.image_id for c in convs[:n]], rng,
@@ -260,6 +273,26 @@ class _ConversationTask:
         rows_t = torch.tensor(rows)
         image = torch.stack([hidden[b, input_ids[b] == image_token] for b in rows])
         return self.pointer.loss(hidden[rows_t, torch.stack(queries)], image, torch.stack(targets).to(hidden.device))
+
+
+    def _phrase_words_loss(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor | None:
+        """input_ids ``[B, T]``, hidden ``[B, T, h]`` (last layer): from the state at each row's first ``</ref>``,
+        which tokens lie between it and the ``<ref>`` before it (multi-label BCE summed over the vocabulary,
+        mean over phrases)."""
+        queries, targets = [], []
+        for b in range(len(input_ids)):
+            ends = (input_ids[b] == self.ref_end).nonzero().flatten()
+            starts = (input_ids[b] == self.ref_start).nonzero().flatten()
+            if not len(ends) or not len(starts) or starts[0] >= ends[0]:
+                continue
+            target = hidden.new_zeros(self.words.out_features)
+            target[input_ids[b, starts[0] + 1:ends[0]]] = 1.0
+            queries.append(hidden[b, ends[0]])
+            targets.append(target)
+        if not queries:
+            return None
+        logits = self.words(torch.stack(queries))
+        return F.binary_cross_entropy_with_logits(logits, torch.stack(targets), reduction="sum") / len(queries)
 
 
 @contextmanager
@@ -340,6 +373,10 @@ class _PatchTask:
 def _initial_model(cfg: TrainConfig, data: "_Data"):
     if cfg.init:
         model, tokenizer = load_checkpoint(cfg.init)
+        if cfg.reinit_language_model:  # stage 0 never trains the language model: its weights are still random
+            if cfg.stage != 1:
+                raise ValueError("reinit_language_model is for stage 1 (from a stage-0 checkpoint)")
+            unit_scale_init(model.vlm.model.language_model)
     else:  # the tokenizer learns the words of the training text
         corpus = [t for c in data.conversations for t in (c.question, c.answer)]
         model, tokenizer = build_random(cfg.vlm_preset, cfg.decoder, seed=cfg.seed, corpus=corpus,

@@ -183,3 +183,26 @@ def test_stage1_pointer_task_points_the_phrase_at_its_objects_tokens(data_dir, s
     records = [json.loads(l) for l in (final.parent / "log.jsonl").read_text().splitlines()]
     # -log(mass on the object's cells): positive, and at most log(64 cells) + a margin for a random start
     assert all(0 < r["pointer_loss"] < 6 for r in records)
+
+
+def test_stage1_phrase_words_task_and_unit_scale_language_model(data_dir, stage0, tmp_path):
+    from grounding.train import train
+    final = train(config(data_dir, tmp_path / "s1words", stage=1, init=str(stage0), steps=2, batch_size=8,
+                         phrase_words_loss=0.125, reinit_language_model=True, prompts=False), progress=False)
+    records = [json.loads(l) for l in (final.parent / "log.jsonl").read_text().splitlines()]
+    # BCE summed over the vocabulary: a random head starts near vocab * log(2), and every phrase has words
+    assert all(r["phrase_words_loss"] > 1 for r in records)
+    before, after = weights(stage0), weights(final)
+    emb = next(k for k in after if k.endswith("language_model.embed_tokens.weight"))
+    assert before[emb].std() < 0.1 and 0.8 < after[emb].std() < 1.2  # re-drawn at unit RMS, then 2 small steps
+
+
+def test_unit_scale_init_gives_unit_embeddings_and_fan_in_linears():
+    from torch import nn
+    from grounding.text_init import unit_scale_init
+    lm = nn.ModuleDict({"embed_tokens": nn.Embedding(500, 64), "q_proj": nn.Linear(64, 64), "o_proj": nn.Linear(64, 64)})
+    unit_scale_init(lm, residual_scale=0.5)
+    assert abs(lm["embed_tokens"].weight.std().item() - 1.0) < 0.05
+    assert abs(lm["q_proj"].weight.std().item() - 64 ** -0.5) < 0.01
+    assert abs(lm["o_proj"].weight.std().item() - 0.5 * 64 ** -0.5) < 0.01
+    assert torch.all(lm["q_proj"].bias == 0)
