@@ -4,8 +4,9 @@ transformers initialises Llama with N(0, 0.02) everywhere, a scale made for 4096
 leaves the word embeddings at norm ~0.3 against the image tokens' ~14 (after the projector norm) and every
 linear layer shrinking its input ~3x, and the model is slow to gather a phrase into one state. Measured on
 the binding diagnostic of 2026-11-23 (frozen stage-0 tower, the state at ``</ref>`` pointing at its object's
-image tokens, 500 steps of 32): top-1 on attribute phrases 24% with the default init, 29% with this one, 62%
-with this one and ``TrainConfig.phrase_words_loss``; a bag-of-words query reaches 68% (model card, "v1").
+image tokens, batches of 32): top-1 on attribute phrases 21-34% with the default init (250 to 1,250 steps), 29%
+with this one and 62% with this one plus ``TrainConfig.phrase_words_loss`` (500 steps); a bag-of-words query
+reaches 72% in 200 (model card, "v1").
 """
 from __future__ import annotations
 
