@@ -217,8 +217,7 @@ class _ConversationTask:
         self.patch = _PatchLoss(cfg, data, model, cfg.patch_heads) if cfg.patch_heads else None
         text = model.llava_config.text_config
         self.pointer = PointerHead(text.hidden_size) if cfg.pointer_loss else None
-        vocab = model.vlm.get_input_embeddings().num_embeddings
-        self.words = nn.Linear(text.hidden_size, vocab) if cfg.phrase_words_loss else None
+        self.words = nn.Linear(text.hidden_size, len(processor.tokenizer)) if cfg.phrase_words_loss else None
         self.modules: tuple[nn.Module, ...] = tuple(
             m for m in (self.patch and self.patch.heads, self.pointer, self.words) if m)
         if self.pointer:
