@@ -273,7 +273,6 @@ class _ConversationTask:
         image = torch.stack([hidden[b, input_ids[b] == image_token] for b in rows])
         return self.pointer.loss(hidden[rows_t, torch.stack(queries)], image, torch.stack(targets).to(hidden.device))
 
-
     def _phrase_words_loss(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor | None:
         """input_ids ``[B, T]``, hidden ``[B, T, h]`` (last layer): from the state at each row's first ``</ref>``,
         which tokens lie between it and the ``<ref>`` before it (multi-label BCE summed over the vocabulary,
