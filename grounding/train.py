@@ -101,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"stage must be 0, 1 or 2, got {self.stage}")
         if self.masks is None:
             self.masks = self.stage == 2
+        if self.reinit_language_model and (self.stage != 1 or not self.init):
+            raise ValueError("reinit_language_model is for stage 1 from a stage-0 checkpoint (stage: 1, init: ...)")
 
     @classmethod
     def load(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
@@ -258,20 +260,20 @@ class _ConversationTask:
         rows, queries, targets = [], [], []
         image_token = self.processor.image_token_id
         for b, conv in enumerate(convs):
-            ends = (input_ids[b] == self.ref_end).nonzero().flatten()
-            if len(conv.ann_ids) != 1 or not len(ends):
+            end = _first_index(input_ids[b], self.ref_end)
+            if len(conv.ann_ids) != 1 or end is None:
                 continue
             cells = self.labels(conv.image_id, mask=self.data.mask).objects
             target = torch.from_numpy(cells == self.labels.object_index(conv.image_id, conv.ann_ids[0]))
             if target.any():
                 rows.append(b)
-                queries.append(ends[0])
+                queries.append(end)
                 targets.append(target)
         if not rows:
             return None
         rows_t = torch.tensor(rows)
         image = torch.stack([hidden[b, input_ids[b] == image_token] for b in rows])
-        return self.pointer.loss(hidden[rows_t, torch.stack(queries)], image, torch.stack(targets).to(hidden.device))
+        return self.pointer.loss(hidden[rows_t, torch.tensor(queries)], image, torch.stack(targets).to(hidden.device))
 
     def _phrase_words_loss(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor | None:
         """input_ids ``[B, T]``, hidden ``[B, T, h]`` (last layer): from the state at each row's first ``</ref>``,
@@ -279,18 +281,23 @@ class _ConversationTask:
         mean over phrases)."""
         queries, targets = [], []
         for b in range(len(input_ids)):
-            ends = (input_ids[b] == self.ref_end).nonzero().flatten()
-            starts = (input_ids[b] == self.ref_start).nonzero().flatten()
-            if not len(ends) or not len(starts) or starts[0] >= ends[0]:
+            start, end = _first_index(input_ids[b], self.ref_start), _first_index(input_ids[b], self.ref_end)
+            if start is None or end is None or start >= end:
                 continue
             target = hidden.new_zeros(self.words.out_features)
-            target[input_ids[b, starts[0] + 1:ends[0]]] = 1.0
-            queries.append(hidden[b, ends[0]])
+            target[input_ids[b, start + 1:end]] = 1.0
+            queries.append(hidden[b, end])
             targets.append(target)
         if not queries:
             return None
         logits = self.words(torch.stack(queries))
         return F.binary_cross_entropy_with_logits(logits, torch.stack(targets), reduction="sum") / len(queries)
+
+
+def _first_index(ids: torch.Tensor, token_id: int) -> int | None:
+    """Position of ``token_id``'s first occurrence in the 1-D ``ids``, or None."""
+    hits = (ids == token_id).nonzero()
+    return int(hits[0]) if len(hits) else None
 
 
 @contextmanager
@@ -372,8 +379,6 @@ def _initial_model(cfg: TrainConfig, data: "_Data"):
     if cfg.init:
         model, tokenizer = load_checkpoint(cfg.init)
         if cfg.reinit_language_model:  # stage 0 never trains the language model: its weights are still random
-            if cfg.stage != 1:
-                raise ValueError("reinit_language_model is for stage 1 (from a stage-0 checkpoint)")
             unit_scale_init(model.vlm.model.language_model)
     else:  # the tokenizer learns the words of the training text
         corpus = [t for c in data.conversations for t in (c.question, c.answer)]
