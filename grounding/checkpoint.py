@@ -2,7 +2,7 @@
 
     DIR/groundseg.json        GroundingConfig (the VLM's LlavaConfig inline, decoder preset, [SEG] settings, LoRA)
     DIR/model.safetensors     every weight without LoRA: ``vlm.*`` (plain transformers names),
-                              ``seg_projection.*``, ``mask_decoder.*``
+                              ``seg_projection.*``, ``seg_locator.*`` (if any), ``mask_decoder.*``
     DIR/adapter/              optional peft adapter of the VLM (LoRA, new token rows, lm_head copy);
                               absent when the adapter was merged
     DIR/tokenizer/            transformers tokenizer files (tokenizer.json, ...)
@@ -87,6 +87,8 @@ def save_checkpoint(model: GroundingModel, tokenizer: PreTrainedTokenizerBase, d
                 peft_vlm.save_pretrained(tmp / ADAPTER_DIR)
         state = {f"vlm.{k}": v for k, v in vlm_state.items()}
         state.update({f"seg_projection.{k}": v for k, v in model.seg_projection.state_dict().items()})
+        if model.seg_locator is not None:
+            state.update({f"seg_locator.{k}": v for k, v in model.seg_locator.state_dict().items()})
         state.update({f"mask_decoder.{k}": v for k, v in model.mask_decoder.state_dict().items()})
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / WEIGHTS_NAME)
         config.save(tmp)

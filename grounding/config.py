@@ -15,10 +15,12 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class LossWeights:
-    """LISA's recipe: 1.0 token cross-entropy + 2.0 per-pixel BCE + 0.5 DICE."""
+    """LISA's recipe: 1.0 token cross-entropy + 2.0 per-pixel BCE + 0.5 DICE; ``locate``: the [SEG] locator's
+    loss (only with ``GroundingConfig.seg_locator``)."""
     ce: float = 1.0
     bce: float = 2.0
     dice: float = 0.5
+    locate: float = 1.0
 
 
 @dataclass
@@ -42,6 +44,8 @@ class GroundingConfig:
     max_length:        longest token sequence the model accepts (image tokens included).
     vision_stem:       None: the tower's own patch embedding (CLIP's); ``"conv"``: grounding/vision_stem.py.
     projector_norm:    a LayerNorm on the tower features before the projector (grounding/projector_norm.py).
+    seg_locator:       each [SEG] also gives the mask decoder a click where its state points among the image
+                       tokens (grounding/seg_locator.py).
     """
 
     vlm: dict[str, Any] | None = None
@@ -57,6 +61,7 @@ class GroundingConfig:
     lora: LoraSettings | None = None
     vision_stem: str | None = None
     projector_norm: bool = False
+    seg_locator: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_weights, dict):

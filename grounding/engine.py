@@ -80,7 +80,10 @@ class PrefixEngine:
             # 1-2: the shared prefix once per image, its cache rows repeated over that image's questions
             prefix = torch.tensor([rows[0].input_ids[:prefix_len]] * len(images), device=dev)
             pixel_values = torch.stack([im.vision for im in images]).to(dev, g.dtype)
-            first = vlm(input_ids=prefix, pixel_values=pixel_values, use_cache=True, logits_to_keep=1)
+            locate = g.model.seg_locator is not None  # the [SEG] locator reads the image tokens' states
+            first = vlm(input_ids=prefix, pixel_values=pixel_values, use_cache=True, logits_to_keep=1,
+                        output_hidden_states=locate)
+            image_states = g.model.image_states(first.hidden_states[-1], prefix) if locate else [None] * len(images)
             cache = first.past_key_values
             if owner != list(range(n)):
                 cache.batch_select_indices(torch.tensor(owner, device=dev))
@@ -111,16 +114,18 @@ class PrefixEngine:
 
             # 5: the [SEG] states of every answer; each image's masks decoded in one call
             segs = []
-            for h, t, a in zip(hidden, row_ids, is_answer):
+            for h, t, a, k in zip(hidden, row_ids, is_answer, owner):
                 tokens, answer = torch.tensor([t], device=dev), torch.tensor([a], device=dev) == 1
-                segs.append(g.model.seg_embeddings(torch.cat(h)[None], tokens, answer)[0])
+                states = g.model.seg_states(torch.cat(h)[None], tokens, answer)[0]
+                segs.append(g.seg_prompts(states, image_states[k], images[k]))
             decoded = {}
             for k, im in enumerate(images):
                 mine = [s for s, o in zip(segs, owner) if o == k]
-                decoded[k] = list(g.decode_segs(im, torch.cat(mine)))
+                clicks = torch.cat([c for _, c in mine]) if locate else None
+                decoded[k] = list(g.decode_segs(im, torch.cat([e for e, _ in mine]), clicks))
 
         out = []
-        for (prep, q), p, f, gen, s, k in zip(items, prompts, forced, generated, segs, owner):
+        for (prep, q), p, f, gen, (s, _), k in zip(items, prompts, forced, generated, segs, owner):
             answer = [t for t, lab in zip(p.input_ids, p.labels) if lab != IGNORE_INDEX] + (f if f is not None else gen)
             masks, scores = decoded[k]
             out.append(g.prediction(q, prep, answer, masks[:len(s)], scores[:len(s)]))

@@ -5,14 +5,14 @@ vision tower on dense per-patch labels of the synthetic scenes, and the whole ma
 encoder included) on click/box prompts. The language model does not train.
 
 Stage 1 (pretraining stand-in for LLaVA): the VLM on text answers, and optionally (``masks: true``) the [SEG]
-answers with the [SEG] projection; parts named in ``freeze`` (``vision_tower``, ``projector``,
+answers with the [SEG] projection (and locator); parts named in ``freeze`` (``vision_tower``, ``projector``,
 ``mask_decoder``, ``image_encoder``) keep their weights, e.g. the tower stage 0 trained.
 
 Stage 2 (reference §3, LISA's recipe) trains:
   - LoRA adapters on the language model's q_proj / v_proj (never on the CLIP tower);
   - the rows of the input embedding that belong to the project's new tokens ([SEG], <ref>, ...);
   - the LM head (full copy, so new tokens can be predicted);
-  - the [SEG] projection;
+  - the [SEG] projection (and the [SEG] locator, grounding/seg_locator.py, when the model has one);
   - the mask decoder of SAM / SAM2 (its light transformer + heads).
 Frozen: the vision tower, the multimodal projector, the language model's base weights, SAM's image encoder
 and prompt encoder.
@@ -59,6 +59,8 @@ def set_trainable(model: GroundingModel) -> None:
         p.requires_grad_(True)
     for p in model.seg_projection.parameters():
         p.requires_grad_(True)
+    for p in model.seg_locator.parameters() if model.seg_locator is not None else ():
+        p.requires_grad_(True)
 
 
 def model_part(model: GroundingModel, name: str) -> nn.Module:
@@ -89,6 +91,8 @@ def set_stage1_trainable(model: GroundingModel, seg: bool = False, freeze: tuple
     for p in model.parameters():
         p.requires_grad_(True)
     for p in model.seg_projection.parameters():
+        p.requires_grad_(seg)
+    for p in model.seg_locator.parameters() if model.seg_locator is not None else ():
         p.requires_grad_(seg)
     for name in freeze:
         for p in model_part(model, name).parameters():

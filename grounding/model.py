@@ -4,6 +4,9 @@
     text ─────────────────────────────────► language model ─► last hidden state at each [SEG] (or before it)
                                                                    │ seg_projection: h -> h -> prompt_dim
     image ──► mask decoder's image encoder (frozen) ─► mask decoder ◄┘ one sparse prompt token per [SEG]
+
+With ``config.seg_locator`` each [SEG] also brings a click: where its state points among the image tokens
+(grounding/seg_locator.py).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedT
 from grounding.config import GroundingConfig
 from grounding.errors import CheckpointError
 from grounding.projector_norm import install_projector_norm
+from grounding.seg_locator import SegLocator, cell_centres, locator_loss, mask_cells
 from grounding.tokens import IMAGE, SEG
 from grounding.vision_stem import install_vision_stem
 from segdecoder import ImageEmbedding, MaskDecoderBackend, build_decoder
@@ -41,6 +45,7 @@ class GroundingOutput:
     ce_loss: torch.Tensor
     bce_loss: torch.Tensor
     dice_loss: torch.Tensor
+    locate_loss: torch.Tensor
     mask_logits: list[torch.Tensor] = field(default_factory=list)
     seg_embeddings: list[torch.Tensor] = field(default_factory=list)
 
@@ -75,6 +80,14 @@ class GroundingModel(nn.Module):
         self.mask_decoder = mask_decoder
         self.seg_token_id = seg_token_id
         self.seg_projection = SegProjection(self.llava_config.text_config.hidden_size, mask_decoder.prompt_dim)
+        self.seg_locator = SegLocator(self.llava_config.text_config.hidden_size) if config.seg_locator else None
+
+    def add_seg_locator(self) -> None:
+        """Give a model built without it a (new, untrained) [SEG] locator."""
+        if self.seg_locator is None:
+            self.config.seg_locator = True
+            self.seg_locator = SegLocator(self.llava_config.text_config.hidden_size).to(
+                self.seg_projection.net[0].weight)
 
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -122,9 +135,10 @@ class GroundingModel(nn.Module):
         return self.token_grid ** 2 + (1 if self.llava_config.vision_feature_select_strategy == "full" else 0)
 
     # ---- [SEG] states -----------------------------------------------------------------------------------
-    def seg_embeddings(self, last_hidden: torch.Tensor, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """last_hidden ``[B, T, h]``, input_ids ``[B, T]`` -> per sample ``[n_i, prompt_dim]``, in text order."""
+    def seg_states(self, last_hidden: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """last_hidden ``[B, T, h]``, input_ids ``[B, T]`` -> per sample the states ``[n_i, h]`` that stand for
+        its [SEG] tokens, in text order (``config.seg_state`` says which)."""
         is_seg = input_ids == self.seg_token_id
         if attention_mask is not None:
             is_seg &= attention_mask.bool()
@@ -133,12 +147,43 @@ class GroundingModel(nn.Module):
             pos = is_seg[b].nonzero().flatten()
             if self.config.seg_state == "before":  # LISA / GLaMM: the state that predicts [SEG]
                 pos = (pos - 1).clamp(min=0)
-            out.append(self.seg_projection(last_hidden[b, pos]))
+            out.append(last_hidden[b, pos])
         return out
 
-    def decode_masks(self, embedding: ImageEmbedding, seg_embeddings: torch.Tensor) -> torch.Tensor:
-        """Differentiable: ``[n, prompt_dim]`` -> mask logits ``[n, H, W]`` at the image's original size."""
-        low_res, _ = self.mask_decoder.mask_logits(embedding, seg_embeddings=seg_embeddings)
+    def seg_embeddings(self, last_hidden: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The [SEG] states projected into prompts: per sample ``[n_i, prompt_dim]``, in text order."""
+        return [self.seg_projection(s) for s in self.seg_states(last_hidden, input_ids, attention_mask)]
+
+    def image_states(self, last_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The last-layer states of the image's patch tokens: ``[B, g*g, h]``, row-major over the token grid
+        (a CLS token, with ``vision_feature_select_strategy="full"``, is dropped)."""
+        is_image = input_ids == self.llava_config.image_token_id
+        states = torch.stack([last_hidden[b, is_image[b]] for b in range(len(input_ids))])
+        return states[:, -self.token_grid ** 2:]
+
+    def seg_scores(self, seg_states: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
+        """The locator's scores ``[n, g*g]`` of one sample's [SEG] states ``[n, h]`` over its image tokens
+        ``[g*g, h]``."""
+        return self.seg_locator(seg_states, image_states)
+
+    def seg_clicks(self, scores: torch.Tensor, size: tuple[int, int],
+                   targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores ``[n, g*g]`` -> one click per [SEG], pixel xy ``[n, 1, 2]`` in the ``size = (H, W)`` image: the
+        best cell's centre; in training (``targets`` bool ``[n, g*g]``) the best cell on the object, so the
+        decoder learns to segment what is under a click that is right."""
+        scores = scores.detach()
+        if targets is not None:
+            scores = torch.where(targets.any(-1, keepdim=True) & ~targets, float("-inf"), scores)
+        return cell_centres(scores.argmax(-1), self.token_grid, size)[:, None]
+
+    def decode_masks(self, embedding: ImageEmbedding, seg_embeddings: torch.Tensor,
+                     clicks: torch.Tensor | None = None) -> torch.Tensor:
+        """Differentiable: ``[n, prompt_dim]`` (and clicks ``[n, 1, 2]`` pixel xy) -> mask logits ``[n, H, W]`` at
+        the image's original size."""
+        labels = None if clicks is None else torch.ones(clicks.shape[:2], dtype=torch.long, device=clicks.device)
+        low_res, _ = self.mask_decoder.mask_logits(embedding, seg_embeddings=seg_embeddings, points=clicks,
+                                                   point_labels=labels)
         return self.mask_decoder.upscale(low_res, embedding)[:, 0]
 
     # ---- training forward -------------------------------------------------------------------------------
@@ -153,23 +198,35 @@ class GroundingModel(nn.Module):
                        position_ids=position_ids, labels=labels, output_hidden_states=True)
         zero = out.logits.new_zeros(())
         ce = out.loss if labels is not None else zero
-        segs = self.seg_embeddings(out.hidden_states[-1], input_ids, attention_mask)
+        hidden = out.hidden_states[-1]
+        states = self.seg_states(hidden, input_ids, attention_mask)
+        segs = [self.seg_projection(s) for s in states]
+        images = self.image_states(hidden, input_ids) if self.seg_locator is not None else None
         mask_logits: list[torch.Tensor] = []
-        bce, dice = zero, zero
+        bce, dice, locate = zero, zero, zero
         if decoder_embeddings is not None:
-            preds, targets = [], []
+            preds, targets, locate_terms = [], [], []
             for i, (emb, seg) in enumerate(zip(decoder_embeddings, segs)):
-                logits = self.decode_masks(emb, seg) if len(seg) else seg.new_zeros((0, *emb.original_size))
+                if gt_masks is not None and gt_masks[i].shape[0] != seg.shape[0]:
+                    raise ValueError(f"sample {i}: {seg.shape[0]} [SEG] tokens but {gt_masks[i].shape[0]} masks")
+                clicks = None
+                if images is not None and len(seg):
+                    scores = self.seg_scores(states[i], images[i])
+                    cells = mask_cells(gt_masks[i].to(scores.device), self.token_grid) if gt_masks is not None else None
+                    if cells is not None and (term := locator_loss(scores, cells)) is not None:
+                        locate_terms.append(term.reshape(1).expand(int(cells.any(-1).sum())))
+                    clicks = self.seg_clicks(scores, emb.original_size, cells)
+                logits = self.decode_masks(emb, seg, clicks) if len(seg) else seg.new_zeros((0, *emb.original_size))
                 mask_logits.append(logits)
                 if gt_masks is not None:
-                    if gt_masks[i].shape[0] != logits.shape[0]:
-                        raise ValueError(f"sample {i}: {logits.shape[0]} [SEG] tokens but {gt_masks[i].shape[0]} masks")
                     preds.append(logits.flatten(1).float())
                     targets.append(gt_masks[i].flatten(1).to(logits.device, torch.float32))
             # Masks of different images have different sizes: losses are per mask, then averaged.
             if preds and sum(p.shape[0] for p in preds):
                 bce = torch.cat([bce_loss(p, t).reshape(1).expand(len(p)) for p, t in zip(preds, targets) if len(p)]).mean()
                 dice = torch.cat([dice_loss(p, t).reshape(1).expand(len(p)) for p, t in zip(preds, targets) if len(p)]).mean()
+            if locate_terms:
+                locate = torch.cat(locate_terms).mean()
         w = self.config.loss_weights
-        loss = w.ce * ce + w.bce * bce + w.dice * dice
-        return GroundingOutput(loss, ce, bce, dice, mask_logits, segs)
+        loss = w.ce * ce + w.bce * bce + w.dice * dice + w.locate * locate
+        return GroundingOutput(loss, ce, bce, dice, locate, mask_logits, segs)

@@ -34,20 +34,3 @@ def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     feats = hidden[config.vision_feature_layer]
     return feats[:, 1:] if config.vision_feature_select_strategy == "default" else feats
 
-
-class PointerHead(nn.Module):
-    """Auxiliary head of stage 1: from the language model's last-layer state at the end of a referring phrase
-    (the ``</ref>`` token) to the image tokens of the object the phrase names. ``scores[b, j] = <q(query[b]),
-    k(image[b, j])> / sqrt(dim)``; the loss is -log of the softmax mass on the object's tokens. It gives the
-    binding of words to image tokens a direct signal (through text alone it is a chicken-and-egg problem: the
-    box digits teach nothing until the right token is found); it is not used at inference."""
-
-    def __init__(self, width: int, dim: int = 64):
-        super().__init__()
-        self.q, self.k, self.dim = nn.Linear(width, dim), nn.Linear(width, dim), dim
-
-    def loss(self, query: torch.Tensor, image: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """query ``[B, h]``, image ``[B, n, h]``, targets ``[B, n]`` bool (each row has a True) -> scalar."""
-        scores = torch.einsum("bd,bnd->bn", self.q(query), self.k(image)) / self.dim ** 0.5
-        logp = scores.log_softmax(-1)
-        return -logp.masked_fill(~targets, float("-inf")).logsumexp(-1).mean()

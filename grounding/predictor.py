@@ -171,8 +171,11 @@ class Grounder:
                                  position_ids=batch["position_ids"], pixel_values=pixel_values,
                                  output_hidden_states=True)
             # labels hold 1 on answer tokens: only [SEG]s the model wrote (not ones in the prompt) count.
-            segs = self.model.seg_embeddings(out.hidden_states[-1], batch["input_ids"], batch["labels"] == 1)
-        return [self.prediction(q, p, a, *self.decode_segs(p, s)) for q, p, a, s in zip(queries, preps, answers, segs)]
+            hidden, ids = out.hidden_states[-1], batch["input_ids"]
+            states = self.model.seg_states(hidden, ids, batch["labels"] == 1)
+            images = self.model.image_states(hidden, ids) if self.model.seg_locator is not None else [None] * len(ids)
+            prompts = [self.seg_prompts(s, im, p) for s, im, p in zip(states, images, preps)]
+        return [self.prediction(q, p, a, *self.decode_segs(p, *sp)) for q, p, a, sp in zip(queries, preps, answers, prompts)]
 
     def _encode_question(self, query: Query, prep: PreparedImage, max_new_tokens: int) -> EncodedText:
         """The prompt's ids, then any answer prefix's ids (labelled with themselves, the prompt IGNORE_INDEX)."""
@@ -228,12 +231,25 @@ class Grounder:
                 answers[i] = _cut_at(ids, tok.eos_token_id, tok.pad_token_id)
         return answers  # type: ignore[return-value]
 
-    def decode_segs(self, prep: PreparedImage, seg: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Projected [SEG] states ``[n, prompt_dim]`` -> (masks bool ``[n, H, W]``, scores ``[n]``)."""
+    def seg_prompts(self, states: torch.Tensor, image_states: torch.Tensor | None,
+                    prep: PreparedImage) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One answer's [SEG] states ``[n, h]`` (and its image-token states ``[g*g, h]``, read when the model has
+        a [SEG] locator) -> (prompt embeddings ``[n, prompt_dim]``, clicks ``[n, 1, 2]`` pixel xy or None)."""
+        m = self.model
+        clicks = None
+        if m.seg_locator is not None:
+            clicks = m.seg_clicks(m.seg_scores(states, image_states), prep.size)
+        return m.seg_projection(states), clicks
+
+    def decode_segs(self, prep: PreparedImage, seg: torch.Tensor,
+                    clicks: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Projected [SEG] states ``[n, prompt_dim]`` (and the locator's clicks ``[n, 1, 2]``) -> (masks bool
+        ``[n, H, W]``, scores ``[n]``)."""
         if not len(seg):
             return np.zeros((0, *prep.size), bool), np.zeros((0,), np.float32)
-        pred = self.model.mask_decoder.decode(prep.embedding.to(self.device), seg_embeddings=seg,
-                                              threshold=self.mask_threshold)
+        labels = None if clicks is None else torch.ones(clicks.shape[:2], dtype=torch.long, device=clicks.device)
+        pred = self.model.mask_decoder.decode(prep.embedding.to(self.device), seg_embeddings=seg, points=clicks,
+                                              point_labels=labels, threshold=self.mask_threshold)
         return pred.masks, pred.scores
 
     def prediction(self, query: Query, prep: PreparedImage, answer_ids: list[int], masks: np.ndarray,

@@ -40,9 +40,10 @@ from grounding.data.tasks import Conversation, build_conversations
 from grounding.images import load_image
 from grounding.lora import apply_lora, new_token_ids, set_stage0_trainable, set_stage1_trainable
 from grounding.model import bce_per_mask, dice_per_mask
-from grounding.patch_heads import PatchHeads, PointerHead, vision_features
+from grounding.patch_heads import PatchHeads, vision_features
 from grounding.presets import build_random
 from grounding.processor import GroundingProcessor
+from grounding.seg_locator import SegLocator, locator_loss
 from grounding.text_init import unit_scale_init
 from grounding.tokens import REF_END, REF_START
 
@@ -86,11 +87,14 @@ class TrainConfig:
     freeze: tuple[str, ...] = ()    # stage 1: parts that keep their weights (vision_tower, projector, mask_decoder)
     patch_loss_weights: tuple[float, float] = (1.0, 10.0)  # stage 0: per-attribute CE, box L1
     patch_heads: str | None = None  # stage 1: stage 0's heads file; the tower keeps learning its per-patch task
-    pointer_loss: float = 0.0       # stage 1 on synthetic data: weight of the pointer task (patch_heads.PointerHead)
+    pointer_loss: float = 0.0       # stage 1 on synthetic data: weight of the pointer task: the state at </ref> (of
+                                    # box answers too) points at its object's cells (the model's SegLocator if any)
     phrase_words_loss: float = 0.0  # stage 1: weight of the phrase-words task (the state at </ref> names the
                                     # words between <ref> and </ref>; it teaches a model from scratch to
                                     # gather a phrase into one state)
     reinit_language_model: bool = False  # stage 1 from a stage-0 checkpoint: text_init.unit_scale_init first
+    seg_locator: bool = False       # stages 1-2: each [SEG] also clicks where its state points among the image
+                                    # tokens (grounding/seg_locator.py); added if the init checkpoint has none
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -218,10 +222,13 @@ class _ConversationTask:
         self.size = len(data.conversations)
         self.patch = _PatchLoss(cfg, data, model, cfg.patch_heads) if cfg.patch_heads else None
         text = model.llava_config.text_config
-        self.pointer = PointerHead(text.hidden_size) if cfg.pointer_loss else None
+        # the pointer task trains the model's own [SEG] locator when it has one (more phrases for it to learn
+        # from), else a head of its own
+        self.pointer = (model.seg_locator or SegLocator(text.hidden_size)) if cfg.pointer_loss else None
+        own_pointer = self.pointer if self.pointer is not model.seg_locator else None
         self.words = nn.Linear(text.hidden_size, len(processor.tokenizer)) if cfg.phrase_words_loss else None
         self.modules: tuple[nn.Module, ...] = tuple(
-            m for m in (self.patch and self.patch.heads, self.pointer, self.words) if m)
+            m for m in (self.patch and self.patch.heads, own_pointer, self.words) if m)
         if self.pointer:
             self.labels = self.patch.labels if self.patch else SceneLabels(data.ds, model.token_grid)
         self.ref_start = processor.tokenizer.convert_tokens_to_ids(REF_START)
@@ -237,6 +244,8 @@ class _ConversationTask:
                 _catch_output(vlm.language_model.norm if self.pointer or self.words else None) as last:
             result = model(**batch)
         loss, parts = result.loss, {k: getattr(result, k).item() for k in ("ce_loss", "bce_loss", "dice_loss")}
+        if raw.seg_locator is not None:
+            parts["locate_loss"] = result.locate_loss.item()
         if self.patch:
             patch, patch_parts = self.patch(tower.value, [c.image_id for c in convs], [False] * len(convs))
             loss = loss + patch
@@ -273,7 +282,8 @@ class _ConversationTask:
             return None
         rows_t = torch.tensor(rows)
         image = torch.stack([hidden[b, input_ids[b] == image_token] for b in rows])
-        return self.pointer.loss(hidden[rows_t, torch.tensor(queries)], image, torch.stack(targets).to(hidden.device))
+        scores = self.pointer(hidden[rows_t, torch.tensor(queries)][:, None], image)[:, 0]    # [rows, g*g]
+        return locator_loss(scores, torch.stack(targets).to(hidden.device))
 
     def _phrase_words_loss(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor | None:
         """input_ids ``[B, T]``, hidden ``[B, T, h]`` (last layer): from the state at each row's first ``</ref>``,
@@ -384,6 +394,8 @@ def _initial_model(cfg: TrainConfig, data: "_Data"):
         corpus = [t for c in data.conversations for t in (c.question, c.answer)]
         model, tokenizer = build_random(cfg.vlm_preset, cfg.decoder, seed=cfg.seed, corpus=corpus,
                                         vocab_size=cfg.vocab_size)
+    if cfg.seg_locator:
+        model.add_seg_locator()
     if cfg.stage == 0:
         set_stage0_trainable(model, prompts=cfg.prompts)
     elif cfg.stage == 1:

@@ -185,6 +185,22 @@ def test_stage1_pointer_task_points_the_phrase_at_its_objects_tokens(data_dir, s
     assert all(0 < r["pointer_loss"] < 6 for r in records)
 
 
+def test_stage1_adds_a_seg_locator_that_pointer_and_seg_tasks_train_and_stage2_keeps(data_dir, stage0, tmp_path):
+    from grounding.checkpoint import load_checkpoint
+    from grounding.train import train
+    final = train(config(data_dir, tmp_path / "s1loc", stage=1, init=str(stage0), steps=2, masks=True, batch_size=8,
+                         pointer_loss=1.0, seg_locator=True, prompts=False), progress=False)
+    records = [json.loads(l) for l in (final.parent / "log.jsonl").read_text().splitlines()]
+    assert all(0 < r["locate_loss"] < 6 and 0 < r["pointer_loss"] < 6 for r in records)
+    model, _ = load_checkpoint(final)
+    assert model.config.seg_locator and model.seg_locator is not None
+    s2 = train(config(data_dir, tmp_path / "s2loc", stage=2, init=str(final), steps=2, masks=True, batch_size=4,
+                      lr=1e-2), progress=False)
+    before, after = weights(final), weights(s2)
+    locator = [k for k in after if k.startswith("seg_locator.")]
+    assert locator and all(not torch.equal(before[k], after[k]) for k in locator)  # stage 2 trains it too
+
+
 def test_stage1_phrase_words_task_and_unit_scale_language_model(data_dir, stage0, tmp_path):
     from grounding.train import train
     final = train(config(data_dir, tmp_path / "s1words", stage=1, init=str(stage0), steps=2, batch_size=8,
