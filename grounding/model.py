@@ -162,11 +162,6 @@ class GroundingModel(nn.Module):
         states = torch.stack([last_hidden[b, is_image[b]] for b in range(len(input_ids))])
         return states[:, -self.token_grid ** 2:]
 
-    def seg_scores(self, seg_states: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
-        """The locator's scores ``[n, g*g]`` of one sample's [SEG] states ``[n, h]`` over its image tokens
-        ``[g*g, h]``."""
-        return self.seg_locator(seg_states, image_states)
-
     def seg_clicks(self, scores: torch.Tensor, size: tuple[int, int],
                    targets: torch.Tensor | None = None) -> torch.Tensor:
         """Scores ``[n, g*g]`` -> one click per [SEG], pixel xy ``[n, 1, 2]`` in the ``size = (H, W)`` image: the
@@ -211,7 +206,7 @@ class GroundingModel(nn.Module):
                     raise ValueError(f"sample {i}: {seg.shape[0]} [SEG] tokens but {gt_masks[i].shape[0]} masks")
                 clicks = None
                 if images is not None and len(seg):
-                    scores = self.seg_scores(states[i], images[i])
+                    scores = self.seg_locator(states[i], images[i])   # [n_i, g*g]
                     cells = mask_cells(gt_masks[i].to(scores.device), self.token_grid) if gt_masks is not None else None
                     if cells is not None and (term := locator_loss(scores, cells)) is not None:
                         locate_terms.append(term.reshape(1).expand(int(cells.any(-1).sum())))

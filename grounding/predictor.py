@@ -238,7 +238,7 @@ class Grounder:
         m = self.model
         clicks = None
         if m.seg_locator is not None:
-            clicks = m.seg_clicks(m.seg_scores(states, image_states), prep.size)
+            clicks = m.seg_clicks(m.seg_locator(states, image_states), prep.size)
         return m.seg_projection(states), clicks
 
     def decode_segs(self, prep: PreparedImage, seg: torch.Tensor,
