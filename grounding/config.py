@@ -46,6 +46,7 @@ class GroundingConfig:
     projector_norm:    a LayerNorm on the tower features before the projector (grounding/projector_norm.py).
     seg_locator:       each [SEG] also gives the mask decoder a click where its state points among the image
                        tokens (grounding/seg_locator.py).
+    seg_locator_words: the locator's query also reads the mean input embedding of the [SEG]'s <ref> phrase.
     """
 
     vlm: dict[str, Any] | None = None
@@ -62,6 +63,7 @@ class GroundingConfig:
     vision_stem: str | None = None
     projector_norm: bool = False
     seg_locator: bool = False
+    seg_locator_words: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_weights, dict):

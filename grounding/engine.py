@@ -117,7 +117,8 @@ class PrefixEngine:
             for h, t, a, k in zip(hidden, row_ids, is_answer, owner):
                 tokens, answer = torch.tensor([t], device=dev), torch.tensor([a], device=dev) == 1
                 states = g.model.seg_states(torch.cat(h)[None], tokens, answer)[0]
-                segs.append(g.seg_prompts(states, image_states[k], images[k]))
+                phrases = g.model.seg_phrases(tokens, answer)[0] if g.model.config.seg_locator_words else None
+                segs.append(g.seg_prompts(states, image_states[k], phrases, images[k]))
             decoded = {}
             for k, im in enumerate(images):
                 mine = [s for s, o in zip(segs, owner) if o == k]

@@ -21,7 +21,7 @@ from grounding.config import GroundingConfig
 from grounding.errors import CheckpointError
 from grounding.projector_norm import install_projector_norm
 from grounding.seg_locator import SegLocator, cell_centres, locator_loss, mask_cells
-from grounding.tokens import IMAGE, SEG
+from grounding.tokens import IMAGE, REF_END, REF_START, SEG
 from grounding.vision_stem import install_vision_stem
 from segdecoder import ImageEmbedding, MaskDecoderBackend, build_decoder
 
@@ -73,21 +73,27 @@ def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 class GroundingModel(nn.Module):
     def __init__(self, config: GroundingConfig, vlm: LlavaForConditionalGeneration,
-                 mask_decoder: MaskDecoderBackend, seg_token_id: int):
+                 mask_decoder: MaskDecoderBackend, seg_token_id: int, ref_token_ids: tuple[int, int]):
         super().__init__()
         self.config = config
         self.vlm = vlm
         self.mask_decoder = mask_decoder
         self.seg_token_id = seg_token_id
+        self.ref_token_ids = ref_token_ids  # <ref>, </ref>
         self.seg_projection = SegProjection(self.llava_config.text_config.hidden_size, mask_decoder.prompt_dim)
-        self.seg_locator = SegLocator(self.llava_config.text_config.hidden_size) if config.seg_locator else None
+        self.seg_locator = None
+        if config.seg_locator:
+            self.seg_locator = SegLocator(self.llava_config.text_config.hidden_size, words=config.seg_locator_words)
 
-    def add_seg_locator(self) -> None:
-        """Give a model built without it a (new, untrained) [SEG] locator."""
+    def add_seg_locator(self, words: bool = False) -> None:
+        """Give a model built without them a (new, untrained) [SEG] locator / its phrase-words query."""
         if self.seg_locator is None:
             self.config.seg_locator = True
             self.seg_locator = SegLocator(self.llava_config.text_config.hidden_size).to(
                 self.seg_projection.net[0].weight)
+        if words:
+            self.config.seg_locator_words = True
+            self.seg_locator.add_words()
 
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -113,7 +119,8 @@ class GroundingModel(nn.Module):
             vlm.resize_token_embeddings(len(tokenizer), mean_resizing=config.vlm_path is not None)
         vlm.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE)
         decoder = build_decoder(**config.decoder, checkpoint=config.decoder_checkpoint)
-        model = cls(config, vlm, decoder, tokenizer.convert_tokens_to_ids(SEG))
+        model = cls(config, vlm, decoder, tokenizer.convert_tokens_to_ids(SEG),
+                    (tokenizer.convert_tokens_to_ids(REF_START), tokenizer.convert_tokens_to_ids(REF_END)))
         return model.to(dtype)
 
     @property
@@ -154,6 +161,26 @@ class GroundingModel(nn.Module):
                        attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The [SEG] states projected into prompts: per sample ``[n_i, prompt_dim]``, in text order."""
         return [self.seg_projection(s) for s in self.seg_states(last_hidden, input_ids, attention_mask)]
+
+    def seg_phrases(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per sample ``[n_i, h]``: for each [SEG] (the same ones as ``seg_states``), the mean input embedding of
+        the words of the last ``<ref>..</ref>`` before it (zeros when there is none, as in LISA's "[SEG].")."""
+        start_id, end_id = self.ref_token_ids
+        embed = self.vlm.get_input_embeddings()
+        is_seg = input_ids == self.seg_token_id
+        if attention_mask is not None:
+            is_seg &= attention_mask.bool()
+        out = []
+        for b, ids in enumerate(input_ids):
+            starts, ends = (ids == start_id).nonzero().flatten().tolist(), (ids == end_id).nonzero().flatten().tolist()
+            rows = []
+            for pos in is_seg[b].nonzero().flatten().tolist():
+                end = max((e for e in ends if e < pos), default=None)
+                start = max((s for s in starts if end is not None and s < end), default=None)
+                words = ids[start + 1:end] if start is not None else ids[:0]
+                rows.append(embed(words).mean(0) if len(words) else embed.weight.new_zeros(embed.weight.shape[1]))
+            out.append(torch.stack(rows) if rows else embed.weight.new_zeros((0, embed.weight.shape[1])))
+        return out
 
     def image_states(self, last_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The last-layer states of the image's patch tokens: ``[B, g*g, h]``, row-major over the token grid
@@ -197,6 +224,7 @@ class GroundingModel(nn.Module):
         states = self.seg_states(hidden, input_ids, attention_mask)
         segs = [self.seg_projection(s) for s in states]
         images = self.image_states(hidden, input_ids) if self.seg_locator is not None else None
+        phrases = self.seg_phrases(input_ids, attention_mask) if self.config.seg_locator_words else [None] * len(states)
         mask_logits: list[torch.Tensor] = []
         bce, dice, locate = zero, zero, zero
         if decoder_embeddings is not None:
@@ -206,7 +234,7 @@ class GroundingModel(nn.Module):
                     raise ValueError(f"sample {i}: {seg.shape[0]} [SEG] tokens but {gt_masks[i].shape[0]} masks")
                 clicks = None
                 if images is not None and len(seg):
-                    scores = self.seg_locator(states[i], images[i])   # [n_i, g*g]
+                    scores = self.seg_locator(states[i], images[i], phrases[i])   # [n_i, g*g]
                     cells = mask_cells(gt_masks[i].to(scores.device), self.token_grid) if gt_masks is not None else None
                     if cells is not None and (term := locator_loss(scores, cells)) is not None:
                         locate_terms.append(term.reshape(1).expand(int(cells.any(-1).sum())))

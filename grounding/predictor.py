@@ -174,7 +174,9 @@ class Grounder:
             hidden, ids = out.hidden_states[-1], batch["input_ids"]
             states = self.model.seg_states(hidden, ids, batch["labels"] == 1)
             images = self.model.image_states(hidden, ids) if self.model.seg_locator is not None else [None] * len(ids)
-            prompts = [self.seg_prompts(s, im, p) for s, im, p in zip(states, images, preps)]
+            phrases = self.model.seg_phrases(ids, batch["labels"] == 1) if self.model.config.seg_locator_words \
+                else [None] * len(ids)
+            prompts = [self.seg_prompts(s, im, ph, p) for s, im, ph, p in zip(states, images, phrases, preps)]
         return [self.prediction(q, p, a, *self.decode_segs(p, *sp)) for q, p, a, sp in zip(queries, preps, answers, prompts)]
 
     def _encode_question(self, query: Query, prep: PreparedImage, max_new_tokens: int) -> EncodedText:
@@ -231,14 +233,15 @@ class Grounder:
                 answers[i] = _cut_at(ids, tok.eos_token_id, tok.pad_token_id)
         return answers  # type: ignore[return-value]
 
-    def seg_prompts(self, states: torch.Tensor, image_states: torch.Tensor | None,
+    def seg_prompts(self, states: torch.Tensor, image_states: torch.Tensor | None, phrases: torch.Tensor | None,
                     prep: PreparedImage) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One answer's [SEG] states ``[n, h]`` (and its image-token states ``[g*g, h]``, read when the model has
-        a [SEG] locator) -> (prompt embeddings ``[n, prompt_dim]``, clicks ``[n, 1, 2]`` pixel xy or None)."""
+        """One answer's [SEG] states ``[n, h]`` (and its image-token states ``[g*g, h]`` and phrase embeddings
+        ``[n, h]``, read by a [SEG] locator) -> (prompt embeddings ``[n, prompt_dim]``, clicks ``[n, 1, 2]`` pixel
+        xy or None)."""
         m = self.model
         clicks = None
         if m.seg_locator is not None:
-            clicks = m.seg_clicks(m.seg_locator(states, image_states), prep.size)
+            clicks = m.seg_clicks(m.seg_locator(states, image_states, phrases), prep.size)
         return m.seg_projection(states), clicks
 
     def decode_segs(self, prep: PreparedImage, seg: torch.Tensor,

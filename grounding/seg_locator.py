@@ -22,12 +22,29 @@ class SegLocator(nn.Module):
     ``[g*g, h]`` (both the language model's last layer); batched ``[B, n, h]`` x ``[B, g*g, h]`` too. Stage 1's
     pointer task trains one more on the states at ``</ref>`` (train.py)."""
 
-    def __init__(self, hidden_size: int, dim: int = 64):
+    def __init__(self, hidden_size: int, dim: int = 64, words: bool = False):
         super().__init__()
         self.q, self.k, self.dim = nn.Linear(hidden_size, dim), nn.Linear(hidden_size, dim), dim
+        self.words = None
+        if words:
+            self.add_words()
 
-    def forward(self, seg_states: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
-        return self.q(seg_states) @ self.k(image_states).transpose(-1, -2) / self.dim ** 0.5
+    def add_words(self) -> None:
+        """The query also reads the phrase's words: ``+ words(mean input embedding of the <ref> phrase)``, as
+        open-vocabulary detectors score image regions against the phrase's text features. Zero at first, so a
+        trained locator keeps its scores."""
+        if self.words is None:
+            self.words = nn.Linear(self.q.in_features, self.dim).to(self.q.weight)
+            nn.init.zeros_(self.words.weight)
+            nn.init.zeros_(self.words.bias)
+
+    def forward(self, seg_states: torch.Tensor, image_states: torch.Tensor,
+                phrases: torch.Tensor | None = None) -> torch.Tensor:
+        """phrases: the mean input embeddings ``[n, h]`` of each [SEG]'s phrase (read when ``words`` exists)."""
+        query = self.q(seg_states)
+        if self.words is not None and phrases is not None:
+            query = query + self.words(phrases)
+        return query @ self.k(image_states).transpose(-1, -2) / self.dim ** 0.5
 
 
 def locator_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:

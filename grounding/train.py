@@ -95,6 +95,7 @@ class TrainConfig:
     reinit_language_model: bool = False  # stage 1 from a stage-0 checkpoint: text_init.unit_scale_init first
     seg_locator: bool = False       # stages 1-2: each [SEG] also clicks where its state points among the image
                                     # tokens (grounding/seg_locator.py); added if the init checkpoint has none
+    seg_locator_words: bool = False  # ... and its query reads the <ref> phrase's words too (added likewise)
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -394,8 +395,8 @@ def _initial_model(cfg: TrainConfig, data: "_Data"):
         corpus = [t for c in data.conversations for t in (c.question, c.answer)]
         model, tokenizer = build_random(cfg.vlm_preset, cfg.decoder, seed=cfg.seed, corpus=corpus,
                                         vocab_size=cfg.vocab_size)
-    if cfg.seg_locator:
-        model.add_seg_locator()
+    if cfg.seg_locator or cfg.seg_locator_words:
+        model.add_seg_locator(words=cfg.seg_locator_words)
     if cfg.stage == 0:
         set_stage0_trainable(model, prompts=cfg.prompts)
     elif cfg.stage == 1:

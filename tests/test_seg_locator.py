@@ -33,9 +33,11 @@ def test_small_objects_get_their_best_cell_and_empty_masks_none():
     assert locator_loss(scores, torch.zeros_like(cells)) is None
 
 
-def test_a_tiny_model_learns_to_click_on_its_object(scene, tmp_path):
-    """A tiny model with a locator, trained on one example, clicks on the disc; the click reaches the mask
-    decoder, the locator survives a checkpoint round trip, and the prefix engine gives the same mask."""
+@pytest.mark.parametrize("words", [False, True])
+def test_a_tiny_model_learns_to_click_on_its_object(scene, tmp_path, words):
+    """A tiny model with a locator (its query reading the phrase's words, or not), trained on one example,
+    clicks on the disc; the click reaches the mask decoder, the locator survives a checkpoint round trip, and
+    the prefix engine gives the same click and mask."""
     from grounding.checkpoint import load_checkpoint, save_checkpoint
     from grounding.data.collate import collate, make_sample
     from grounding.engine import PrefixEngine
@@ -45,7 +47,7 @@ def test_a_tiny_model_learns_to_click_on_its_object(scene, tmp_path):
 
     image, mask = scene
     model, tok = build_random("tiny", seed=3)
-    model.add_seg_locator()
+    model.add_seg_locator(words=words)
     proc = GroundingProcessor(tok, model.config, model.vision_image_size, model.num_image_tokens)
     question, answer = "Where is the red circle?", "<ref>the red circle</ref>[SEG]"
     batch = collate([make_sample(proc, image, question, answer, [mask])], proc, model)
@@ -63,6 +65,7 @@ def test_a_tiny_model_learns_to_click_on_its_object(scene, tmp_path):
 
     save_checkpoint(model, tok, tmp_path / "m")
     model, tok = load_checkpoint(tmp_path / "m")
+    assert (model.seg_locator.words is not None) == words
     g = Grounder(model, tok)
     calls = []
     decode = model.mask_decoder.decode
@@ -78,3 +81,18 @@ def test_a_tiny_model_learns_to_click_on_its_object(scene, tmp_path):
     grouped = PrefixEngine(g).predict_group(image, [Query(image, question, answer=answer)])[0]
     assert torch.allclose(calls[1], calls[0])
     assert (grouped.targets[0].mask == pred.targets[0].mask).mean() > 0.999
+
+
+def test_each_seg_gets_the_words_of_its_own_phrase(tiny):
+    """seg_phrases: the mean input embedding of the <ref> phrase before each [SEG]; zeros without a phrase."""
+    model, tok = tiny
+    text = "<ref>red disc</ref>[SEG] and <ref>the blue square</ref><box>(1,2),(3,4)</box>[SEG] [SEG]"
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    phrases = model.seg_phrases(ids)[0]
+    embed = model.vlm.get_input_embeddings()
+    words = lambda t: embed(torch.tensor(tok(t, add_special_tokens=False)["input_ids"])).mean(0)
+    assert phrases.shape == (3, embed.weight.shape[1])
+    assert torch.allclose(phrases[0], words("red disc"), atol=1e-6)
+    assert torch.allclose(phrases[1], words("the blue square"), atol=1e-6)
+    assert torch.allclose(phrases[2], words("the blue square"), atol=1e-6)  # the last phrase before it
+    assert not model.seg_phrases(torch.tensor([tok("[SEG].", add_special_tokens=False)["input_ids"]]))[0].any()
