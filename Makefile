@@ -37,10 +37,12 @@ bench: $(VENV)/.installed
 # Rebuild the embedded default model from scratch (weights/shapes-tiny/MODEL_CARD.md has times and scores).
 default-model: $(VENV)/.installed
 	$(VENV)/bin/groundseg synth --out data/synth --images 3000 --seed 0
-	$(VENV)/bin/groundseg train --config configs/shapes-tiny-stage1.yaml --stop-after 1250
-	$(VENV)/bin/groundseg train --config configs/shapes-tiny-stage1b.yaml
-	$(VENV)/bin/groundseg train --config configs/shapes-tiny-stage2.yaml
-	rm -rf $(DEFAULT_MODEL) && cp -r runs/shapes-tiny/stage2/model $(DEFAULT_MODEL)
+	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v1-stage0.yaml --stop-after 750
+	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v2-stage1.yaml --stop-after 1000
+	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v2-stage2.yaml
+	# the model's files are replaced; the model card and loss curves beside them stay
+	rm -rf $(DEFAULT_MODEL)/model.safetensors $(DEFAULT_MODEL)/groundseg.json $(DEFAULT_MODEL)/tokenizer
+	mkdir -p $(DEFAULT_MODEL) && cp -r runs/shapes-tiny-v2/stage2/model/. $(DEFAULT_MODEL)/
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -47,6 +47,8 @@ class GroundingConfig:
     seg_locator:       each [SEG] also gives the mask decoder a click where its state points among the image
                        tokens (grounding/seg_locator.py).
     seg_locator_words: the locator's query also reads the mean input embedding of the [SEG]'s <ref> phrase.
+    seg_locator_layer: the language model's layer whose image-token states the locator scores (-1: the last;
+                       0: its input, the projected vision features).
     """
 
     vlm: dict[str, Any] | None = None
@@ -64,6 +66,7 @@ class GroundingConfig:
     projector_norm: bool = False
     seg_locator: bool = False
     seg_locator_words: bool = False
+    seg_locator_layer: int = -1
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_weights, dict):

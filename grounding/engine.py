@@ -83,7 +83,7 @@ class PrefixEngine:
             locate = g.model.seg_locator is not None  # the [SEG] locator reads the image tokens' states
             first = vlm(input_ids=prefix, pixel_values=pixel_values, use_cache=True, logits_to_keep=1,
                         output_hidden_states=locate)
-            image_states = g.model.image_states(first.hidden_states[-1], prefix) if locate else [None] * len(images)
+            image_states = g.model.image_states(first.hidden_states, prefix) if locate else [None] * len(images)
             cache = first.past_key_values
             if owner != list(range(n)):
                 cache.batch_select_indices(torch.tensor(owner, device=dev))

@@ -182,12 +182,13 @@ class GroundingModel(nn.Module):
             out.append(torch.stack(rows) if rows else embed.weight.new_zeros((0, embed.weight.shape[1])))
         return out
 
-    def image_states(self, last_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """The last-layer states of the image's patch tokens: ``[B, g*g, h]``, row-major over the token grid
-        (a CLS token, with ``vision_feature_select_strategy="full"``, is dropped)."""
+    def image_states(self, hidden_states: tuple[torch.Tensor, ...], input_ids: torch.Tensor) -> torch.Tensor:
+        """The states of the image's patch tokens at the language model's layer ``config.seg_locator_layer`` of
+        ``hidden_states`` (each ``[B, T, h]``; 0 = its input, the projected vision features): ``[B, g*g, h]``,
+        row-major over the token grid (a CLS token, with ``vision_feature_select_strategy="full"``, is dropped)."""
+        states = hidden_states[self.config.seg_locator_layer]
         is_image = input_ids == self.llava_config.image_token_id
-        states = torch.stack([last_hidden[b, is_image[b]] for b in range(len(input_ids))])
-        return states[:, -self.token_grid ** 2:]
+        return torch.stack([states[b, is_image[b]] for b in range(len(input_ids))])[:, -self.token_grid ** 2:]
 
     def seg_clicks(self, scores: torch.Tensor, size: tuple[int, int],
                    targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -223,7 +224,7 @@ class GroundingModel(nn.Module):
         hidden = out.hidden_states[-1]
         states = self.seg_states(hidden, input_ids, attention_mask)
         segs = [self.seg_projection(s) for s in states]
-        images = self.image_states(hidden, input_ids) if self.seg_locator is not None else None
+        images = self.image_states(out.hidden_states, input_ids) if self.seg_locator is not None else None
         phrases = self.seg_phrases(input_ids, attention_mask) if self.config.seg_locator_words else [None] * len(states)
         mask_logits: list[torch.Tensor] = []
         bce, dice, locate = zero, zero, zero

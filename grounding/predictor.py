@@ -173,7 +173,7 @@ class Grounder:
             # labels hold 1 on answer tokens: only [SEG]s the model wrote (not ones in the prompt) count.
             hidden, ids = out.hidden_states[-1], batch["input_ids"]
             states = self.model.seg_states(hidden, ids, batch["labels"] == 1)
-            images = self.model.image_states(hidden, ids) if self.model.seg_locator is not None else [None] * len(ids)
+            images = self.model.image_states(out.hidden_states, ids) if self.model.seg_locator is not None else [None] * len(ids)
             phrases = self.model.seg_phrases(ids, batch["labels"] == 1) if self.model.config.seg_locator_words \
                 else [None] * len(ids)
             prompts = [self.seg_prompts(s, im, ph, p) for s, im, ph, p in zip(states, images, phrases, preps)]

@@ -96,6 +96,7 @@ class TrainConfig:
     seg_locator: bool = False       # stages 1-2: each [SEG] also clicks where its state points among the image
                                     # tokens (grounding/seg_locator.py); added if the init checkpoint has none
     seg_locator_words: bool = False  # ... and its query reads the <ref> phrase's words too (added likewise)
+    seg_locator_layer: int | None = None  # ... and scores the image tokens at this layer (GroundingConfig's)
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -397,6 +398,8 @@ def _initial_model(cfg: TrainConfig, data: "_Data"):
                                         vocab_size=cfg.vocab_size)
     if cfg.seg_locator or cfg.seg_locator_words:
         model.add_seg_locator(words=cfg.seg_locator_words)
+    if cfg.seg_locator_layer is not None:
+        model.config.seg_locator_layer = cfg.seg_locator_layer
     if cfg.stage == 0:
         set_stage0_trainable(model, prompts=cfg.prompts)
     elif cfg.stage == 1:

@@ -33,8 +33,8 @@ def test_small_objects_get_their_best_cell_and_empty_masks_none():
     assert locator_loss(scores, torch.zeros_like(cells)) is None
 
 
-@pytest.mark.parametrize("words", [False, True])
-def test_a_tiny_model_learns_to_click_on_its_object(scene, tmp_path, words):
+@pytest.mark.parametrize("words,layer", [(False, -1), (True, 0)])
+def test_a_tiny_model_learns_to_click_on_its_object(scene, tmp_path, words, layer):
     """A tiny model with a locator (its query reading the phrase's words, or not), trained on one example,
     clicks on the disc; the click reaches the mask decoder, the locator survives a checkpoint round trip, and
     the prefix engine gives the same click and mask."""
@@ -48,6 +48,7 @@ def test_a_tiny_model_learns_to_click_on_its_object(scene, tmp_path, words):
     image, mask = scene
     model, tok = build_random("tiny", seed=3)
     model.add_seg_locator(words=words)
+    model.config.seg_locator_layer = layer
     proc = GroundingProcessor(tok, model.config, model.vision_image_size, model.num_image_tokens)
     question, answer = "Where is the red circle?", "<ref>the red circle</ref>[SEG]"
     batch = collate([make_sample(proc, image, question, answer, [mask])], proc, model)
@@ -65,7 +66,7 @@ def test_a_tiny_model_learns_to_click_on_its_object(scene, tmp_path, words):
 
     save_checkpoint(model, tok, tmp_path / "m")
     model, tok = load_checkpoint(tmp_path / "m")
-    assert (model.seg_locator.words is not None) == words
+    assert (model.seg_locator.words is not None) == words and model.config.seg_locator_layer == layer
     g = Grounder(model, tok)
     calls = []
     decode = model.mask_decoder.decode
