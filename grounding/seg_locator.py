@@ -19,8 +19,8 @@ from torch import nn
 
 class SegLocator(nn.Module):
     """``scores[i, j] = <q(seg[i]), k(image[j])> / sqrt(dim)`` for [SEG] states ``[n, h]`` and image-token states
-    ``[g*g, h]`` (the language model's, at the last layer or ``seg_locator_layer``); batched ``[B, n, h]`` x ``[B, g*g, h]`` too. Stage 1's
-    pointer task trains one more on the states at ``</ref>`` (train.py)."""
+    ``[g*g, h]`` (the language model's, at the last layer or ``seg_locator_layer``); batched ``[B, n, h]`` x
+    ``[B, g*g, h]`` too. Stage 1's pointer task trains it on the states at ``</ref>`` as well (train.py)."""
 
     def __init__(self, hidden_size: int, dim: int = 64, words: bool = False):
         super().__init__()

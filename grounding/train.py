@@ -224,10 +224,11 @@ class _ConversationTask:
         self.size = len(data.conversations)
         self.patch = _PatchLoss(cfg, data, model, cfg.patch_heads) if cfg.patch_heads else None
         text = model.llava_config.text_config
-        # the pointer task trains the model's own [SEG] locator when it has one (more phrases for it to learn
-        # from), else a head of its own
-        self.pointer = (model.seg_locator or SegLocator(text.hidden_size)) if cfg.pointer_loss else None
-        own_pointer = self.pointer if self.pointer is not model.seg_locator else None
+        # the pointer task (on last-layer states) trains the model's own [SEG] locator when that one reads the
+        # last layer too (more phrases for it to learn from), else a head of its own
+        shared = model.seg_locator if model.config.seg_locator_layer == -1 else None
+        self.pointer = (shared or SegLocator(text.hidden_size)) if cfg.pointer_loss else None
+        own_pointer = self.pointer if self.pointer is not shared else None
         self.words = nn.Linear(text.hidden_size, len(processor.tokenizer)) if cfg.phrase_words_loss else None
         self.modules: tuple[nn.Module, ...] = tuple(
             m for m in (self.patch and self.patch.heads, own_pointer, self.words) if m)
