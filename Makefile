@@ -40,9 +40,11 @@ default-model: $(VENV)/.installed
 	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v1-stage0.yaml --stop-after 750
 	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v2-stage1.yaml --stop-after 1000
 	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v2-stage2.yaml
+	$(VENV)/bin/groundseg train-locator --model runs/shapes-tiny-v2/stage2/model --data data/synth \
+		--out runs/shapes-tiny-v3/locator --steps 6000 --eval-every 1000
 	# the model's files are replaced; the model card and loss curves beside them stay
 	rm -rf $(DEFAULT_MODEL)/model.safetensors $(DEFAULT_MODEL)/groundseg.json $(DEFAULT_MODEL)/tokenizer
-	mkdir -p $(DEFAULT_MODEL) && cp -r runs/shapes-tiny-v2/stage2/model/. $(DEFAULT_MODEL)/
+	mkdir -p $(DEFAULT_MODEL) && cp -r runs/shapes-tiny-v3/locator/model/. $(DEFAULT_MODEL)/
 
 clean:
 	rm -rf $(OUT) .pytest_cache

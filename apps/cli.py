@@ -142,6 +142,30 @@ def train(
     console.print(f"model written to {final or Path(cfg.out) / 'model'}" + (f" (stopped after step {stop_after})" if final is None else ""))
 
 
+@app.command("train-locator")
+def train_locator(
+    data: Path = typer.Option(..., help="REFER folder to learn from (its train split; scored on --eval-split)."),
+    out: Path = typer.Option(..., help="Output folder: OUT/model is the model with the new locator."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: the embedded shapes-tiny)."),
+    steps: int = typer.Option(3000, min=1, help="Optimizer steps."),
+    batch_size: int = typer.Option(64, min=1, help="Phrases per step."),
+    lr: float = typer.Option(1e-3, min=0.0, help="Peak learning rate (warm-up, then cosine)."),
+    layers: int = typer.Option(2, min=1, max=12, help="Transformer layers of the fusion locator."),
+    seed: int = typer.Option(0, help="Seed of the batch order and the initial weights."),
+    eval_split: str = typer.Option("val", help="Split scored every --eval-every steps (top-1 cell on the object)."),
+    eval_every: int = typer.Option(500, min=1, help="Steps between scores."),
+    dataset: str = typer.Option("synth", help="REFER dataset name of --data (refcoco, refcoco+, refcocog, synth)."),
+    split_by: str = typer.Option("unc", help="REFER split scheme (unc, umd, google)."),
+) -> None:
+    """Give a model a fusion [SEG] locator, trained on cached image tokens (every other weight is kept)."""
+    from grounding.locator_train import train_locator as run
+
+    scores = run(_model_dir(model), data, out, steps=steps, batch_size=batch_size, lr=lr, layers=layers, seed=seed,
+                 eval_split=eval_split, eval_every=eval_every, dataset=dataset, split_by=split_by)
+    console.print(f"model written to {out / 'model'}; {eval_split} top-1: " +
+                  ", ".join(f"{'all' if k == 'top1' else k[5:]} {v:.1%}" for k, v in scores.items()))
+
+
 def _register_eval() -> None:
     from apps.eval_cmd import eval_command
     app.command("eval", help="Evaluate on a REFER folder (RefCOCO/+/g or synthetic): cIoU, gIoU, Acc@0.5.")(eval_command)

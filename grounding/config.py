@@ -49,6 +49,8 @@ class GroundingConfig:
     seg_locator_words: the locator's query also reads the mean input embedding of the [SEG]'s <ref> phrase.
     seg_locator_layer: the language model's layer whose image-token states the locator scores (-1: the last;
                        0: its input, the projected vision features).
+    seg_locator_fusion: >0: the locator is a ``FusionLocator`` of that many layers, which reads the phrase's
+                       words with the image tokens (grounding/locator_train.py trains one); 0: ``SegLocator``.
     """
 
     vlm: dict[str, Any] | None = None
@@ -67,6 +69,7 @@ class GroundingConfig:
     seg_locator: bool = False
     seg_locator_words: bool = False
     seg_locator_layer: int = -1
+    seg_locator_fusion: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_weights, dict):

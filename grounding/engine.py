@@ -83,7 +83,7 @@ class PrefixEngine:
             locate = g.model.seg_locator is not None  # the [SEG] locator reads the image tokens' states
             first = vlm(input_ids=prefix, pixel_values=pixel_values, use_cache=True, logits_to_keep=1,
                         output_hidden_states=locate)
-            image_states = g.model.image_states(first.hidden_states, prefix) if locate else [None] * len(images)
+            image_states = g.model.locator_keys(first.hidden_states, prefix, pixel_values) if locate else [None] * len(images)
             cache = first.past_key_values
             if owner != list(range(n)):
                 cache.batch_select_indices(torch.tensor(owner, device=dev))
@@ -117,16 +117,17 @@ class PrefixEngine:
             for h, t, a, k in zip(hidden, row_ids, is_answer, owner):
                 tokens, answer = torch.tensor([t], device=dev), torch.tensor([a], device=dev) == 1
                 states = g.model.seg_states(torch.cat(h)[None], tokens, answer)[0]
-                phrases = g.model.seg_phrases(tokens, answer)[0] if g.model.config.seg_locator_words else None
+                phrases = g.model.seg_phrases(tokens, answer)[0] if g.model.reads_phrases else None
                 segs.append(g.seg_prompts(states, image_states[k], phrases, images[k]))
             decoded = {}
             for k, im in enumerate(images):
                 mine = [s for s, o in zip(segs, owner) if o == k]
-                clicks = torch.cat([c for _, c in mine]) if locate else None
-                decoded[k] = list(g.decode_segs(im, torch.cat([e for e, _ in mine]), clicks))
+                clicks = torch.cat([c for _, c, _ in mine]) if locate else None
+                boxes = torch.cat([b for *_, b in mine]) if locate and mine[0][2] is not None else None
+                decoded[k] = list(g.decode_segs(im, torch.cat([e for e, *_ in mine]), clicks, boxes))
 
         out = []
-        for (prep, q), p, f, gen, (s, _), k in zip(items, prompts, forced, generated, segs, owner):
+        for (prep, q), p, f, gen, (s, *_), k in zip(items, prompts, forced, generated, segs, owner):
             answer = [t for t, lab in zip(p.input_ids, p.labels) if lab != IGNORE_INDEX] + (f if f is not None else gen)
             masks, scores = decoded[k]
             out.append(g.prediction(q, prep, answer, masks[:len(s)], scores[:len(s)]))

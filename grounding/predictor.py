@@ -28,6 +28,7 @@ from grounding.model import GroundingModel
 from grounding.processor import IGNORE_INDEX, EncodedText, GroundingProcessor
 from grounding.prompts import build_prompt, visual_prompt_text
 from grounding.result import Prediction, Target, box_from_mask
+from grounding.seg_locator import Phrases
 from grounding.tokens import IMAGE, SEG
 from segdecoder import ImageEmbedding
 
@@ -173,8 +174,9 @@ class Grounder:
             # labels hold 1 on answer tokens: only [SEG]s the model wrote (not ones in the prompt) count.
             hidden, ids = out.hidden_states[-1], batch["input_ids"]
             states = self.model.seg_states(hidden, ids, batch["labels"] == 1)
-            images = self.model.image_states(out.hidden_states, ids) if self.model.seg_locator is not None else [None] * len(ids)
-            phrases = self.model.seg_phrases(ids, batch["labels"] == 1) if self.model.config.seg_locator_words \
+            images = self.model.locator_keys(out.hidden_states, ids, pixel_values) if self.model.seg_locator is not None \
+                else [None] * len(ids)
+            phrases = self.model.seg_phrases(ids, batch["labels"] == 1) if self.model.reads_phrases \
                 else [None] * len(ids)
             prompts = [self.seg_prompts(s, im, ph, p) for s, im, ph, p in zip(states, images, phrases, preps)]
         return [self.prediction(q, p, a, *self.decode_segs(p, *sp)) for q, p, a, sp in zip(queries, preps, answers, prompts)]
@@ -233,26 +235,27 @@ class Grounder:
                 answers[i] = _cut_at(ids, tok.eos_token_id, tok.pad_token_id)
         return answers  # type: ignore[return-value]
 
-    def seg_prompts(self, states: torch.Tensor, image_states: torch.Tensor | None, phrases: torch.Tensor | None,
-                    prep: PreparedImage) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One answer's [SEG] states ``[n, h]`` (and its image-token states ``[g*g, h]`` and phrase embeddings
-        ``[n, h]``, read by a [SEG] locator) -> (prompt embeddings ``[n, prompt_dim]``, clicks ``[n, 1, 2]`` pixel
-        xy or None)."""
+    def seg_prompts(self, states: torch.Tensor, image_states: torch.Tensor | None, phrases: Phrases | None,
+                    prep: PreparedImage) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """One answer's [SEG] states ``[n, h]`` (and, read by a [SEG] locator, its ``locator_keys`` and phrases)
+        -> (prompt embeddings ``[n, prompt_dim]``, clicks ``[n, 1, 2]`` pixel xy or None, boxes ``[n, 4]`` pixel
+        xyxy or None)."""
         m = self.model
-        clicks = None
-        if m.seg_locator is not None:
-            clicks = m.seg_clicks(m.seg_locator(states, image_states, phrases), prep.size)
-        return m.seg_projection(states), clicks
+        if m.seg_locator is None:
+            return m.seg_projection(states), None, None
+        found = m.locate(states, image_states, phrases, prep.size,
+                         ranks=phrases.repeats() if phrases is not None else None)
+        return m.seg_projection(states), found.clicks, found.boxes
 
-    def decode_segs(self, prep: PreparedImage, seg: torch.Tensor,
-                    clicks: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Projected [SEG] states ``[n, prompt_dim]`` (and the locator's clicks ``[n, 1, 2]``) -> (masks bool
-        ``[n, H, W]``, scores ``[n]``)."""
+    def decode_segs(self, prep: PreparedImage, seg: torch.Tensor, clicks: torch.Tensor | None = None,
+                    boxes: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Projected [SEG] states ``[n, prompt_dim]`` (and the locator's clicks ``[n, 1, 2]`` and boxes ``[n, 4]``)
+        -> (masks bool ``[n, H, W]``, scores ``[n]``)."""
         if not len(seg):
             return np.zeros((0, *prep.size), bool), np.zeros((0,), np.float32)
         labels = None if clicks is None else torch.ones(clicks.shape[:2], dtype=torch.long, device=clicks.device)
         pred = self.model.mask_decoder.decode(prep.embedding.to(self.device), seg_embeddings=seg, points=clicks,
-                                              point_labels=labels, threshold=self.mask_threshold)
+                                              point_labels=labels, boxes=boxes, threshold=self.mask_threshold)
         return pred.masks, pred.scores
 
     def prediction(self, query: Query, prep: PreparedImage, answer_ids: list[int], masks: np.ndarray,

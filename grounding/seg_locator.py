@@ -7,14 +7,55 @@ against them (scaled dot product, ``[n, g*g]``), and the centre of the best cell
 positive click beside the [SEG] prompt: the decoder then segments the object under the click, which it
 already does well. SAM4MLLM (Chen et al., ECCV 2024) prompts SAM with points from the MLLM in the same spirit.
 
+Two locators share that interface: ``SegLocator`` scores a linear map of the [SEG] state (plus, optionally, of
+the phrase's mean word embedding) against the image tokens; ``FusionLocator`` reads the phrase's words and the
+image tokens together through a small transformer (as MDETR / GLIP fuse text and image) and scores its query
+token against the fused image tokens, which learns relations ("the circle above the star") that a mean of words
+cannot express, and learns from cached image tokens in minutes (grounding/locator_train.py).
+
 Geometry: the vision input is the image padded to a centred square and resized (``GroundingProcessor``);
 its ``g x g`` tokens are row-major cells of that square. Points are pixel xy in the original image.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass
+class Phrases:
+    """Each [SEG]'s ``<ref>`` phrase as input embeddings: ``embeds [n, L, h]`` (zero past each phrase's end) and
+    ``mask`` bool ``[n, L]`` (True on its words); a [SEG] without a phrase has an all-False row."""
+    embeds: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def stack(cls, rows: list[torch.Tensor], hidden_size: int, like: torch.Tensor) -> "Phrases":
+        """Word embeddings ``[L_i, h]`` per [SEG] -> one zero-padded batch (``like`` gives dtype and device)."""
+        width = max((len(r) for r in rows), default=0)
+        embeds = like.new_zeros((len(rows), width, hidden_size))
+        mask = torch.zeros((len(rows), width), dtype=torch.bool, device=like.device)
+        for i, r in enumerate(rows):
+            embeds[i, :len(r)], mask[i, :len(r)] = r, True
+        return cls(embeds, mask)
+
+    def repeats(self) -> torch.Tensor:
+        """``[n]`` long: how many earlier rows hold the same (non-empty) phrase, as the [SEG]s of "all red
+        shapes" do; the k-th repeat clicks on its score map's k-th peak (``peak_cells``)."""
+        out = torch.zeros(len(self.mask), dtype=torch.long)
+        for i in range(len(self.mask)):
+            if self.mask[i].any():
+                out[i] = sum(torch.equal(self.mask[j], self.mask[i]) and torch.equal(self.embeds[j], self.embeds[i])
+                             for j in range(i))
+        return out
+
+    def mean(self) -> torch.Tensor:
+        """``[n, h]``: each phrase's mean word embedding (zeros for an empty one)."""
+        m = self.mask[..., None].to(self.embeds.dtype)
+        return (self.embeds * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 class SegLocator(nn.Module):
@@ -39,12 +80,67 @@ class SegLocator(nn.Module):
             nn.init.zeros_(self.words.bias)
 
     def forward(self, seg_states: torch.Tensor, image_states: torch.Tensor,
-                phrases: torch.Tensor | None = None) -> torch.Tensor:
-        """phrases: the mean input embeddings ``[n, h]`` of each [SEG]'s phrase (read when ``words`` exists)."""
+                phrases: Phrases | None = None) -> torch.Tensor:
+        """phrases: each [SEG]'s phrase (its mean embedding is read when ``words`` exists)."""
         query = self.q(seg_states)
         if self.words is not None and phrases is not None:
-            query = query + self.words(phrases)
+            query = query + self.words(phrases.mean())
         return query @ self.k(image_states).transpose(-1, -2) / self.dim ** 0.5
+
+    def locate(self, seg_states: torch.Tensor, image_states: torch.Tensor,
+               phrases: Phrases | None = None) -> tuple[torch.Tensor, None]:
+        """(scores, no boxes): see ``FusionLocator.locate``."""
+        return self(seg_states, image_states, phrases), None
+
+
+class FusionLocator(nn.Module):
+    """Phrase words ``[n, L, h]`` and image-token states ``[g*g, h]`` (or ``[n, g*g, h]``) -> scores ``[n, g*g]``.
+
+    One sequence per [SEG]: a learnt query token, the phrase's words (+ learnt word positions) and the image
+    tokens (+ learnt cell positions), each input through LayerNorm -> Linear to ``dim``; ``layers`` pre-norm
+    transformer layers over it; then ``<q(query), k(cell)> / sqrt(dim)``, and from each fused cell the box of
+    the referred object (``box``: cx, cy, w, h through a sigmoid, as a fraction of the padded square; given to
+    the mask decoder with the click, it adds ~8 IoU points on found objects). It reads the phrase, not the [SEG]
+    state: the phrase is what the answer wrote, and so it trains on cached image tokens without the language
+    model. Words past ``max_words`` are dropped."""
+
+    def __init__(self, hidden_size: int, grid: int, layers: int = 2, dim: int = 128, heads: int = 4,
+                 max_words: int = 48, image_size: int | None = None):
+        super().__init__()
+        self.dim, self.max_words = dim, max_words
+        image_size = image_size or hidden_size
+        self.words_in = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, dim))
+        self.image_in = nn.Sequential(nn.LayerNorm(image_size), nn.Linear(image_size, dim))
+        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.word_pos = nn.Parameter(torch.randn(max_words, dim) * 0.02)
+        self.cell_pos = nn.Parameter(torch.randn(grid * grid, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.q, self.k = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.box = nn.Linear(dim, 4)
+
+    def forward(self, seg_states: torch.Tensor | None, image_states: torch.Tensor,
+                phrases: Phrases | None) -> torch.Tensor:
+        return self.locate(seg_states, image_states, phrases)[0]
+
+    def locate(self, seg_states: torch.Tensor | None, image_states: torch.Tensor,
+               phrases: Phrases | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (scores ``[n, g*g]``, boxes ``[n, g*g, 4]``: xyxy as fractions of the padded square)."""
+        if phrases is None:
+            raise ValueError("the fusion locator needs each [SEG]'s phrase")
+        words, keep = phrases.embeds[:, :self.max_words], phrases.mask[:, :self.max_words]
+        n, length = keep.shape
+        cells = image_states.shape[-2]
+        image = self.image_in(image_states) + self.cell_pos
+        image = image.expand(n, -1, -1) if image.dim() == 2 else image
+        x = torch.cat([self.query.expand(n, -1, -1), self.words_in(words) + self.word_pos[:length], image], 1)
+        pad = torch.cat([keep.new_zeros((n, 1)), ~keep, keep.new_zeros((n, cells))], 1)
+        x = self.norm(self.encoder(x, src_key_padding_mask=pad))
+        image = x[:, -cells:]
+        scores = (self.q(x[:, :1]) @ self.k(image).transpose(-1, -2))[:, 0] / self.dim ** 0.5
+        centre, size = self.box(image).sigmoid().split(2, -1)
+        return scores, torch.cat([centre - size / 2, centre + size / 2], -1)
 
 
 def locator_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
@@ -73,6 +169,59 @@ def mask_cells(masks: torch.Tensor, grid: int) -> torch.Tensor:
     cover = F.adaptive_avg_pool2d(square[:, None], grid).flatten(1)          # [n, g*g], fraction covered
     best = cover == cover.amax(-1, keepdim=True)
     return ((cover >= 0.5) | ((cover.amax(-1, keepdim=True) < 0.5) & best)) & (cover > 0)
+
+
+def peak_cells(scores: torch.Tensor, grid: int, ranks: torch.Tensor) -> torch.Tensor:
+    """Scores ``[n, g*g]`` -> cell index ``[n]``: row i's ``ranks[i]``-th highest local maximum (3x3 cells) of its
+    score map; rank 0 is the best cell; a row with fewer peaks takes its lowest one."""
+    maps = scores.reshape(-1, 1, grid, grid)
+    is_peak = (maps == F.max_pool2d(maps, 3, 1, 1)).flatten(1)
+    order = torch.where(is_peak, scores, float("-inf")).argsort(-1, descending=True)
+    rank = torch.minimum(ranks.to(scores.device), is_peak.sum(-1) - 1)
+    return order.gather(1, rank[:, None])[:, 0]
+
+
+def square_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Bool ``[n, H, W]`` -> each mask's box ``[n, 4]`` xyxy as fractions of the centred square the processor
+    pads the image into (zeros for an empty mask): the ``FusionLocator``'s box targets."""
+    n, height, width = masks.shape
+    side, top, left = _square_offsets(height, width)
+    out = torch.zeros((n, 4))
+    for i, m in enumerate(masks):
+        ys, xs = m.nonzero(as_tuple=True)
+        if len(xs):
+            out[i] = torch.tensor([xs.min() + left, ys.min() + top, xs.max() + 1 + left, ys.max() + 1 + top]) / side
+    return out
+
+
+def box_loss(boxes: torch.Tensor, targets: torch.Tensor, cells: torch.Tensor) -> torch.Tensor | None:
+    """DETR's box loss (5 x L1 + 2 x generalised IoU) of the boxes ``[n, g*g, 4]`` predicted on each row's object
+    cells (bool ``[n, g*g]``) against its box ``[n, 4]`` (both fractions of the square); None without any."""
+    from torchvision.ops import generalized_box_iou_loss
+
+    row, cell = cells.nonzero(as_tuple=True)
+    if not len(row):
+        return None
+    pred, gt = boxes[row, cell].float(), targets[row].to(boxes.device, torch.float32)
+    return 5 * F.l1_loss(pred, gt) + 2 * generalized_box_iou_loss(pred, gt, reduction="mean")
+
+
+def box_iou_at(boxes: torch.Tensor, cells: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """IoU ``[n]`` of each row's box at ``cells[i]`` (boxes ``[n, g*g, 4]``) with its target box ``[n, 4]``."""
+    from torchvision.ops import box_iou
+
+    pred = boxes[torch.arange(len(cells)), cells].float()
+    return box_iou(pred, targets.float()).diagonal()
+
+
+def square_to_pixels(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Boxes ``[n, 4]`` as fractions of the padded square -> pixel xyxy ``[n, 4]`` in the ``size = (H, W)`` image,
+    clipped to it."""
+    height, width = size
+    side, top, left = _square_offsets(height, width)
+    xyxy = boxes.float() * side - torch.tensor([left, top, left, top], dtype=torch.float32, device=boxes.device)
+    return torch.stack([xyxy[:, 0].clamp(0, width), xyxy[:, 1].clamp(0, height),
+                        xyxy[:, 2].clamp(0, width), xyxy[:, 3].clamp(0, height)], -1)
 
 
 def cell_centres(cells: torch.Tensor, grid: int, size: tuple[int, int]) -> torch.Tensor:

@@ -97,6 +97,7 @@ class TrainConfig:
                                     # tokens (grounding/seg_locator.py); added if the init checkpoint has none
     seg_locator_words: bool = False  # ... and its query reads the <ref> phrase's words too (added likewise)
     seg_locator_layer: int | None = None  # ... and scores the image tokens at this layer (GroundingConfig's)
+    seg_locator_fusion: int = 0      # ... or a FusionLocator of this many layers (grounding/seg_locator.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -226,7 +227,8 @@ class _ConversationTask:
         text = model.llava_config.text_config
         # the pointer task (on last-layer states) trains the model's own [SEG] locator when that one reads the
         # last layer too (more phrases for it to learn from), else a head of its own
-        shared = model.seg_locator if model.config.seg_locator_layer == -1 else None
+        shared = model.seg_locator if model.config.seg_locator_layer == -1 and isinstance(model.seg_locator, SegLocator) \
+            else None
         self.pointer = (shared or SegLocator(text.hidden_size)) if cfg.pointer_loss else None
         own_pointer = self.pointer if self.pointer is not shared else None
         self.words = nn.Linear(text.hidden_size, len(processor.tokenizer)) if cfg.phrase_words_loss else None
@@ -397,8 +399,8 @@ def _initial_model(cfg: TrainConfig, data: "_Data"):
         corpus = [t for c in data.conversations for t in (c.question, c.answer)]
         model, tokenizer = build_random(cfg.vlm_preset, cfg.decoder, seed=cfg.seed, corpus=corpus,
                                         vocab_size=cfg.vocab_size)
-    if cfg.seg_locator or cfg.seg_locator_words:
-        model.add_seg_locator(words=cfg.seg_locator_words)
+    if cfg.seg_locator or cfg.seg_locator_words or cfg.seg_locator_fusion:
+        model.add_seg_locator(words=cfg.seg_locator_words, fusion=cfg.seg_locator_fusion)
     if cfg.seg_locator_layer is not None:
         model.config.seg_locator_layer = cfg.seg_locator_layer
     if cfg.stage == 0:
