@@ -28,7 +28,8 @@ from typing import Any, Sequence
 
 import torch
 
-from grounding.predictor import Grounder, PreparedImage, Query, _cut_at
+from grounding.box_writer import BoxWriter
+from grounding.predictor import Grounder, PreparedImage, Query, _answer_prefix, _cut_at
 from grounding.processor import IGNORE_INDEX, EncodedText
 from grounding.result import Prediction
 
@@ -109,8 +110,11 @@ class PrefixEngine:
             is_answer = [r.labels[prefix_len:] for r in rows]
 
             # 4: greedy decoding for the rows without a given answer
+            writer = BoxWriter(g.model, g.processor.tokenizer, [image_states[k] for k in owner],
+                               [images[k].size for k in owner], [_answer_prefix(p) for p in prompts]) \
+                if g.locator_boxes else None
             generated = self._decode(step, cache, mask, positions[:, -1], [f is None for f in forced], max_new_tokens,
-                                     hidden, row_ids, is_answer)
+                                     hidden, row_ids, is_answer, writer)
 
             # 5: the [SEG] states of every answer; each image's masks decoded in one call
             segs = []
@@ -128,7 +132,7 @@ class PrefixEngine:
 
         out = []
         for (prep, q), p, f, gen, (s, *_), k in zip(items, prompts, forced, generated, segs, owner):
-            answer = [t for t, lab in zip(p.input_ids, p.labels) if lab != IGNORE_INDEX] + (f if f is not None else gen)
+            answer = _answer_prefix(p) + (f if f is not None else gen)
             masks, scores = decoded[k]
             out.append(g.prediction(q, prep, answer, masks[:len(s)], scores[:len(s)]))
             decoded[k] = [masks[len(s):], scores[len(s):]]
@@ -136,8 +140,8 @@ class PrefixEngine:
 
     def _decode(self, step, cache, mask: torch.Tensor, last_positions: torch.Tensor, active: list[bool],
                 max_new_tokens: int, hidden: list[list[torch.Tensor]], row_ids: list[list[int]],
-                is_answer: list[list[int]]) -> list[list[int]]:
-        """Greedy decoding from ``step``'s last logits for the ``active`` rows. Appends each FED token's id
+                is_answer: list[list[int]], writer: BoxWriter | None = None) -> list[list[int]]:
+        """Greedy decoding from ``step``'s last logits for the ``active`` rows (``writer`` forces box tokens). Appends each FED token's id
         and hidden state to ``row_ids``/``hidden`` (the last token written is never fed, like ``generate``;
         a [SEG] written last is fed once more so that its state exists). Returns the new ids per row, cut
         at EOS/padding."""
@@ -153,7 +157,8 @@ class PrefixEngine:
             next_ids = logits.argmax(-1).tolist()
             for i in range(n):
                 if not done[i]:
-                    new[i].append(next_ids[i])
+                    forced = writer.next_token(i, new[i]) if writer is not None else None
+                    new[i].append(next_ids[i] if forced is None else forced)
                     done[i] = next_ids[i] in stop or len(new[i]) >= max_new_tokens
             # feed the rows that go on, and a row whose last token is a [SEG] (its state is needed)
             fed = [n_fed[i] < len(new[i]) and new[i][-1] not in stop and (not done[i] or new[i][-1] == seg)

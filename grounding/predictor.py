@@ -17,8 +17,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from grounding.box_writer import BoxWriter
 from grounding.boxes import parse_answer
 from grounding.checkpoint import load_checkpoint
 from grounding.device import resolve_device
@@ -63,16 +64,39 @@ class Query:
             raise QuestionError("give a whole answer (teacher forcing) or an answer prefix, not both")
 
 
+def _answer_prefix(prompt: EncodedText) -> list[int]:
+    """The answer prefix's ids at the end of a prompt (labelled with themselves), or []."""
+    return [t for t, lab in zip(prompt.input_ids, prompt.labels) if lab != IGNORE_INDEX]
+
+
+class _ForcedTokens(LogitsProcessor):
+    """``generate`` hook: the rows' next tokens where the ``BoxWriter`` forces one (generated ids start at
+    column ``prompt_length``)."""
+
+    def __init__(self, writer: BoxWriter, prompt_length: int):
+        self.writer, self.prompt_length = writer, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row, ids in enumerate(input_ids[:, self.prompt_length:].tolist()):
+            token = self.writer.next_token(row, ids)
+            if token is not None:
+                scores[row] = float("-inf")
+                scores[row, token] = 0.0
+        return scores
+
+
 class Grounder:
     def __init__(self, model: GroundingModel, tokenizer, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, cache_size: int = 32, max_new_tokens: int = 128,
-                 max_pixels: int = 100_000_000, mask_threshold: float = 0.0):
+                 max_pixels: int = 100_000_000, mask_threshold: float = 0.0, locator_boxes: bool = True):
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device, self.dtype = torch.device(device), dtype
         self.processor = GroundingProcessor(tokenizer, model.config, model.vision_image_size, model.num_image_tokens)
         self.max_new_tokens = max_new_tokens
         self.max_pixels = max_pixels
         self.mask_threshold = float(mask_threshold)  # mask = decoder logit > this (0.0: probability 0.5)
+        # generated answers' <box> numbers come from a fusion locator (grounding/box_writer.py)
+        self.locator_boxes = locator_boxes and BoxWriter.applies_to(model)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, PreparedImage] = OrderedDict()
         self.encoder_calls = 0  # images run through the decoder's image encoder (the expensive part)
@@ -160,10 +184,9 @@ class Grounder:
         preps = self.prepare([q.image for q in queries])
         prompts = [self._encode_question(q, p, max_new_tokens) for q, p in zip(queries, preps)]
         pixel_values = torch.stack([p.vision for p in preps]).to(self.device, self.dtype)
-        generated = self._answers(queries, prompts, pixel_values, max_new_tokens)
+        generated = self._answers(queries, prompts, pixel_values, [p.size for p in preps], max_new_tokens)
         # prompt labels are IGNORE_INDEX except on an answer prefix: the answer is prefix + what follows
-        answers = [[t for t, lab in zip(p.input_ids, p.labels) if lab != IGNORE_INDEX] + g
-                   for p, g in zip(prompts, generated)]
+        answers = [_answer_prefix(p) + g for p, g in zip(prompts, generated)]
         full = [EncodedText(p.input_ids + g, [int(lab != IGNORE_INDEX) for lab in p.labels] + [1] * len(g))
                 for p, g in zip(prompts, generated)]
         batch = {k: v.to(self.device) for k, v in self.processor.pad(full, side="left").items()}
@@ -211,9 +234,9 @@ class Grounder:
         return [t for t, lab in zip(full.input_ids, full.labels) if lab != -100][:-1]  # without EOS
 
     def _answers(self, queries: list[Query], prompts: list[EncodedText], pixel_values: torch.Tensor,
-                 max_new_tokens: int) -> list[list[int]]:
+                 sizes: list[tuple[int, int]], max_new_tokens: int) -> list[list[int]]:
         """Answer token ids per query: the given answers (teacher forcing) or greedy generation (after the
-        prompt, which holds any answer prefix)."""
+        prompt, which holds any answer prefix; boxes written by the ``BoxWriter`` when ``locator_boxes``)."""
         answers: list[list[int] | None] = [None] * len(queries)
         for i, q in enumerate(queries):
             if q.answer is not None:
@@ -225,10 +248,16 @@ class Grounder:
             tok = self.processor.tokenizer
             gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            processors = LogitsProcessorList()
             with torch.no_grad():
+                if self.locator_boxes:
+                    keys = self.model.locator_keys(None, batch["input_ids"], pixel_values[todo])
+                    writer = BoxWriter(self.model, tok, list(keys), [sizes[i] for i in todo],
+                                       [_answer_prefix(prompts[i]) for i in todo])
+                    processors.append(_ForcedTokens(writer, batch["input_ids"].shape[1]))
                 generated = self.model.vlm.generate(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    pixel_values=pixel_values[todo], generation_config=gen_config,
+                    pixel_values=pixel_values[todo], generation_config=gen_config, logits_processor=processors,
                 )
             new = generated[:, batch["input_ids"].shape[1]:].tolist()
             for i, ids in zip(todo, new):

@@ -94,6 +94,14 @@ def test_a_tiny_model_learns_to_click_on_its_object(scene, tmp_path, words, laye
     grouped = PrefixEngine(g).predict_group(image, [Query(image, question, answer=answer)])[0]
     assert torch.allclose(calls[1][0], calls[0][0])
     assert boxes is None or torch.allclose(calls[1][1], boxes)
+    if fusion:   # a generated answer's box numbers are the locator's box (grounding/box_writer.py)
+        from grounding.boxes import format_box
+        ask = Query(image, question, answer_prefix="<ref>the red circle</ref><box>")
+        written = g.predict_batch([ask], max_new_tokens=40)[0].answer
+        assert written.startswith("<ref>the red circle</ref>" + format_box(boxes[0].tolist(), image.shape[:2])), written
+        assert PrefixEngine(g).predict_group(image, [ask], max_new_tokens=40)[0].answer == written
+        g.locator_boxes = False
+        assert g.predict_batch([ask], max_new_tokens=40)[0].answer != written   # the tiny LM's own digits
     assert (grouped.targets[0].mask == pred.targets[0].mask).mean() > 0.999
 
 

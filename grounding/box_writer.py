@@ -1,0 +1,58 @@
+"""BoxWriter: the box an answer writes comes from the [SEG] locator, not from the language model's digits.
+
+A model with a ``FusionLocator`` reads each phrase against the image and finds its object's box (val Acc@0.5
+55% for the default model) far better than a small language model writes box coordinates as text (0.5%).
+So, while decoding greedily, when an answer opens ``<box>`` right after ``<ref>phrase</ref>``, the tokens
+``(x1,y1),(x2,y2)</box>`` are forced to the locator's box for that phrase: the answer's box and its mask then
+come from the same place, as a detection head writes boxes in Florence-2-like models. The model still decides
+*whether* to write a box; only the numbers are the locator's. Qwen-VL box text only (``box_format="qwen"``).
+"""
+from __future__ import annotations
+
+import torch
+
+from grounding.boxes import format_box
+from grounding.seg_locator import FusionLocator, Phrases
+from grounding.tokens import BOX_START, REF_END, REF_START
+
+
+class BoxWriter:
+    """Per answer row: its image's ``locator_keys`` ``[g*g, width]``, its size ``(H, W)`` and the ids of any
+    answer prefix given in the prompt; ``next_token(row, ids)`` gives the token to force after the generated
+    ``ids`` so far (or None to let the model choose). Call it once per generated token."""
+
+    def __init__(self, model, tokenizer, keys: list[torch.Tensor], sizes: list[tuple[int, int]],
+                 prefixes: list[list[int]]):
+        self.model, self.tokenizer, self.keys, self.sizes, self.prefixes = model, tokenizer, keys, sizes, prefixes
+        self.ref_start, self.ref_end, self.box_start = (tokenizer.convert_tokens_to_ids(t)
+                                                        for t in (REF_START, REF_END, BOX_START))
+        self.queue: list[list[int]] = [[] for _ in keys]
+
+    @classmethod
+    def applies_to(cls, model) -> bool:
+        return isinstance(model.seg_locator, FusionLocator) and model.config.box_format == "qwen"
+
+    def next_token(self, row: int, ids: list[int]) -> int | None:
+        if self.queue[row]:
+            return self.queue[row].pop(0)
+        ids = self.prefixes[row] + ids
+        if len(ids) < 3 or ids[-1] != self.box_start or ids[-2] != self.ref_end:
+            return None
+        start = max((i for i, t in enumerate(ids[:-2]) if t == self.ref_start), default=None)
+        if start is None or start + 1 >= len(ids) - 2:
+            return None
+        box = self.box(row, ids[start + 1:len(ids) - 2])
+        text = format_box(box, self.sizes[row])[len(BOX_START):]        # "(x1,y1),(x2,y2)</box>"
+        self.queue[row] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.queue[row].pop(0)
+
+    @torch.no_grad()
+    def box(self, row: int, phrase_ids: list[int]) -> list[float]:
+        """Pixel xyxy box of the phrase's object: the locator's box at its best cell."""
+        m = self.model
+        embed = m.vlm.get_input_embeddings()
+        words = embed(torch.tensor(phrase_ids, device=embed.weight.device))
+        phrases = Phrases.stack([words], embed.weight.shape[1], embed.weight)
+        found = m.locate(words.new_zeros((1, m.llava_config.text_config.hidden_size)), self.keys[row], phrases,
+                         self.sizes[row])
+        return found.boxes[0].tolist()
