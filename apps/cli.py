@@ -162,8 +162,9 @@ def train_locator(
 
     scores = run(_model_dir(model), data, out, steps=steps, batch_size=batch_size, lr=lr, layers=layers, seed=seed,
                  eval_split=eval_split, eval_every=eval_every, dataset=dataset, split_by=split_by)
-    console.print(f"model written to {out / 'model'}; {eval_split} top-1: " +
-                  ", ".join(f"{'all' if k == 'top1' else k[5:]} {v:.1%}" for k, v in scores.items()))
+    top1 = ", ".join(f"{'all' if k == 'top1' else k[5:]} {v:.1%}" for k, v in scores.items() if k.startswith("top1"))
+    console.print(f"model written to {out / 'model'}; {eval_split}: top-1 cell on the object {top1}; "
+                  f"box Acc@0.5 at that cell {scores['box_acc']:.1%}")
 
 
 def _register_eval() -> None:

@@ -30,7 +30,8 @@ class PatchHeads(nn.Module):
 def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """``[B, 3, s, s]`` -> the tower's patch tokens at the layer the VLM reads, ``[B, n, width]`` (no CLS)."""
     config = model.llava_config
-    hidden = model.vlm.model.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+    vlm = model.vlm.get_base_model() if hasattr(model.vlm, "get_base_model") else model.vlm   # under LoRA too
+    hidden = vlm.model.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
     feats = hidden[config.vision_feature_layer]
     return feats[:, 1:] if config.vision_feature_select_strategy == "default" else feats
 

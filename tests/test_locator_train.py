@@ -25,7 +25,9 @@ def test_train_locator_learns_the_training_phrases_and_keeps_every_other_weight(
     log = [json.loads(line) for line in (out / "locator_log.jsonl").read_text().splitlines()]
     assert len(log) == 150 and np.mean([r["locate_loss"] for r in log[-20:]]) < 0.5 * np.mean(
         [r["locate_loss"] for r in log[:20]])
-    assert (out / "loss_locator.png").stat().st_size > 0
+    assert (out / "loss_locator.png").stat().st_size > 0 and (out / "locator_top1.png").stat().st_size > 0
+    evals = [json.loads(line) for line in (out / "locator_eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals] == [50, 100, 150] and evals[-1]["top1"] == scores["top1"]
     assert json.loads((out / "locator_scores.json").read_text())["train"] == scores
     assert scores["box_acc"] > 0.5, scores
 

@@ -201,6 +201,22 @@ def test_stage1_adds_a_seg_locator_that_pointer_and_seg_tasks_train_and_stage2_k
     assert locator and all(not torch.equal(before[k], after[k]) for k in locator)  # stage 2 trains it too
 
 
+def test_stage2_trains_a_fusion_locator_under_lora(data_dir, stage1, tmp_path):
+    """A fusion locator (as train-locator gives a model) in LISA's stage 2: it reads the tower through the LoRA
+    wrapper, its cell and box losses are logged and it trains."""
+    from grounding.checkpoint import load_checkpoint
+    from grounding.seg_locator import FusionLocator
+    from grounding.train import train
+    final = train(config(data_dir, tmp_path / "s2fusion", stage=2, init=str(stage1), steps=2, masks=True,
+                         batch_size=4, lr=1e-2, seg_locator_fusion=1), progress=False)
+    records = [json.loads(l) for l in (final.parent / "log.jsonl").read_text().splitlines()]
+    assert all(0 < r["locate_loss"] < 20 for r in records)   # cells (~log 64) + DETR's box loss (< 5 + 4)
+    model, _ = load_checkpoint(final)
+    assert isinstance(model.seg_locator, FusionLocator) and model.config.seg_locator_fusion == 1
+    after = weights(final)
+    assert any(k.startswith("seg_locator.box.") for k in after)
+
+
 def test_stage1_phrase_words_task_and_unit_scale_language_model(data_dir, stage0, tmp_path):
     from grounding.train import train
     final = train(config(data_dir, tmp_path / "s1words", stage=1, init=str(stage0), steps=2, batch_size=8,
