@@ -4,8 +4,8 @@ A model with a ``FusionLocator`` reads each phrase against the image and finds i
 55% for the default model) far better than a small language model writes box coordinates as text (0.5%).
 So, while decoding greedily, when an answer opens ``<box>`` right after ``<ref>phrase</ref>``, the tokens
 ``(x1,y1),(x2,y2)</box>`` are forced to the locator's box for that phrase: the answer's box and its mask then
-come from the same place, as a detection head writes boxes in Florence-2-like models. The model still decides
-*whether* to write a box; only the numbers are the locator's. Qwen-VL box text only (``box_format="qwen"``).
+come from the same place. The model still decides *whether* to write a box; only the numbers are the
+locator's. Qwen-VL box text only (``box_format="qwen"``).
 """
 from __future__ import annotations
 

@@ -84,7 +84,8 @@ class PrefixEngine:
             locate = g.model.seg_locator is not None  # the [SEG] locator reads the image tokens' states
             first = vlm(input_ids=prefix, pixel_values=pixel_values, use_cache=True, logits_to_keep=1,
                         output_hidden_states=locate)
-            image_states = g.model.locator_keys(first.hidden_states, prefix, pixel_values) if locate else [None] * len(images)
+            image_states = (g.model.locator_keys(first.hidden_states, prefix, pixel_values) if locate
+                            else [None] * len(images))
             cache = first.past_key_values
             if owner != list(range(n)):
                 cache.batch_select_indices(torch.tensor(owner, device=dev))
@@ -141,10 +142,10 @@ class PrefixEngine:
     def _decode(self, step, cache, mask: torch.Tensor, last_positions: torch.Tensor, active: list[bool],
                 max_new_tokens: int, hidden: list[list[torch.Tensor]], row_ids: list[list[int]],
                 is_answer: list[list[int]], writer: BoxWriter | None = None) -> list[list[int]]:
-        """Greedy decoding from ``step``'s last logits for the ``active`` rows (``writer`` forces box tokens). Appends each FED token's id
-        and hidden state to ``row_ids``/``hidden`` (the last token written is never fed, like ``generate``;
-        a [SEG] written last is fed once more so that its state exists). Returns the new ids per row, cut
-        at EOS/padding."""
+        """Greedy decoding from ``step``'s last logits for the ``active`` rows (``writer`` forces box tokens).
+        Appends each FED token's id and hidden state to ``row_ids``/``hidden`` (the last token written is never
+        fed, like ``generate``; a [SEG] written last is fed once more so that its state exists). Returns the new
+        ids per row, cut at EOS/padding."""
         g = self.grounder
         tok = g.processor.tokenizer
         stop, seg = (tok.eos_token_id, tok.pad_token_id), g.processor.seg_token_id

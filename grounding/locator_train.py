@@ -4,8 +4,8 @@
 that reads each [SEG]'s phrase with the image. The locator reads the vision tower's patch features, which do not
 depend on the text: they are computed once per image, and then a step costs ~0.15 s on a 2-core CPU instead of
 a full forward pass, so thousands of steps fit in minutes. The cache holds images x g*g x width float32 values
-(2,700 x 64 x 192 here: 130 MB; a CLIP-L tower on RefCOCO's 17k images would need ~40 GB: use ``limit``). Its targets are those of the locator loss in training: the
-token-grid cells each referred object covers (``mask_cells``), and on those cells the object's box (DETR's
+(2,700 x 64 x 192 here: 130 MB; a CLIP-L tower on RefCOCO's 17k images would need ~40 GB: use ``limit``).
+Its targets are those of the locator loss in training: the token-grid cells each referred object covers (``mask_cells``), and on those cells the object's box (DETR's
 L1 + generalised IoU loss); a "multi" phrase ("all red shapes") targets the union of its objects' cells, with
 no box.
 
@@ -112,7 +112,8 @@ def _phrases(samples: LocatorSamples, index: np.ndarray | list[int], embed: torc
 
 
 @torch.no_grad()
-def top1(locator: FusionLocator, samples: LocatorSamples, embed: torch.Tensor, batch_size: int = 256) -> dict[str, float]:
+def top1(locator: FusionLocator, samples: LocatorSamples, embed: torch.Tensor,
+         batch_size: int = 256) -> dict[str, float]:
     """Fraction of samples whose best cell lies on the referred object, overall and per category; and
     ``box_acc``: of the one-object samples, the fraction whose box at the best cell has IoU >= 0.5."""
     locator.eval()

@@ -191,7 +191,8 @@ class GroundingModel(nn.Module):
         """The [SEG] states projected into prompts: per sample ``[n_i, prompt_dim]``, in text order."""
         return [self.seg_projection(s) for s in self.seg_states(last_hidden, input_ids, attention_mask)]
 
-    def seg_phrase_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[list[torch.Tensor]]:
+    def seg_phrase_ids(self, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None) -> list[list[torch.Tensor]]:
         """Per sample, for each [SEG] (the same ones as ``seg_states``), the token ids ``[L]`` of the words of the
         last ``<ref>..</ref>`` before it (empty when there is none, as in LISA's "[SEG].")."""
         start_id, end_id = self.ref_token_ids
@@ -301,7 +302,8 @@ class GroundingModel(nn.Module):
                             term = term + box_loss(found.box_map, square_boxes(gt_masks[i].bool().cpu()), cells)
                         locate_terms.append(term.reshape(1).expand(int(cells.any(-1).sum())))
                     clicks, boxes = found.clicks, found.boxes
-                logits = self.decode_masks(emb, seg, clicks, boxes) if len(seg) else seg.new_zeros((0, *emb.original_size))
+                logits = (self.decode_masks(emb, seg, clicks, boxes) if len(seg)
+                          else seg.new_zeros((0, *emb.original_size)))
                 mask_logits.append(logits)
                 if gt_masks is not None:
                     preds.append(logits.flatten(1).float())

@@ -8,10 +8,11 @@ positive click beside the [SEG] prompt: the decoder then segments the object und
 already does well. SAM4MLLM (Chen et al., ECCV 2024) prompts SAM with points from the MLLM in the same spirit.
 
 Two locators share that interface: ``SegLocator`` scores a linear map of the [SEG] state (plus, optionally, of
-the phrase's mean word embedding) against the image tokens; ``FusionLocator`` reads the phrase's words and the
-image tokens together through a small transformer (as MDETR / GLIP fuse text and image) and scores its query
-token against the fused image tokens, which learns relations ("the circle above the star") that a mean of words
-cannot express, and learns from cached image tokens in minutes (grounding/locator_train.py).
+the phrase's mean word embedding) against the language model's image-token states; ``FusionLocator`` reads the
+phrase's words and the vision tower's patch features together through a small transformer (as MDETR / GLIP
+fuse text and image) and scores its query token against the fused cells, which learns relations ("the circle
+above the star") that a mean of words cannot express, and learns from cached features in minutes
+(grounding/locator_train.py).
 
 Geometry: the vision input is the image padded to a centred square and resized (``GroundingProcessor``);
 its ``g x g`` tokens are row-major cells of that square. Points are pixel xy in the original image.
@@ -94,15 +95,16 @@ class SegLocator(nn.Module):
 
 
 class FusionLocator(nn.Module):
-    """Phrase words ``[n, L, h]`` and image-token states ``[g*g, h]`` (or ``[n, g*g, h]``) -> scores ``[n, g*g]``.
+    """Phrase words ``[n, L, h]`` and image features ``[g*g, width]`` (or ``[n, g*g, width]``; the vision tower's
+    patch features, ``GroundingModel.locator_keys``) -> scores ``[n, g*g]`` and a box per cell.
 
-    One sequence per [SEG]: a learnt query token, the phrase's words (+ learnt word positions) and the image
-    tokens (+ learnt cell positions), each input through LayerNorm -> Linear to ``dim``; ``layers`` pre-norm
+    One sequence per [SEG]: a learnt query token, the phrase's words (+ learnt word positions) and the cells
+    (+ learnt cell positions), each input through LayerNorm -> Linear to ``dim``; ``layers`` pre-norm
     transformer layers over it; then ``<q(query), k(cell)> / sqrt(dim)``, and from each fused cell the box of
     the referred object (``box``: cx, cy, w, h through a sigmoid, as a fraction of the padded square; given to
-    the mask decoder with the click, it adds ~8 IoU points on found objects). It reads the phrase, not the [SEG]
-    state: the phrase is what the answer wrote, and so it trains on cached image tokens without the language
-    model. Words past ``max_words`` are dropped."""
+    the mask decoder with the click, it adds ~6 IoU points on found objects). It reads the phrase, not the [SEG]
+    state: the phrase is what the answer wrote, and so it trains on cached features without the language model.
+    Words past ``max_words`` are dropped."""
 
     def __init__(self, hidden_size: int, grid: int, layers: int = 2, dim: int = 128, heads: int = 4,
                  max_words: int = 48, image_size: int | None = None):
