@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from grounding.boxes import format_box
-from grounding.seg_locator import FusionLocator, Phrases
+from grounding.seg_locator import Phrases
 from grounding.tokens import BOX_START, REF_END, REF_START
 
 
@@ -30,7 +30,7 @@ class BoxWriter:
 
     @classmethod
     def applies_to(cls, model) -> bool:
-        return isinstance(model.seg_locator, FusionLocator) and model.config.box_format == "qwen"
+        return model.has_fusion_locator and model.config.box_format == "qwen"
 
     def next_token(self, row: int, ids: list[int]) -> int | None:
         if self.queue[row]:

@@ -81,11 +81,14 @@ class PrefixEngine:
             # 1-2: the shared prefix once per image, its cache rows repeated over that image's questions
             prefix = torch.tensor([rows[0].input_ids[:prefix_len]] * len(images), device=dev)
             pixel_values = torch.stack([im.vision for im in images]).to(dev, g.dtype)
-            locate = g.model.seg_locator is not None  # the [SEG] locator reads the image tokens' states
+            locate = g.model.seg_locator is not None
+            reads_states = locate and not g.model.has_fusion_locator  # a SegLocator reads the LM's image states
             first = vlm(input_ids=prefix, pixel_values=pixel_values, use_cache=True, logits_to_keep=1,
-                        output_hidden_states=locate)
-            image_states = (g.model.locator_keys(first.hidden_states, prefix, pixel_values) if locate
-                            else [None] * len(images))
+                        output_hidden_states=reads_states)
+            if g.model.has_fusion_locator:
+                image_states = g.locator_features(images)
+            else:
+                image_states = g.model.image_states(first.hidden_states, prefix) if locate else [None] * len(images)
             cache = first.past_key_values
             if owner != list(range(n)):
                 cache.batch_select_indices(torch.tensor(owner, device=dev))

@@ -217,6 +217,11 @@ class GroundingModel(nn.Module):
                 for rows in self.seg_phrase_ids(input_ids, attention_mask)]
 
     @property
+    def has_fusion_locator(self) -> bool:
+        """Whether the [SEG] locator is a ``FusionLocator`` (which reads the tower's features, not LM states)."""
+        return isinstance(self.seg_locator, FusionLocator)
+
+    @property
     def reads_phrases(self) -> bool:
         """Whether the [SEG] locator reads each [SEG]'s phrase."""
         return self.seg_locator is not None and (self.config.seg_locator_words or self.config.seg_locator_fusion > 0)
@@ -235,7 +240,7 @@ class GroundingModel(nn.Module):
         features (the projector's input, which keep more of what the tower knows than the projector's output
         does: a bag-of-words locator trained 1,000 steps on each found the val objects 55% against 38% of the
         time), else ``image_states``."""
-        if isinstance(self.seg_locator, FusionLocator):
+        if self.has_fusion_locator:
             return vision_features(self, pixel_values)
         return self.image_states(hidden_states, input_ids)
 
@@ -248,9 +253,8 @@ class GroundingModel(nn.Module):
         best cell *on* the object, so the decoder learns to segment what is under a click that is right.
         ``ranks`` ``[n]`` (``Phrases.repeats``): a [SEG] repeating an earlier one's phrase takes the next peak."""
         if not len(states):
-            fusion = isinstance(self.seg_locator, FusionLocator)
             return Located(states.new_zeros((0, self.token_grid ** 2)), None, states.new_zeros((0, 1, 2)),
-                           states.new_zeros((0, 4)) if fusion else None)
+                           states.new_zeros((0, 4)) if self.has_fusion_locator else None)
         scores, box_map = self.seg_locator.locate(states, image_states, phrases)
         pick = scores.detach()
         if targets is not None:

@@ -37,11 +37,13 @@ from segdecoder import ImageEmbedding
 @dataclass
 class PreparedImage:
     """An image as both models see it: ``pixels`` uint8 ``H x W x 3``, the decoder's embedding and the
-    vision tower's input ``[3, s, s]``."""
+    vision tower's input ``[3, s, s]``; ``locator_features`` ``[g*g, width]``: a fusion locator's view of it
+    (``Grounder.locator_features`` fills it when first needed)."""
     pixels: np.ndarray
     digest: str
     embedding: ImageEmbedding
     vision: torch.Tensor
+    locator_features: torch.Tensor | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -134,6 +136,17 @@ class Grounder:
             self._cache.popitem(last=False)
         return out
 
+    def locator_features(self, preps: Sequence[PreparedImage]) -> list[torch.Tensor]:
+        """A ``FusionLocator``'s features ``[g*g, width]`` of each image: the tower's patch features, which do not
+        depend on the question, so they are computed once per image (in one batch) and kept with it."""
+        todo = list({id(p): p for p in preps if p.locator_features is None}.values())
+        if todo:
+            with torch.no_grad():
+                pixels = torch.stack([p.vision for p in todo]).to(self.device, self.dtype)
+                for p, f in zip(todo, self.model.locator_keys(None, None, pixels)):
+                    p.locator_features = f
+        return [p.locator_features for p in preps]
+
     # ---- the click path: decoder only -----------------------------------------------------------------
     def segment(self, image: Any, points: Sequence[Sequence[float]] | None = None,
                 point_labels: Sequence[int] | None = None,
@@ -184,7 +197,7 @@ class Grounder:
         preps = self.prepare([q.image for q in queries])
         prompts = [self._encode_question(q, p, max_new_tokens) for q, p in zip(queries, preps)]
         pixel_values = torch.stack([p.vision for p in preps]).to(self.device, self.dtype)
-        generated = self._answers(queries, prompts, pixel_values, [p.size for p in preps], max_new_tokens)
+        generated = self._answers(queries, prompts, pixel_values, preps, max_new_tokens)
         # prompt labels are IGNORE_INDEX except on an answer prefix: the answer is prefix + what follows
         answers = [_answer_prefix(p) + g for p, g in zip(prompts, generated)]
         full = [EncodedText(p.input_ids + g, [int(lab != IGNORE_INDEX) for lab in p.labels] + [1] * len(g))
@@ -197,8 +210,11 @@ class Grounder:
             # labels hold 1 on answer tokens: only [SEG]s the model wrote (not ones in the prompt) count.
             hidden, ids = out.hidden_states[-1], batch["input_ids"]
             states = self.model.seg_states(hidden, ids, batch["labels"] == 1)
-            images = self.model.locator_keys(out.hidden_states, ids, pixel_values) if self.model.seg_locator is not None \
-                else [None] * len(ids)
+            if self.model.has_fusion_locator:
+                images = self.locator_features(preps)
+            else:
+                images = self.model.image_states(out.hidden_states, ids) if self.model.seg_locator is not None \
+                    else [None] * len(ids)
             phrases = self.model.seg_phrases(ids, batch["labels"] == 1) if self.model.reads_phrases \
                 else [None] * len(ids)
             prompts = [self.seg_prompts(s, im, ph, p) for s, im, ph, p in zip(states, images, phrases, preps)]
@@ -234,7 +250,7 @@ class Grounder:
         return [t for t, lab in zip(full.input_ids, full.labels) if lab != -100][:-1]  # without EOS
 
     def _answers(self, queries: list[Query], prompts: list[EncodedText], pixel_values: torch.Tensor,
-                 sizes: list[tuple[int, int]], max_new_tokens: int) -> list[list[int]]:
+                 preps: list[PreparedImage], max_new_tokens: int) -> list[list[int]]:
         """Answer token ids per query: the given answers (teacher forcing) or greedy generation (after the
         prompt, which holds any answer prefix; boxes written by the ``BoxWriter`` when ``locator_boxes``)."""
         answers: list[list[int] | None] = [None] * len(queries)
@@ -251,8 +267,8 @@ class Grounder:
             processors = LogitsProcessorList()
             with torch.no_grad():
                 if self.locator_boxes:
-                    keys = self.model.locator_keys(None, batch["input_ids"], pixel_values[todo])
-                    writer = BoxWriter(self.model, tok, list(keys), [sizes[i] for i in todo],
+                    mine = [preps[i] for i in todo]
+                    writer = BoxWriter(self.model, tok, self.locator_features(mine), [p.size for p in mine],
                                        [_answer_prefix(prompts[i]) for i in todo])
                     processors.append(_ForcedTokens(writer, batch["input_ids"].shape[1]))
                 generated = self.model.vlm.generate(
