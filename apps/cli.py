@@ -156,12 +156,15 @@ def train_locator(
     eval_every: int = typer.Option(500, min=1, help="Steps between scores."),
     dataset: str = typer.Option("synth", help="REFER dataset name of --data (refcoco, refcoco+, refcocog, synth)."),
     split_by: str = typer.Option("unc", help="REFER split scheme (unc, umd, google)."),
+    extra_data: list[Path] = typer.Option([], help="More REFER folders whose train split is learnt too "
+                                                   "(repeat the option); scores stay on --data."),
 ) -> None:
     """Give a model a fusion [SEG] locator, trained on cached image tokens (every other weight is kept)."""
     from grounding.locator_train import train_locator as run
 
     scores = run(_model_dir(model), data, out, steps=steps, batch_size=batch_size, lr=lr, layers=layers, seed=seed,
-                 eval_split=eval_split, eval_every=eval_every, dataset=dataset, split_by=split_by)
+                 eval_split=eval_split, eval_every=eval_every, dataset=dataset, split_by=split_by,
+                 extra_data=extra_data)
     top1 = ", ".join(f"{'all' if k == 'top1' else k[5:]} {v:.1%}" for k, v in scores.items() if k.startswith("top1"))
     console.print(f"model written to {out / 'model'}; {eval_split}: top-1 cell on the object {top1}; "
                   f"box Acc@0.5 at that cell {scores['box_acc']:.1%}")

@@ -53,6 +53,15 @@ class LocatorSamples:
     def __len__(self) -> int:
         return len(self.phrase_ids)
 
+    @classmethod
+    def concat(cls, parts: list["LocatorSamples"]) -> "LocatorSamples":
+        """One sample set from several (their image rows renumbered)."""
+        offsets = np.cumsum([0] + [len(p.image_states) for p in parts[:-1]])
+        return cls(torch.cat([p.image_states for p in parts]),
+                   torch.cat([p.rows + int(o) for p, o in zip(parts, offsets)]),
+                   [i for p in parts for i in p.phrase_ids], torch.cat([p.targets for p in parts]),
+                   torch.cat([p.boxes for p in parts]), [c for p in parts for c in p.categories])
+
 
 def _categories(data_root: Path) -> dict[int, str]:
     """sent_id -> expression category from a synthetic set's ``scenes.json`` (empty for other data)."""
@@ -138,16 +147,17 @@ def top1(locator: FusionLocator, samples: LocatorSamples, embed: torch.Tensor,
 def train_locator(model_dir: str | Path, data: str | Path, out: str | Path, steps: int = 3000, batch_size: int = 64,
                   lr: float = 1e-3, layers: int = 2, seed: int = 0, eval_split: str = "val", eval_every: int = 500,
                   dataset: str = "synth", split_by: str = "unc", limit: int | None = None,
-                  progress: bool = True) -> dict[str, float]:
+                  extra_data: list[str | Path] = (), progress: bool = True) -> dict[str, float]:
     """Train a FusionLocator for the model at ``model_dir`` and write the model with it to ``out`` (atomically),
-    with ``locator_log.jsonl`` / ``loss_locator.png`` (losses per step), ``locator_eval.jsonl`` /
+    on the train split of ``data`` and of each ``extra_data`` folder (scored on ``data``'s ``eval_split``), with ``locator_log.jsonl`` / ``loss_locator.png`` (losses per step), ``locator_eval.jsonl`` /
     ``locator_top1.png`` (scores per evaluation) and ``locator_scores.json``. Returns the last evaluation."""
     torch.manual_seed(seed)
     model, tokenizer = load_checkpoint(model_dir)
     model.add_seg_locator(fusion=layers)   # reads text-independent features: computed once per image
     processor = GroundingProcessor(tokenizer, model.config, model.vision_image_size, model.num_image_tokens)
     ds = ReferDataset(data, dataset=dataset, split_by=split_by)
-    train_set = build_samples(model, processor, ds, "train", limit, progress)
+    train_set = LocatorSamples.concat([build_samples(model, processor, d, "train", limit, progress) for d in
+                                       [ds] + [ReferDataset(e, dataset=dataset, split_by=split_by) for e in extra_data]])
     eval_set = build_samples(model, processor, ds, eval_split, limit, progress)
     embed = model.vlm.get_input_embeddings().weight.detach().float()
     locator = model.seg_locator.float()
@@ -189,7 +199,7 @@ def train_locator(model_dir: str | Path, data: str | Path, out: str | Path, step
     plot_losses(log_path, out / "loss_locator.png")
     plot_scores(eval_path, out / "locator_top1.png", eval_split)
     (out / "locator_scores.json").write_text(json.dumps(
-        {"model": str(model_dir), "data": str(data), "eval_split": eval_split, "steps": steps, "batch_size": batch_size,
+        {"model": str(model_dir), "data": str(data), "extra_data": [str(e) for e in extra_data], "eval_split": eval_split, "steps": steps, "batch_size": batch_size,
          "lr": lr, "layers": layers, "seed": seed, "train_samples": len(train_set), "eval_samples": len(eval_set),
          "wall_s": round(time.perf_counter() - start, 1), eval_split: scores_now}, indent=2))
     return scores_now

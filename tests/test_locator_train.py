@@ -49,3 +49,27 @@ def test_train_locator_learns_the_training_phrases_and_keeps_every_other_weight(
     assert calls[0].shape == (1, 1, 2)
     (x, y), = calls[0][0].tolist()
     assert 0 <= x < image.shape[1] and 0 <= y < image.shape[0]
+
+
+def test_extra_training_folders_keep_each_phrase_with_its_own_image(tiny_dir, tmp_path):
+    from grounding.checkpoint import load_checkpoint
+    from grounding.data.refer import ReferDataset
+    from grounding.data.synthetic import generate_dataset
+    from grounding.locator_train import LocatorSamples, build_samples
+    from grounding.processor import GroundingProcessor
+
+    model, tok = load_checkpoint(tiny_dir)
+    model.add_seg_locator(fusion=1)
+    processor = GroundingProcessor(tok, model.config, model.vision_image_size, model.num_image_tokens)
+    parts = [build_samples(model, processor, ReferDataset(generate_dataset(tmp_path / f"d{seed}", 4, seed=seed,
+                                                                           progress=False), dataset="synth"),
+                           "train", progress=False) for seed in (1, 2)]
+    both = LocatorSamples.concat(parts)
+    assert len(both) == len(parts[0]) + len(parts[1])
+    assert len(both.image_states) == len(parts[0].image_states) + len(parts[1].image_states)
+    # the second folder's phrases read the second folder's images, with their own targets and boxes
+    for j in (0, len(parts[1]) - 1):
+        i = len(parts[0]) + j
+        assert torch.equal(both.image_states[both.rows[i]], parts[1].image_states[parts[1].rows[j]])
+        assert torch.equal(both.targets[i], parts[1].targets[j]) and torch.equal(both.boxes[i], parts[1].boxes[j])
+        assert torch.equal(both.phrase_ids[i], parts[1].phrase_ids[j])
