@@ -4,10 +4,11 @@
 that reads each [SEG]'s phrase with the image. The locator reads the vision tower's patch features, which do not
 depend on the text: they are computed once per image, and then a step costs ~0.15 s on a 2-core CPU instead of
 a full forward pass, so thousands of steps fit in minutes. The cache holds images x g*g x width float32 values
-(2,700 x 64 x 192 here: 130 MB; a CLIP-L tower on RefCOCO's 17k images would need ~40 GB: use ``limit``).
-Its targets are those of the locator loss in training: the token-grid cells each referred object covers (``mask_cells``), and on those cells the object's box (DETR's
-L1 + generalised IoU loss); a "multi" phrase ("all red shapes") targets the union of its objects' cells, with
-no box.
+(2,700 x 64 x 192: 130 MB; v4's 17,100 images: 0.84 GB; a CLIP-L tower on RefCOCO's 17k images would need
+~40 GB: use ``limit``). Its targets are those of the locator loss in training: the token-grid cells each referred
+object covers (``mask_cells``), and on those cells the object's box (DETR's L1 + generalised IoU loss); a "multi"
+phrase ("all red shapes") targets the union of its objects' cells, with no box. ``extra_data`` folders add their
+train phrases (more scenes: the locator learns from phrases alone, and v3's had learnt its 25,681 by heart).
 
 Top-1 (the best cell lies on the referred object) is reported on the evaluation split, per expression category
 where the data has ``scenes.json`` (the synthetic sets); the last step's locator is kept (no selection on it).
@@ -149,15 +150,16 @@ def train_locator(model_dir: str | Path, data: str | Path, out: str | Path, step
                   dataset: str = "synth", split_by: str = "unc", limit: int | None = None,
                   extra_data: list[str | Path] = (), progress: bool = True) -> dict[str, float]:
     """Train a FusionLocator for the model at ``model_dir`` and write the model with it to ``out`` (atomically),
-    on the train split of ``data`` and of each ``extra_data`` folder (scored on ``data``'s ``eval_split``), with ``locator_log.jsonl`` / ``loss_locator.png`` (losses per step), ``locator_eval.jsonl`` /
-    ``locator_top1.png`` (scores per evaluation) and ``locator_scores.json``. Returns the last evaluation."""
+    on the train split of ``data`` and of each ``extra_data`` folder (scored on ``data``'s ``eval_split``), with
+    ``locator_log.jsonl`` / ``loss_locator.png`` (losses per step), ``locator_eval.jsonl`` / ``locator_top1.png``
+    (scores per evaluation) and ``locator_scores.json``. Returns the last evaluation."""
     torch.manual_seed(seed)
     model, tokenizer = load_checkpoint(model_dir)
     model.add_seg_locator(fusion=layers)   # reads text-independent features: computed once per image
     processor = GroundingProcessor(tokenizer, model.config, model.vision_image_size, model.num_image_tokens)
     ds = ReferDataset(data, dataset=dataset, split_by=split_by)
-    train_set = LocatorSamples.concat([build_samples(model, processor, d, "train", limit, progress) for d in
-                                       [ds] + [ReferDataset(e, dataset=dataset, split_by=split_by) for e in extra_data]])
+    sources = [ds] + [ReferDataset(e, dataset=dataset, split_by=split_by) for e in extra_data]
+    train_set = LocatorSamples.concat([build_samples(model, processor, d, "train", limit, progress) for d in sources])
     eval_set = build_samples(model, processor, ds, eval_split, limit, progress)
     embed = model.vlm.get_input_embeddings().weight.detach().float()
     locator = model.seg_locator.float()
@@ -199,8 +201,9 @@ def train_locator(model_dir: str | Path, data: str | Path, out: str | Path, step
     plot_losses(log_path, out / "loss_locator.png")
     plot_scores(eval_path, out / "locator_top1.png", eval_split)
     (out / "locator_scores.json").write_text(json.dumps(
-        {"model": str(model_dir), "data": str(data), "extra_data": [str(e) for e in extra_data], "eval_split": eval_split, "steps": steps, "batch_size": batch_size,
-         "lr": lr, "layers": layers, "seed": seed, "train_samples": len(train_set), "eval_samples": len(eval_set),
+        {"model": str(model_dir), "data": str(data), "extra_data": [str(e) for e in extra_data],
+         "eval_split": eval_split, "steps": steps, "batch_size": batch_size, "lr": lr, "layers": layers, "seed": seed,
+         "train_samples": len(train_set), "eval_samples": len(eval_set),
          "wall_s": round(time.perf_counter() - start, 1), eval_split: scores_now}, indent=2))
     return scores_now
 
