@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from grounding.box_writer import BoxWriter
-from grounding.predictor import Grounder, PreparedImage, Query, _answer_prefix, _cut_at
+from grounding.predictor import Grounder, PreparedImage, Query, _cut_at
 from grounding.processor import IGNORE_INDEX, EncodedText
 from grounding.result import Prediction
 
@@ -85,10 +85,7 @@ class PrefixEngine:
             reads_states = locate and not g.model.has_fusion_locator  # a SegLocator reads the LM's image states
             first = vlm(input_ids=prefix, pixel_values=pixel_values, use_cache=True, logits_to_keep=1,
                         output_hidden_states=reads_states)
-            if g.model.has_fusion_locator:
-                image_states = g.locator_features(images)
-            else:
-                image_states = g.model.image_states(first.hidden_states, prefix) if locate else [None] * len(images)
+            image_states = g.locator_inputs(images, first.hidden_states, prefix)
             cache = first.past_key_values
             if owner != list(range(n)):
                 cache.batch_select_indices(torch.tensor(owner, device=dev))
@@ -115,7 +112,7 @@ class PrefixEngine:
 
             # 4: greedy decoding for the rows without a given answer
             writer = BoxWriter(g.model, g.processor.tokenizer, [image_states[k] for k in owner],
-                               [images[k].size for k in owner], [_answer_prefix(p) for p in prompts]) \
+                               [images[k].size for k in owner], [p.answer_ids for p in prompts]) \
                 if g.locator_boxes else None
             generated = self._decode(step, cache, mask, positions[:, -1], [f is None for f in forced], max_new_tokens,
                                      hidden, row_ids, is_answer, writer)
@@ -136,7 +133,7 @@ class PrefixEngine:
 
         out = []
         for (prep, q), p, f, gen, (s, *_), k in zip(items, prompts, forced, generated, segs, owner):
-            answer = _answer_prefix(p) + (f if f is not None else gen)
+            answer = p.answer_ids + (f if f is not None else gen)
             masks, scores = decoded[k]
             out.append(g.prediction(q, prep, answer, masks[:len(s)], scores[:len(s)]))
             decoded[k] = [masks[len(s):], scores[len(s):]]
@@ -187,8 +184,7 @@ class PrefixEngine:
 
 def _answer_ids(grounder: Grounder, answer: str) -> list[int]:
     """A given (teacher-forced) answer's ids, EOS included, as the Grounder tokenises it."""
-    full = grounder.processor.encode("", answer)
-    return [t for t, lab in zip(full.input_ids, full.labels) if lab != IGNORE_INDEX]
+    return grounder.processor.encode("", answer).answer_ids
 
 
 def _shared_prefix_length(prompts: Sequence[EncodedText], image_token_id: int) -> int:

@@ -30,7 +30,7 @@ from grounding.data.refer import ReferDataset
 from grounding.data.tasks import _no_article
 from grounding.images import load_image
 from grounding.model import GroundingModel
-from grounding.processor import IGNORE_INDEX, GroundingProcessor
+from grounding.processor import GroundingProcessor
 from grounding.seg_locator import FusionLocator, Phrases, box_loss, box_iou_at, locator_loss, mask_cells, square_boxes
 from grounding.tokens import SEG
 from grounding.train import batch_indices, plot_losses
@@ -86,8 +86,7 @@ def locator_keys(model: GroundingModel, processor: GroundingProcessor, images: l
 
 def phrase_token_ids(model: GroundingModel, processor: GroundingProcessor, phrase: str) -> torch.Tensor:
     """The token ids of ``phrase`` as the locator sees it in an answer ``<ref>phrase</ref>[SEG]``."""
-    encoded = processor.encode("", f"<ref>{phrase}</ref>{SEG}")
-    ids = torch.tensor([[t for t, lab in zip(encoded.input_ids, encoded.labels) if lab != IGNORE_INDEX]])
+    ids = torch.tensor([processor.encode("", f"<ref>{phrase}</ref>{SEG}").answer_ids])
     return model.seg_phrase_ids(ids)[0][0]
 
 

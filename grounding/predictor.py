@@ -66,11 +66,6 @@ class Query:
             raise QuestionError("give a whole answer (teacher forcing) or an answer prefix, not both")
 
 
-def _answer_prefix(prompt: EncodedText) -> list[int]:
-    """The answer prefix's ids at the end of a prompt (labelled with themselves), or []."""
-    return [t for t, lab in zip(prompt.input_ids, prompt.labels) if lab != IGNORE_INDEX]
-
-
 class _ForcedTokens(LogitsProcessor):
     """``generate`` hook: the rows' next tokens where the ``BoxWriter`` forces one (generated ids start at
     column ``prompt_length``)."""
@@ -147,6 +142,17 @@ class Grounder:
                     p.locator_features = f
         return [p.locator_features for p in preps]
 
+    def locator_inputs(self, preps: Sequence[PreparedImage], hidden_states: tuple[torch.Tensor, ...] | None,
+                       input_ids: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per image, what the [SEG] locator scores: a ``FusionLocator``'s tower features (``locator_features``),
+        a ``SegLocator``'s image-token states from the forward pass (``hidden_states`` of ``input_ids``), or None
+        without a locator."""
+        if self.model.seg_locator is None:
+            return [None] * len(preps)
+        if self.model.has_fusion_locator:
+            return self.locator_features(preps)
+        return list(self.model.image_states(hidden_states, input_ids))
+
     # ---- the click path: decoder only -----------------------------------------------------------------
     def segment(self, image: Any, points: Sequence[Sequence[float]] | None = None,
                 point_labels: Sequence[int] | None = None,
@@ -199,7 +205,7 @@ class Grounder:
         pixel_values = torch.stack([p.vision for p in preps]).to(self.device, self.dtype)
         generated = self._answers(queries, prompts, pixel_values, preps, max_new_tokens)
         # prompt labels are IGNORE_INDEX except on an answer prefix: the answer is prefix + what follows
-        answers = [_answer_prefix(p) + g for p, g in zip(prompts, generated)]
+        answers = [p.answer_ids + g for p, g in zip(prompts, generated)]
         full = [EncodedText(p.input_ids + g, [int(lab != IGNORE_INDEX) for lab in p.labels] + [1] * len(g))
                 for p, g in zip(prompts, generated)]
         batch = {k: v.to(self.device) for k, v in self.processor.pad(full, side="left").items()}
@@ -210,11 +216,7 @@ class Grounder:
             # labels hold 1 on answer tokens: only [SEG]s the model wrote (not ones in the prompt) count.
             hidden, ids = out.hidden_states[-1], batch["input_ids"]
             states = self.model.seg_states(hidden, ids, batch["labels"] == 1)
-            if self.model.has_fusion_locator:
-                images = self.locator_features(preps)
-            else:
-                images = self.model.image_states(out.hidden_states, ids) if self.model.seg_locator is not None \
-                    else [None] * len(ids)
+            images = self.locator_inputs(preps, out.hidden_states, ids)
             phrases = self.model.seg_phrases(ids, batch["labels"] == 1) if self.model.reads_phrases \
                 else [None] * len(ids)
             prompts = [self.seg_prompts(s, im, ph, p) for s, im, ph, p in zip(states, images, phrases, preps)]
@@ -246,8 +248,7 @@ class Grounder:
         """Token ids of ``query.answer_prefix`` (tokenised as the start of an answer), or []."""
         if query.answer_prefix is None:
             return []
-        full = self.processor.encode("", query.answer_prefix)
-        return [t for t, lab in zip(full.input_ids, full.labels) if lab != -100][:-1]  # without EOS
+        return self.processor.encode("", query.answer_prefix).answer_ids[:-1]  # without EOS
 
     def _answers(self, queries: list[Query], prompts: list[EncodedText], pixel_values: torch.Tensor,
                  preps: list[PreparedImage], max_new_tokens: int) -> list[list[int]]:
@@ -256,8 +257,7 @@ class Grounder:
         answers: list[list[int] | None] = [None] * len(queries)
         for i, q in enumerate(queries):
             if q.answer is not None:
-                full = self.processor.encode("", q.answer)
-                answers[i] = [t for t, lab in zip(full.input_ids, full.labels) if lab != -100]
+                answers[i] = self.processor.encode("", q.answer).answer_ids
         todo = [i for i, a in enumerate(answers) if a is None]
         if todo:
             batch = {k: v.to(self.device) for k, v in self.processor.pad([prompts[i] for i in todo], side="left").items()}
@@ -269,7 +269,7 @@ class Grounder:
                 if self.locator_boxes:
                     mine = [preps[i] for i in todo]
                     writer = BoxWriter(self.model, tok, self.locator_features(mine), [p.size for p in mine],
-                                       [_answer_prefix(prompts[i]) for i in todo])
+                                       [prompts[i].answer_ids for i in todo])
                     processors.append(_ForcedTokens(writer, batch["input_ids"].shape[1]))
                 generated = self.model.vlm.generate(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -28,6 +28,11 @@ class EncodedText:
     input_ids: list[int]
     labels: list[int]
 
+    @property
+    def answer_ids(self) -> list[int]:
+        """The ids labelled as answer (an answer prefix at the end of a prompt; a whole answer, EOS included)."""
+        return [t for t, lab in zip(self.input_ids, self.labels) if lab != IGNORE_INDEX]
+
 
 class GroundingProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, config: GroundingConfig, vision_image_size: int,
