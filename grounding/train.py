@@ -86,7 +86,8 @@ class TrainConfig:
     merge_lora: bool = True
     freeze: tuple[str, ...] = ()    # stage 1: parts that keep their weights (vision_tower, projector, mask_decoder)
     patch_loss_weights: tuple[float, float] = (1.0, 10.0)  # stage 0: per-attribute CE, box L1
-    patch_heads: str | None = None  # stage 1: stage 0's heads file; the tower keeps learning its per-patch task
+    patch_heads: str | None = None  # stage 0's heads file: stage 1 keeps the tower on its per-patch task; a
+    # further stage 0 starts from the heads it had (not from random ones, which cost its first ~100 steps)
     pointer_loss: float = 0.0       # stage 1 on synthetic data: weight of the pointer task: the state at </ref> (of
                                     # box answers too) points at its object's cells (the model's SegLocator if any)
     phrase_words_loss: float = 0.0  # stage 1: weight of the phrase-words task (the state at </ref> names the
@@ -373,7 +374,7 @@ class _PatchTask:
         self.cfg, self.data, self.processor = cfg, data, processor
         self.image_ids = data.ds.images(cfg.split)
         self.size = len(self.image_ids)
-        self.patch = _PatchLoss(cfg, data, model)
+        self.patch = _PatchLoss(cfg, data, model, cfg.patch_heads)
         self.modules = (self.patch.heads,)
 
     def loss(self, model, raw, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
