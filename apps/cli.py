@@ -150,7 +150,9 @@ def train_locator(
     steps: int = typer.Option(3000, min=1, help="Optimizer steps."),
     batch_size: int = typer.Option(64, min=1, help="Phrases per step."),
     lr: float = typer.Option(1e-3, min=0.0, help="Peak learning rate (warm-up, then cosine)."),
-    layers: int = typer.Option(2, min=1, max=12, help="Transformer layers of the fusion locator."),
+    layers: int = typer.Option(2, min=1, max=12, help=(
+        "Transformer layers of the fusion locator (a trained locator of fewer layers keeps them and grows new ones "
+        "that start as the identity).")),
     seed: int = typer.Option(0, help="Seed of the batch order and the initial weights."),
     eval_split: str = typer.Option("val", help="Split scored every --eval-every steps (top-1 cell on the object)."),
     eval_every: int = typer.Option(500, min=1, help="Steps between scores."),

@@ -103,11 +103,15 @@ class GroundingModel(nn.Module):
 
     def add_seg_locator(self, words: bool = False, fusion: int = 0) -> None:
         """Give a model built without them a (new, untrained) [SEG] locator / its phrase-words query, or a
-        ``FusionLocator`` of ``fusion`` layers (which replaces any ``SegLocator``)."""
+        ``FusionLocator`` of ``fusion`` layers (which replaces any ``SegLocator``; a trained ``FusionLocator`` of
+        fewer layers is kept and deepened, ``FusionLocator.deepened``)."""
         hidden = self.llava_config.text_config.hidden_size
         like = self.seg_projection.net[0].weight
         if fusion:
-            if self.config.seg_locator_fusion != fusion:
+            have = self.config.seg_locator_fusion if isinstance(self.seg_locator, FusionLocator) else 0
+            if 0 < have < fusion:  # a trained locator grows new layers that start as the identity
+                self.seg_locator = self.seg_locator.deepened(fusion)
+            elif have != fusion:
                 self.seg_locator = self._fusion_locator(fusion).to(like)
             self.config.seg_locator, self.config.seg_locator_fusion, self.config.seg_locator_words = True, fusion, False
             return

@@ -122,6 +122,26 @@ class FusionLocator(nn.Module):
         self.q, self.k = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.box = nn.Linear(dim, 4)
 
+    def deepened(self, layers: int) -> "FusionLocator":
+        """A copy with ``layers`` (> this one's) layers: this one's weights, then new layers whose residual branches
+        start at zero (attention out-projection, second MLP linear), so the copy scores exactly as this one does
+        until the new layers learn. Training it goes on from a trained locator instead of from scratch (a fresh
+        4-layer locator needed ~2,000 steps to reach 68% val top-1, where the 2-layer one it grows from is at 75%)."""
+        old = len(self.encoder.layers)
+        if layers <= old:
+            raise ValueError(f"a locator of {old} layers cannot be deepened to {layers}")
+        first = self.encoder.layers[0]
+        grown = FusionLocator(self.words_in[0].normalized_shape[0], int(len(self.cell_pos) ** 0.5), layers=layers,
+                              dim=self.dim, heads=first.self_attn.num_heads, max_words=self.max_words,
+                              image_size=self.image_in[0].normalized_shape[0]).to(self.query)
+        missing, unexpected = grown.load_state_dict(self.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("encoder.layers.") for k in missing), (missing, unexpected)
+        for layer in grown.encoder.layers[old:]:
+            for zeroed in (layer.self_attn.out_proj, layer.linear2):
+                nn.init.zeros_(zeroed.weight)
+                nn.init.zeros_(zeroed.bias)
+        return grown
+
     def forward(self, seg_states: torch.Tensor | None, image_states: torch.Tensor,
                 phrases: Phrases | None) -> torch.Tensor:
         return self.locate(seg_states, image_states, phrases)[0]

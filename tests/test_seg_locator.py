@@ -176,3 +176,26 @@ def test_repeated_phrases_click_on_successive_peaks():
     for i, w in enumerate([word, word[:1], word]):
         embeds[i, :len(w)], mask[i, :len(w)] = w, True
     assert Phrases(embeds, mask).repeats().tolist() == [0, 0, 1, 0, 0]   # empty phrases are never repeats
+
+
+def test_a_deepened_locator_scores_as_before_and_its_new_layers_learn():
+    """``train-locator --layers 4`` on a model whose locator has 2 trained layers keeps them: the new layers start
+    as the identity, so the deeper locator begins where the trained one is instead of from scratch."""
+    torch.manual_seed(0)
+    hidden, grid = 24, 4
+    trained = FusionLocator(hidden, grid, layers=2, dim=32)
+    for p in trained.parameters():   # stands in for trained weights (nothing left at its initial value)
+        p.data.add_(0.1 * torch.randn_like(p))
+    deeper = trained.deepened(4)
+    assert len(deeper.encoder.layers) == 4
+    image = torch.randn(3, grid * grid, hidden)
+    words = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).bool()
+    phrases = Phrases(torch.randn(3, 5, hidden), words)
+    for before, after in zip(trained.locate(None, image, phrases), deeper.locate(None, image, phrases)):
+        torch.testing.assert_close(after, before)
+    target = torch.zeros(3, grid * grid, dtype=torch.bool)
+    target[:, 5] = True
+    locator_loss(deeper(None, image, phrases), target).backward()
+    assert deeper.encoder.layers[3].linear2.weight.grad.abs().sum() > 0   # the new layers are not stuck at zero
+    with pytest.raises(ValueError, match="cannot be deepened"):
+        deeper.deepened(3)
