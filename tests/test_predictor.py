@@ -195,3 +195,19 @@ def test_sam2_backend_end_to_end(scene, tmp_path):
     assert [t.mask.shape for t in pred.targets] == [image.shape[:2]] * 2
     assert g.segment(image, points=[[28, 40]]).targets[0].mask.shape == image.shape[:2]
     assert g.model.mask_decoder.backend_name == "sam2"
+
+
+def test_a_click_keeps_only_the_mask_parts_it_names():
+    """A click's mask that spilt onto a second, separate shape keeps the clicked part; a click off the mask, or a
+    background click, leaves it alone; two positive clicks on two parts keep both."""
+    from grounding.predictor import clicked_parts
+
+    mask = np.zeros((60, 80), bool)
+    mask[5:25, 5:25] = True       # the clicked square
+    mask[40:55, 60:75] = True     # a spill onto another shape
+    one = clicked_parts(mask, np.array([[10.5, 12.0]]), np.array([1]))
+    assert one[5:25, 5:25].all() and not one[40:55, 60:75].any()
+    assert np.array_equal(clicked_parts(mask, np.array([[40.0, 30.0]]), np.array([1])), mask)   # off the mask
+    assert np.array_equal(clicked_parts(mask, np.array([[62.0, 45.0]]), np.array([0])), mask)   # background click
+    both = clicked_parts(mask, np.array([[10.0, 10.0], [79.9, 59.9], [62.0, 45.0]]), np.array([1, 1, 1]))
+    assert np.array_equal(both, mask)
