@@ -49,9 +49,13 @@ default-model: $(VENV)/.installed
 	$(VENV)/bin/groundseg train-locator --model runs/shapes-tiny-v4/stage0/model --data data/synth \
 		--extra-data data/synth-s1 --extra-data data/synth-s2 --out runs/shapes-tiny-v4/locator \
 		--steps 6000 --eval-every 1000
+	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v5-stage0.yaml
+	$(VENV)/bin/groundseg train-locator --model runs/shapes-tiny-v5/stage0/model --data data/synth \
+		--extra-data data/synth-s1 --extra-data data/synth-s2 --out runs/shapes-tiny-v5/locator \
+		--layers 4 --steps 8000 --eval-every 1000
 	# the model's files are replaced; the model card and loss curves beside them stay
 	rm -rf $(DEFAULT_MODEL)/model.safetensors $(DEFAULT_MODEL)/groundseg.json $(DEFAULT_MODEL)/tokenizer
-	mkdir -p $(DEFAULT_MODEL) && cp -r runs/shapes-tiny-v4/locator/model/. $(DEFAULT_MODEL)/
+	mkdir -p $(DEFAULT_MODEL) && cp -r runs/shapes-tiny-v5/locator/model/. $(DEFAULT_MODEL)/
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -1,6 +1,6 @@
 """The shipped default model (weights/shapes-tiny) on scenes it never saw: a floor under its model-card scores, so
 that a broken or wrongly copied checkpoint cannot ship. Floors sit well below what the card measures on full
-splits (val teacher-forced cIoU 51%, a box prompt's mask IoU 0.71), as 10 scenes are a small sample."""
+splits (val teacher-forced cIoU 56%, a box prompt's mask IoU 0.74), as 10 scenes are a small sample."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,8 +49,8 @@ def test_referring_masks_on_unseen_scenes(grounder, unseen):
         box = mask_box_xyxy(mask)
         box_hits.append(box is not None and box_iou(box, ds.box_xyxy(s.ann_id)) >= 0.5)
     assert len(sentences) >= 40
-    assert inter / union > 0.35, f"cIoU {inter / union:.3f} over {len(sentences)} sentences"
-    assert np.mean(box_hits) > 0.4, f"mask-box Acc@0.5 {np.mean(box_hits):.3f}"
+    assert inter / union > 0.40, f"cIoU {inter / union:.3f} over {len(sentences)} sentences"
+    assert np.mean(box_hits) > 0.45, f"mask-box Acc@0.5 {np.mean(box_hits):.3f}"
 
 
 def test_a_box_prompt_gives_the_objects_mask(grounder, unseen):
@@ -65,4 +65,4 @@ def test_a_box_prompt_gives_the_objects_mask(grounder, unseen):
         mask = grounder.model.mask_decoder.decode(embedding, multimask=False, boxes=torch.tensor(
             [ds.box_xyxy(ann)], dtype=torch.float32)).masks[0]
         ious.append((mask & gt).sum() / (mask | gt).sum())
-    assert np.mean(ious) > 0.55, f"mean IoU {np.mean(ious):.3f} on {len(ious)} objects"
+    assert np.mean(ious) > 0.60, f"mean IoU {np.mean(ious):.3f} on {len(ious)} objects"
