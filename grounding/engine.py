@@ -68,7 +68,7 @@ class PrefixEngine:
         vlm, dev = g.model.vlm, g.device
         # prompt ids (+ any answer prefix, labelled) and, for teacher forcing, the given answer
         prompts = [g._encode_question(q, p, max_new_tokens) for p, q in items]
-        forced = [None if q.answer is None else _answer_ids(g, q.answer) for _, q in items]
+        forced = [None if q.answer is None else g.processor.encode("", q.answer).answer_ids for _, q in items]
         rows = [EncodedText(p.input_ids + (f or []), [int(lab != IGNORE_INDEX) for lab in p.labels] + [1] * len(f or []))
                 for p, f in zip(prompts, forced)]
         # one prefix row per distinct image; row i continues prefix row owner[i]
@@ -180,11 +180,6 @@ class PrefixEngine:
                     is_answer[i].append(1)
                     n_fed[i] += 1
         return [_cut_at(ids, *stop) for ids in new]
-
-
-def _answer_ids(grounder: Grounder, answer: str) -> list[int]:
-    """A given (teacher-forced) answer's ids, EOS included, as the Grounder tokenises it."""
-    return grounder.processor.encode("", answer).answer_ids
 
 
 def _shared_prefix_length(prompts: Sequence[EncodedText], image_token_id: int) -> int:

@@ -111,6 +111,8 @@ class FusionLocator(nn.Module):
         super().__init__()
         self.dim, self.max_words = dim, max_words
         image_size = image_size or hidden_size
+        self.sizes = dict(hidden_size=hidden_size, grid=grid, dim=dim, heads=heads, max_words=max_words,
+                          image_size=image_size)   # all but ``layers`` (``deepened`` builds a deeper twin)
         self.words_in = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, dim))
         self.image_in = nn.Sequential(nn.LayerNorm(image_size), nn.Linear(image_size, dim))
         self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
@@ -130,10 +132,7 @@ class FusionLocator(nn.Module):
         old = len(self.encoder.layers)
         if layers <= old:
             raise ValueError(f"a locator of {old} layers cannot be deepened to {layers}")
-        first = self.encoder.layers[0]
-        grown = FusionLocator(self.words_in[0].normalized_shape[0], int(len(self.cell_pos) ** 0.5), layers=layers,
-                              dim=self.dim, heads=first.self_attn.num_heads, max_words=self.max_words,
-                              image_size=self.image_in[0].normalized_shape[0]).to(self.query)
+        grown = FusionLocator(layers=layers, **self.sizes).to(self.query)
         missing, unexpected = grown.load_state_dict(self.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("encoder.layers.") for k in missing), (missing, unexpected)
         for layer in grown.encoder.layers[old:]:
