@@ -72,7 +72,7 @@ RUN = "run.json"
 
 # What identifies a run: a resume must match all of these.
 _RUN_KEYS = ("task", "mode", "model", "dataset", "split_by", "split", "teacher_answer", "rec_mode", "rec_question",
-             "rec_answer_prefix", "rec_box")
+             "rec_answer_prefix", "rec_box", "mask_zoom")
 
 
 class EvalError(GroundsegError):
@@ -244,6 +244,7 @@ def _run_info(grounder, dataset: ReferDataset, split: str, task: str, mode: str,
         # or a separate REC question
         "rec_question": None if task == "res" else (SEG_QUESTION if task == "both" and not forced else REC_QUESTION),
         "seg_question": SEG_QUESTION if task != "rec" else None,
+        "mask_zoom": getattr(grounder, "mask_zoom", None),
     }
 
 
@@ -363,7 +364,8 @@ def evaluate(grounder, dataset: ReferDataset, split: str, task: str = "both", mo
                "n_new_sentences": n_new, "n_resumed_sentences": len(lines) - n_new,
                "wall_time_s": round(wall, 3),
                "sentences_per_s": round(n_new / predict_time, 3) if predict_time > 0 and n_new else None,
-               "encoder_calls": getattr(grounder, "encoder_calls", None) if world == 1 else None}
+               "encoder_calls": getattr(grounder, "encoder_calls", None) if world == 1 else None,
+               "zoom_crops": getattr(grounder, "zoom_crops", None) if world == 1 else None}
     atomic_write_text(out / METRICS, json.dumps(metrics, indent=2))
     write_report(out / REPORT, metrics, lines)
     if progress:

@@ -51,6 +51,8 @@ class GroundingConfig:
                        0: its input, the projected vision features).
     seg_locator_fusion: >0: the locator is a ``FusionLocator`` of that many layers, which reads the phrase's
                        words with the image tokens (grounding/locator_train.py trains one); 0: ``SegLocator``.
+    mask_zoom:         None: masks are decoded on the whole image; c (>= 1): each is decoded again on a crop of c
+                       times its box side around it (segdecoder/zoom.py), for decoders whose input is small.
     """
 
     vlm: dict[str, Any] | None = None
@@ -70,6 +72,7 @@ class GroundingConfig:
     seg_locator_words: bool = False
     seg_locator_layer: int = -1
     seg_locator_fusion: int = 0
+    mask_zoom: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_weights, dict):
@@ -78,6 +81,7 @@ class GroundingConfig:
             self.lora = LoraSettings(**self.lora)
         if self.seg_state not in ("seg", "before"):
             raise ValueError(f"seg_state must be 'seg' or 'before', got {self.seg_state!r}")
+        check_mask_zoom(self.mask_zoom)
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,3 +96,10 @@ class GroundingConfig:
     @classmethod
     def load(cls, directory: str | Path) -> "GroundingConfig":
         return cls(**json.loads((Path(directory) / CONFIG_NAME).read_text()))
+
+
+def check_mask_zoom(value: float | None) -> float | None:
+    """A mask zoom context: None (off) or a number >= 1 (a crop smaller than the box would cut the object)."""
+    if value is not None and not value >= 1:
+        raise ValueError(f"mask_zoom must be None (off) or >= 1 (crop side / box side), got {value!r}")
+    return value

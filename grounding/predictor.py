@@ -6,7 +6,8 @@ One path for one or many questions: ``predict`` is ``predict_batch`` of one. Per
   2. the answers are generated together (left padding, greedy) — or given, for teacher forcing;
   3. ``generate`` never computes the hidden state of the last token it emits, so one forward pass over
      prompt + answer reads the last-layer states at the answer's [SEG] positions;
-  4. each [SEG] state is projected and decoded into one mask, aligned with its phrase by order.
+  4. each [SEG] state is projected and decoded into one mask, aligned with its phrase by order (and, with
+     ``mask_zoom``, decoded again on a crop around its object: segdecoder/zoom.py).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from grounding.box_writer import BoxWriter
 from grounding.boxes import parse_answer
 from grounding.checkpoint import load_checkpoint
+from grounding.config import check_mask_zoom
 from grounding.device import resolve_device
 from grounding.errors import PromptError, QuestionError
 from grounding.images import image_digest, load_image
@@ -32,7 +34,8 @@ from grounding.prompts import build_prompt, visual_prompt_text
 from grounding.result import Prediction, Target, box_from_mask
 from grounding.seg_locator import Phrases
 from grounding.tokens import IMAGE, SEG
-from segdecoder import ImageEmbedding
+from segdecoder import ImageEmbedding, MaskPrediction
+from segdecoder.zoom import decode_zoomed
 
 
 @dataclass
@@ -86,18 +89,23 @@ class _ForcedTokens(LogitsProcessor):
 class Grounder:
     def __init__(self, model: GroundingModel, tokenizer, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, cache_size: int = 32, max_new_tokens: int = 128,
-                 max_pixels: int = 100_000_000, mask_threshold: float = 0.0, locator_boxes: bool = True):
+                 max_pixels: int = 100_000_000, mask_threshold: float = 0.0, locator_boxes: bool = True,
+                 mask_zoom: float | str | None = "model"):
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device, self.dtype = torch.device(device), dtype
         self.processor = GroundingProcessor(tokenizer, model.config, model.vision_image_size, model.num_image_tokens)
         self.max_new_tokens = max_new_tokens
         self.max_pixels = max_pixels
         self.mask_threshold = float(mask_threshold)  # mask = decoder logit > this (0.0: probability 0.5)
+        # each mask decoded again on a crop of this many times its box side (segdecoder/zoom.py); "model": the
+        # model's own setting (GroundingConfig.mask_zoom); None or 0: off
+        self.mask_zoom = model.config.mask_zoom if mask_zoom == "model" else check_mask_zoom(mask_zoom or None)
         # generated answers' <box> numbers come from a fusion locator (grounding/box_writer.py)
         self.locator_boxes = locator_boxes and BoxWriter.applies_to(model)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, PreparedImage] = OrderedDict()
         self.encoder_calls = 0  # images run through the decoder's image encoder (the expensive part)
+        self.zoom_crops = 0  # and crops of them, for mask_zoom
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str = "auto", dtype: str = "auto", **kwargs) -> "Grounder":
@@ -173,8 +181,7 @@ class Grounder:
         # One click is ambiguous (part or whole?): let SAM propose 3 masks and keep the best, as SAM advises.
         multimask = pts is not None and len(pts) == 1 and bxs is None
         emb = prep.embedding.to(self.device)
-        pred = self.model.mask_decoder.decode(emb, points=points_t, point_labels=labels_t, boxes=t(bxs), multimask=multimask,
-                                              threshold=self.mask_threshold)
+        pred = self._decode(prep, emb, points=points_t, point_labels=labels_t, boxes=t(bxs), multimask=multimask)
         masks = pred.masks if bxs is not None else [clicked_parts(m, pts, labels) for m in pred.masks]
         targets = [Target(phrase=None, box=box_from_mask(m), mask=m, score=float(s), seg_index=None)
                    for m, s in zip(masks, pred.scores)]
@@ -301,9 +308,19 @@ class Grounder:
         if not len(seg):
             return np.zeros((0, *prep.size), bool), np.zeros((0,), np.float32)
         labels = None if clicks is None else torch.ones(clicks.shape[:2], dtype=torch.long, device=clicks.device)
-        pred = self.model.mask_decoder.decode(prep.embedding.to(self.device), seg_embeddings=seg, points=clicks,
-                                              point_labels=labels, boxes=boxes, threshold=self.mask_threshold)
+        pred = self._decode(prep, prep.embedding.to(self.device), seg_embeddings=seg, points=clicks,
+                            point_labels=labels, boxes=boxes)
         return pred.masks, pred.scores
+
+    def _decode(self, prep: PreparedImage, embedding: ImageEmbedding, **prompts) -> MaskPrediction:
+        """The mask decoder on one image's prompts (``MaskDecoderBackend.decode``'s), zoomed when ``mask_zoom``."""
+        decoder = self.model.mask_decoder
+        pred = decoder.decode(embedding, threshold=self.mask_threshold, **prompts)
+        if self.mask_zoom:
+            pred, crops = decode_zoomed(decoder, prep.pixels, pred, self.mask_zoom, threshold=self.mask_threshold,
+                                        **prompts)
+            self.zoom_crops += crops
+        return pred
 
     def prediction(self, query: Query, prep: PreparedImage, answer_ids: list[int], masks: np.ndarray,
                    scores: np.ndarray) -> Prediction:

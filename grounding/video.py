@@ -40,7 +40,9 @@ import torch
 from grounding.errors import PromptError, VideoError
 from grounding.result import Prediction, Target, atomic_write_text, box_from_mask, rle_decode, rle_encode
 from grounding.video_io import DEFAULT_MAX_VIDEO_PIXELS, VideoReader, VideoWriter, temporary_name
+from segdecoder import MaskPrediction
 from segdecoder.video import ObjectPrompt, StreamingSam2Tracker
+from segdecoder.zoom import decode_zoomed
 
 FRAMES_FILE, OVERLAY_FILE, SUMMARY_FILE = "frames.jsonl", "overlay.mp4", "video.json"
 MODES = ("auto", "memory", "reask", "carry")
@@ -199,7 +201,7 @@ def predict_video(grounder, video, question: str, key_frame: int = 0, *, mode: s
         prompts = [_target_prompt(i + 1, t, reader.info.size) for i, t in enumerate(prediction.targets)]
         frames = lambda: _memory_frames(grounder, reader, key_frame, prompts, objects, encode_batch, chunk)
     else:
-        carry = _Carrier(grounder.model.mask_decoder, grounder.device, margin)
+        carry = _Carrier(grounder.model.mask_decoder, grounder.device, margin, grounder.mask_zoom)
         start = [(t.phrase, _target_mask(carry, key_pixels, t)) for t in prediction.targets]
         reask = _Reasker(grounder, question, every, min_iou, max_misses, max_new_tokens) if mode == "reask" else None
         frames = lambda: _carry_frames(carry, reader, key_frame, start, objects, reask, chunk)
@@ -233,7 +235,7 @@ def track_objects(grounder, video, frame_index: int, prompts: Sequence[ObjectPro
     if mode == "memory":
         frames = lambda: _memory_frames(grounder, reader, frame_index, prompts, objects, encode_batch, chunk)
     else:
-        carry = _Carrier(grounder.model.mask_decoder, grounder.device, margin)
+        carry = _Carrier(grounder.model.mask_decoder, grounder.device, margin, grounder.mask_zoom)
         key_pixels = reader.read(frame_index)
         start = [(None, carry.from_prompt(key_pixels, p)) for p in prompts]
         frames = lambda: _carry_frames(carry, reader, frame_index, start, objects, None, chunk, list(objects))
@@ -317,13 +319,18 @@ class _Carried:
 
 
 class _Carrier:
-    """The image mask decoder as a frame-to-frame tracker (no memory)."""
+    """The image mask decoder as a frame-to-frame tracker (no memory); with ``zoom`` (the grounder's
+    ``mask_zoom``) each mask is decoded again on a crop around its box, as ``Grounder`` does."""
 
-    def __init__(self, decoder, device, margin: float):
-        self.decoder, self.device, self.margin = decoder, torch.device(device), margin
+    def __init__(self, decoder, device, margin: float, zoom: float | None = None):
+        self.decoder, self.device, self.margin, self.zoom = decoder, torch.device(device), margin, zoom
 
     def embed(self, rgb: np.ndarray):
         return self.decoder.encode([rgb])[0].to(self.device)
+
+    def decode(self, embedding, rgb: np.ndarray, **prompts) -> MaskPrediction:
+        pred = self.decoder.decode(embedding, **prompts)
+        return decode_zoomed(self.decoder, rgb, pred, self.zoom, **prompts)[0] if self.zoom else pred
 
     def from_prompt(self, rgb: np.ndarray, p: ObjectPrompt) -> np.ndarray:
         """The key frame's mask of a click/box prompt (one click: best of 3, as ``Grounder.segment``)."""
@@ -331,8 +338,8 @@ class _Carrier:
             return p.mask
         t = lambda a, dt=torch.float32: None if a is None else torch.as_tensor(a, dtype=dt, device=self.device)[None]
         one_click = p.points is not None and len(p.points) == 1 and p.box is None
-        pred = self.decoder.decode(self.embed(rgb), points=t(p.points), point_labels=t(p.point_labels, torch.int32),
-                                   boxes=t(p.box), multimask=one_click)
+        pred = self.decode(self.embed(rgb), rgb, points=t(p.points), point_labels=t(p.point_labels, torch.int32),
+                           boxes=t(p.box), multimask=one_click)
         return pred.masks[0]
 
     def predicted_box(self, o: _Carried, size: tuple[int, int]) -> np.ndarray | None:
@@ -351,17 +358,17 @@ class _Carrier:
             return None
         return b
 
-    def step(self, embedding, objects: list[_Carried], size: tuple[int, int]) -> None:
-        """Move every visible object to the frame of ``embedding`` (in place)."""
+    def step(self, embedding, rgb: np.ndarray, objects: list[_Carried]) -> None:
+        """Move every visible object to the frame ``rgb`` (its decoder ``embedding``), in place."""
         boxes, moving = [], []
         for o in objects:
-            box = self.predicted_box(o, size)
+            box = self.predicted_box(o, rgb.shape[:2])
             if box is not None:
                 boxes.append(box)
                 moving.append(o)
         if moving:
-            pred = self.decoder.decode(embedding, boxes=torch.as_tensor(np.stack(boxes), dtype=torch.float32,
-                                                                        device=self.device))
+            pred = self.decode(embedding, rgb, boxes=torch.as_tensor(np.stack(boxes), dtype=torch.float32,
+                                                                     device=self.device))
         for o in objects:
             o.previous_box = box_from_mask(o.mask)
             o.score = None   # lost objects (empty mask) are not carried, and get no score
@@ -424,7 +431,7 @@ def _target_mask(carrier: _Carrier, rgb: np.ndarray, t: Target, embedding=None) 
     box = np.clip(np.asarray(t.box, dtype=np.float32), 0, [w, h, w, h])
     if box[2] <= box[0] or box[3] <= box[1]:
         return np.zeros((h, w), bool)
-    return carrier.decoder.decode(embedding, boxes=torch.as_tensor(box[None], device=carrier.device)).masks[0]
+    return carrier.decode(embedding, rgb, boxes=torch.as_tensor(box[None], device=carrier.device)).masks[0]
 
 
 def _carry_frames(carrier: _Carrier, reader: VideoReader, key: int, start: list[tuple[str | None, np.ndarray]],
@@ -432,7 +439,6 @@ def _carry_frames(carrier: _Carrier, reader: VideoReader, key: int, start: list[
                   ids: list[int] | None = None) -> Iterator[FrameResult]:
     """Key frame, then forwards, then backwards from the key frame again; new objects get fresh ids."""
     ids = ids or list(range(1, len(start) + 1))
-    size = reader.info.size
     for stale in [k for k in phrases if k not in ids]:   # objects found by an earlier iteration
         del phrases[stale]
 
@@ -455,10 +461,10 @@ def _carry_frames(carrier: _Carrier, reader: VideoReader, key: int, start: list[
         for index, rgb in frames:
             if reask is not None and reask.due(abs(index - key)):
                 found, embedding = reask.ask(rgb, carrier)
-                carrier.step(embedding, objects, size)
+                carrier.step(embedding, rgb, objects)
                 objects = reask.link(objects, found, new_id)
             elif any(o.mask.any() for o in objects):
-                carrier.step(carrier.embed(rgb), objects, size)
+                carrier.step(carrier.embed(rgb), rgb, objects)
             else:   # nothing visible to carry: no encoder call
                 for o in objects:
                     o.score = None

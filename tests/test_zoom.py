@@ -1,0 +1,85 @@
+"""Zoomed decoding (segdecoder/zoom.py): the crop window, and that prompts and masks cross between image and crop
+coordinates without a pixel's shift."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from segdecoder import ImageEmbedding, MaskPrediction
+from segdecoder.zoom import decode_zoomed, zoom_window
+
+
+class _RectDecoder:
+    """A stand-in decoder that segments exactly its box prompt, or a 9x9 square around its first click, in the
+    coordinates of the image it encoded; it records the shapes of the images it encodes."""
+
+    def __init__(self):
+        self.encoded: list[tuple[int, int]] = []
+
+    def encode(self, images):
+        self.encoded += [im.shape[:2] for im in images]
+        return [ImageEmbedding(torch.zeros(1, 1, 1, 1), im.shape[:2], im.shape[:2]) for im in images]
+
+    def decode(self, embedding, seg_embeddings=None, points=None, point_labels=None, boxes=None, multimask=False,
+               threshold=0.0):
+        H, W = embedding.original_size
+        n = len(boxes) if boxes is not None else len(points)
+        masks = np.zeros((n, H, W), bool)
+        for i in range(n):
+            if boxes is not None:
+                x1, y1, x2, y2 = (int(round(v)) for v in boxes[i].tolist())
+            else:
+                x, y = (int(v) for v in points[i, 0].tolist())
+                x1, y1, x2, y2 = x - 4, y - 4, x + 5, y + 5
+            masks[i, max(0, y1):y2, max(0, x1):x2] = True
+        return MaskPrediction(masks, np.full(n, 0.5 if embedding.original_size == (300, 400) else 0.9, np.float32),
+                              torch.zeros(n, 4, 4))
+
+
+def test_window_is_a_square_of_context_times_the_box_side_clipped_to_the_image():
+    assert zoom_window([100, 120, 130, 140], (300, 400), 3.0) == (70, 85, 160, 175)   # side 90 around (115, 130)
+    assert zoom_window([0, 0, 20, 10], (300, 400), 3.0) == (0, 0, 40, 35)             # clipped at the corner
+    assert zoom_window([50, 50, 350, 250], (300, 400), 3.0) is None                   # would be the whole image
+
+
+def test_box_and_click_masks_land_on_the_same_pixels_as_without_zoom():
+    pixels = np.zeros((300, 400, 3), np.uint8)
+    dec = _RectDecoder()
+    whole = dec.encode([pixels])[0]
+    boxes = torch.tensor([[100.0, 120.0, 130.0, 140.0], [10.0, 20.0, 390.0, 290.0]])
+    first = dec.decode(whole, boxes=boxes)
+    zoomed, crops = decode_zoomed(dec, pixels, first, 3.0, boxes=boxes)
+    assert crops == 1 and np.array_equal(zoomed.masks, first.masks)
+    assert dec.encoded[1:] == [(90, 90)]                  # only the small box got a crop; the large one kept its mask
+    assert zoomed.scores.tolist() == pytest.approx([0.9, 0.5])
+
+    points = torch.tensor([[[200.0, 150.0]]])
+    first = dec.decode(whole, points=points, point_labels=torch.ones(1, 1, dtype=torch.long))
+    zoomed, _ = decode_zoomed(dec, pixels, first, 3.0, points=points, point_labels=torch.ones(1, 1, dtype=torch.long))
+    assert dec.encoded[-1] == (27, 27)                    # the window comes from the first mask's 9x9 box
+    assert np.array_equal(zoomed.masks, first.masks)
+
+
+def test_an_empty_first_mask_is_kept_without_encoding():
+    pixels = np.zeros((300, 400, 3), np.uint8)
+    dec = _RectDecoder()
+    first = MaskPrediction(np.zeros((1, 300, 400), bool), np.zeros(1, np.float32), torch.zeros(1, 4, 4))
+    out, crops = decode_zoomed(dec, pixels, first, 3.0, points=torch.tensor([[[5.0, 5.0]]]))
+    assert out is first and crops == 0 and dec.encoded == []
+
+
+def test_the_setting_is_checked_and_old_configs_load_without_it(tmp_path):
+    from grounding.config import GroundingConfig
+
+    with pytest.raises(ValueError, match="mask_zoom"):
+        GroundingConfig(mask_zoom=0.5)
+    GroundingConfig(mask_zoom=3.0).save(tmp_path)
+    assert GroundingConfig.load(tmp_path).mask_zoom == 3.0
+    path = tmp_path / "groundseg.json"
+    saved = json.loads(path.read_text())
+    del saved["mask_zoom"]  # as models saved before the setting existed
+    path.write_text(json.dumps(saved))
+    assert GroundingConfig.load(tmp_path).mask_zoom is None
