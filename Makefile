@@ -53,9 +53,16 @@ default-model: $(VENV)/.installed
 	$(VENV)/bin/groundseg train-locator --model runs/shapes-tiny-v5/stage0/model --data data/synth \
 		--extra-data data/synth-s1 --extra-data data/synth-s2 --out runs/shapes-tiny-v5/locator \
 		--layers 4 --steps 8000 --eval-every 1000
+	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v6-stage0.yaml
+	$(VENV)/bin/groundseg train-locator --model runs/shapes-tiny-v6/stage0/model --data data/synth \
+		--extra-data data/synth-s1 --extra-data data/synth-s2 --out runs/shapes-tiny-v6/locator \
+		--layers 4 --steps 5000 --eval-every 1000
 	# the model's files are replaced; the model card and loss curves beside them stay
 	rm -rf $(DEFAULT_MODEL)/model.safetensors $(DEFAULT_MODEL)/groundseg.json $(DEFAULT_MODEL)/tokenizer
-	mkdir -p $(DEFAULT_MODEL) && cp -r runs/shapes-tiny-v5/locator/model/. $(DEFAULT_MODEL)/
+	mkdir -p $(DEFAULT_MODEL) && cp -r runs/shapes-tiny-v6/locator/model/. $(DEFAULT_MODEL)/
+	# its SAM decodes each mask again on a crop of 3 times the object's box side (segdecoder/zoom.py)
+	$(PY) -c "from grounding.config import GroundingConfig as C; c = C.load('$(DEFAULT_MODEL)'); \
+		c.mask_zoom = 3.0; c.save('$(DEFAULT_MODEL)')"
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -1,13 +1,13 @@
 """The shipped default model (weights/shapes-tiny) on scenes it never saw: a floor under its model-card scores, so
 that a broken or wrongly copied checkpoint cannot ship. Floors sit well below what the card measures on full
-splits (val teacher-forced cIoU 56%, a box prompt's mask IoU 0.74), as 10 scenes are a small sample."""
+splits (val teacher-forced cIoU 61%, a box prompt's mask IoU 0.83 with the shipped zoom), as 10 scenes are a small
+sample."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "shapes-tiny"
 
@@ -49,8 +49,8 @@ def test_referring_masks_on_unseen_scenes(grounder, unseen):
         box = mask_box_xyxy(mask)
         box_hits.append(box is not None and box_iou(box, ds.box_xyxy(s.ann_id)) >= 0.5)
     assert len(sentences) >= 40
-    assert inter / union > 0.40, f"cIoU {inter / union:.3f} over {len(sentences)} sentences"
-    assert np.mean(box_hits) > 0.45, f"mask-box Acc@0.5 {np.mean(box_hits):.3f}"
+    assert inter / union > 0.45, f"cIoU {inter / union:.3f} over {len(sentences)} sentences"
+    assert np.mean(box_hits) > 0.55, f"mask-box Acc@0.5 {np.mean(box_hits):.3f}"
 
 
 def test_a_box_prompt_gives_the_objects_mask(grounder, unseen):
@@ -61,8 +61,6 @@ def test_a_box_prompt_gives_the_objects_mask(grounder, unseen):
     for ann in sorted({s.ann_id for s in sentences})[:40]:
         image_id = next(s.image_id for s in sentences if s.ann_id == ann)
         gt = ds.mask(ann)
-        embedding = grounder.prepare([load_image(ds.image_path(image_id))])[0].embedding
-        mask = grounder.model.mask_decoder.decode(embedding, multimask=False, boxes=torch.tensor(
-            [ds.box_xyxy(ann)], dtype=torch.float32)).masks[0]
+        mask = grounder.segment(load_image(ds.image_path(image_id)), boxes=[ds.box_xyxy(ann)]).targets[0].mask
         ious.append((mask & gt).sum() / (mask | gt).sum())
-    assert np.mean(ious) > 0.60, f"mean IoU {np.mean(ious):.3f} on {len(ious)} objects"
+    assert np.mean(ious) > 0.70, f"mean IoU {np.mean(ious):.3f} on {len(ious)} objects"
