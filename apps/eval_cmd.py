@@ -57,7 +57,8 @@ def eval_command(
     model_dir = Path(model) if model is not None else DEFAULT_MODEL
     options = dict(data_root=data_root, dataset=dataset, split_by=split_by, split=split, model_dir=model_dir,
                    device=device, task=task, mode=mode, out=out, limit=limit, batch_size=batch_size,
-                   rec_box=rec_box, engine=engine, max_new_tokens=max_new_tokens, mask_zoom=mask_zoom)
+                   rec_box=rec_box, engine=engine, max_new_tokens=max_new_tokens,
+                   mask_zoom="model" if mask_zoom is None else mask_zoom)
     if num_procs > 1 and not launched_by_torchrun():
         spawn(run_shard, num_procs, options)
     else:
@@ -76,7 +77,7 @@ def run_shard(shard, options: dict) -> dict:
     data = ReferDataset(o["data_root"], o["dataset"], o["split_by"])
     grounder = Grounder.from_pretrained(o["model_dir"], device=shard.device(o["device"]),
                                         max_new_tokens=o.get("max_new_tokens", 128),
-                                        mask_zoom=o.get("mask_zoom") if o.get("mask_zoom") is not None else "model")
+                                        mask_zoom=o.get("mask_zoom", "model"))
     return evaluate(grounder, data, o["split"], task=o["task"], mode=o["mode"], out_dir=o["out"], limit=o["limit"],
                     batch_size=o["batch_size"], progress=True, model_name=str(Path(o["model_dir"]).resolve()),
                     rec_box=o["rec_box"], engine=o["engine"], shard=shard)
