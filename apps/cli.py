@@ -48,6 +48,9 @@ def predict(
     model: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: the embedded shapes-tiny)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
     max_new_tokens: int = typer.Option(128, min=1, help="Longest answer to generate."),
+    answer_prefix: Optional[str] = typer.Option(None, help=(
+        "Image questions: the answer starts with this text and the model writes the rest; "
+        "'<ref>the circle</ref>' asks for that phrase's mask whatever the model would have answered.")),
 ) -> None:
     """Answer a question about an image (or a video) with boxes and masks, or segment (track) clicks and boxes."""
     from apps.overlay import draw_overlay, save_image
@@ -60,6 +63,8 @@ def predict(
         raise PromptError("give --question, or --points / --box for the click path")
     if (image is None) == (video is None):
         raise PromptError("give exactly one of --image and --video")
+    if answer_prefix is not None and (question is None or video is not None):
+        raise PromptError("--answer-prefix goes with --question on an --image")
     grounder = Grounder.from_pretrained(_model_dir(model), device=device, max_new_tokens=max_new_tokens)
     xy = [p[:2] for p in pts] or None
     if video is not None:
@@ -82,7 +87,8 @@ def predict(
     if question is None:
         result = grounder.segment(image, points=xy, point_labels=labels or None, boxes=boxes or None)
     else:
-        result = grounder.predict(image, question, points=xy, point_labels=labels or None, boxes=boxes or None)
+        result = grounder.predict(image, question, points=xy, point_labels=labels or None, boxes=boxes or None,
+                                  answer_prefix=answer_prefix)
     result.save_json(out)
     if overlay is not None:
         pixels = grounder.prepare([image])[0].pixels

@@ -189,8 +189,9 @@ class Grounder:
 
     # ---- the language path -------------------------------------------------------------------------------
     def predict(self, image: Any, question: str, points=None, point_labels=None, boxes=None,
-                answer: str | None = None, max_new_tokens: int | None = None) -> Prediction:
-        return self.predict_batch([Query(image, question, points, point_labels, boxes, answer)],
+                answer: str | None = None, max_new_tokens: int | None = None,
+                answer_prefix: str | None = None) -> Prediction:
+        return self.predict_batch([Query(image, question, points, point_labels, boxes, answer, answer_prefix)],
                                   max_new_tokens=max_new_tokens)[0]
 
     def predict_video(self, video: Any, question: str, key_frame: int = 0, **kwargs: Any):
