@@ -35,7 +35,7 @@ from grounding.result import Prediction, Target, box_from_mask
 from grounding.seg_locator import Phrases
 from grounding.tokens import IMAGE, SEG
 from segdecoder import ImageEmbedding, MaskPrediction
-from segdecoder.zoom import decode_zoomed
+from segdecoder.zoom import decode_with_zoom
 
 
 @dataclass
@@ -315,12 +315,9 @@ class Grounder:
 
     def _decode(self, prep: PreparedImage, embedding: ImageEmbedding, **prompts) -> MaskPrediction:
         """The mask decoder on one image's prompts (``MaskDecoderBackend.decode``'s), zoomed when ``mask_zoom``."""
-        decoder = self.model.mask_decoder
-        pred = decoder.decode(embedding, threshold=self.mask_threshold, **prompts)
-        if self.mask_zoom:
-            pred, crops = decode_zoomed(decoder, prep.pixels, pred, self.mask_zoom, threshold=self.mask_threshold,
-                                        **prompts)
-            self.zoom_crops += crops
+        pred, crops = decode_with_zoom(self.model.mask_decoder, embedding, prep.pixels, self.mask_zoom,
+                                       threshold=self.mask_threshold, **prompts)
+        self.zoom_crops += crops
         return pred
 
     def prediction(self, query: Query, prep: PreparedImage, answer_ids: list[int], masks: np.ndarray,

@@ -42,7 +42,7 @@ from grounding.result import Prediction, Target, atomic_write_text, box_from_mas
 from grounding.video_io import DEFAULT_MAX_VIDEO_PIXELS, VideoReader, VideoWriter, temporary_name
 from segdecoder import MaskPrediction
 from segdecoder.video import ObjectPrompt, StreamingSam2Tracker
-from segdecoder.zoom import decode_zoomed
+from segdecoder.zoom import decode_with_zoom
 
 FRAMES_FILE, OVERLAY_FILE, SUMMARY_FILE = "frames.jsonl", "overlay.mp4", "video.json"
 MODES = ("auto", "memory", "reask", "carry")
@@ -329,8 +329,7 @@ class _Carrier:
         return self.decoder.encode([rgb])[0].to(self.device)
 
     def decode(self, embedding, rgb: np.ndarray, **prompts) -> MaskPrediction:
-        pred = self.decoder.decode(embedding, **prompts)
-        return decode_zoomed(self.decoder, rgb, pred, self.zoom, **prompts)[0] if self.zoom else pred
+        return decode_with_zoom(self.decoder, embedding, rgb, self.zoom, **prompts)[0]
 
     def from_prompt(self, rgb: np.ndarray, p: ObjectPrompt) -> np.ndarray:
         """The key frame's mask of a click/box prompt (one click: best of 3, as ``Grounder.segment``)."""

@@ -16,18 +16,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from segdecoder.base import MaskDecoderBackend, MaskPrediction
+from grounding.result import box_from_mask
+from segdecoder.base import ImageEmbedding, MaskDecoderBackend, MaskPrediction
 
 # A window covering more than this share of the image is the image again: the first decode is kept.
 _MAX_WINDOW_SHARE = 0.8
-
-
-def mask_box(mask: np.ndarray) -> np.ndarray | None:
-    """bool ``[H, W]`` -> its box, pixel xyxy float (exclusive right/bottom edge), or None if empty."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
 
 
 def zoom_window(box: Sequence[float], size: tuple[int, int], context: float) -> tuple[int, int, int, int] | None:
@@ -61,7 +54,7 @@ def decode_zoomed(backend: MaskDecoderBackend, pixels: np.ndarray, first: MaskPr
     H, W = pixels.shape[:2]
     windows = []
     for i in range(len(first.masks)):
-        box = boxes[i].detach().cpu().double().numpy() if boxes is not None else mask_box(first.masks[i])
+        box = boxes[i].tolist() if boxes is not None else box_from_mask(first.masks[i])
         windows.append(None if box is None else zoom_window(box, (H, W), context))
     todo = [i for i, w in enumerate(windows) if w is not None]
     if not todo:
@@ -82,3 +75,11 @@ def decode_zoomed(backend: MaskDecoderBackend, pixels: np.ndarray, first: MaskPr
         masks[i, t:b, l:r] = crop.masks[0]
         scores[i] = crop.scores[0]
     return MaskPrediction(masks=masks, scores=scores, low_res_logits=first.low_res_logits), len(unique)
+
+
+def decode_with_zoom(backend: MaskDecoderBackend, embedding: ImageEmbedding, pixels: np.ndarray,
+                     context: float | None, **prompts) -> tuple[MaskPrediction, int]:
+    """``backend.decode(embedding, **prompts)``, then ``decode_zoomed`` of the same prompts when ``context`` is set
+    (None: off); returns the prediction and how many crops were encoded."""
+    first = backend.decode(embedding, **prompts)
+    return decode_zoomed(backend, pixels, first, context, **prompts) if context else (first, 0)
