@@ -13,7 +13,9 @@ Stage 2 (reference §3, LISA's recipe) trains:
   - the rows of the input embedding that belong to the project's new tokens ([SEG], <ref>, ...);
   - the LM head (full copy, so new tokens can be predicted);
   - the [SEG] projection (and the [SEG] locator, grounding/seg_locator.py, when the model has one);
-  - the mask decoder of SAM / SAM2 (its light transformer + heads).
+  - the mask decoder of SAM / SAM2 (its light transformer + heads);
+  but not the parts named in ``freeze`` (``mask_decoder``, ``seg_projection``, ``seg_locator``), e.g. when a run
+  should teach the language model an answer without moving the mask path it already has.
 Frozen: the vision tower, the multimodal projector, the language model's base weights, SAM's image encoder
 and prompt encoder.
 """
@@ -40,15 +42,19 @@ def new_token_ids(model: GroundingModel, tokenizer) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
 
 
-def apply_lora(model: GroundingModel, settings: LoraSettings, token_ids: list[int]) -> GroundingModel:
+def apply_lora(model: GroundingModel, settings: LoraSettings, token_ids: list[int],
+               freeze: tuple[str, ...] = ()) -> GroundingModel:
     """Wrap the VLM with peft in place and set every requires_grad flag; records ``settings`` in the config."""
     model.vlm = get_peft_model(model.vlm, lora_config(settings, token_ids))
     model.config.lora = settings
-    set_trainable(model)
+    set_trainable(model, freeze)
     return model
 
 
-def set_trainable(model: GroundingModel) -> None:
+STAGE2_FREEZABLE = ("mask_decoder", "seg_projection", "seg_locator")
+
+
+def set_trainable(model: GroundingModel, freeze: tuple[str, ...] = ()) -> None:
     """requires_grad per the list in the module docstring. peft has already frozen the VLM's base weights and
     made its adapters, token rows and lm_head copy trainable; the rest is set here."""
     if not isinstance(model.vlm, PeftModel):
@@ -61,14 +67,20 @@ def set_trainable(model: GroundingModel) -> None:
         p.requires_grad_(True)
     for p in model.seg_locator.parameters() if model.seg_locator is not None else ():
         p.requires_grad_(True)
+    for name in freeze:
+        if name not in STAGE2_FREEZABLE:
+            raise ValueError(f"stage 2 can freeze {', '.join(STAGE2_FREEZABLE)}, not {name!r} (it never trains)")
+        for p in model_part(model, name).parameters():
+            p.requires_grad_(False)
 
 
 def model_part(model: GroundingModel, name: str) -> nn.Module:
     """``vision_tower``, ``projector``, ``mask_decoder`` (all of SAM) or ``image_encoder`` (SAM's) of a plain (not
-    LoRA-wrapped) model."""
+    LoRA-wrapped) model; ``seg_projection`` and ``seg_locator`` (an empty module when the model has none) of any."""
     parts = {"vision_tower": lambda: model.vlm.model.vision_tower,
              "projector": lambda: model.vlm.model.multi_modal_projector, "mask_decoder": lambda: model.mask_decoder,
-             "image_encoder": lambda: model.mask_decoder.frozen_image_encoder_module()}
+             "image_encoder": lambda: model.mask_decoder.frozen_image_encoder_module(),
+             "seg_projection": lambda: model.seg_projection, "seg_locator": lambda: model.seg_locator or nn.Module()}
     if name not in parts:
         raise ValueError(f"unknown model part {name!r}; choose from {', '.join(parts)}")
     return parts[name]()

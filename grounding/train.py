@@ -84,7 +84,8 @@ class TrainConfig:
                                     # from forgetting clicks (trained on [SEG] alone, it does; the app needs both)
     vocab_size: int = 1024          # from scratch: size of the tokenizer trained on the data
     merge_lora: bool = True
-    freeze: tuple[str, ...] = ()    # stage 1: parts that keep their weights (vision_tower, projector, mask_decoder)
+    freeze: tuple[str, ...] = ()    # parts that keep their weights: stage 1 vision_tower, projector, mask_decoder,
+                                    # image_encoder; stage 2 mask_decoder, seg_projection, seg_locator
     patch_loss_weights: tuple[float, float] = (1.0, 10.0)  # stage 0: per-attribute CE, box L1
     patch_heads: str | None = None  # stage 0's heads file: stage 1 keeps the tower on its per-patch task; a
     # further stage 0 starts from the heads it had (not from random ones, which cost its first ~100 steps)
@@ -409,7 +410,7 @@ def _initial_model(cfg: TrainConfig, data: "_Data"):
     elif cfg.stage == 1:
         set_stage1_trainable(model, seg=cfg.masks, freeze=cfg.freeze)
     else:
-        apply_lora(model, cfg.lora, new_token_ids(model, tokenizer))
+        apply_lora(model, cfg.lora, new_token_ids(model, tokenizer), freeze=cfg.freeze)
     return model, tokenizer
 
 

@@ -94,6 +94,51 @@ def test_stage2_keeps_training_clicks_on_the_decoder_only(data_dir, stage1, tmp_
     assert all(torch.equal(before[k], after[k]) for k in before if "prompt_encoder" in k or "image_encoder" in k)
 
 
+def test_stage2_freeze_keeps_the_mask_path_and_trains_the_language_model(data_dir, stage1, tmp_path):
+    """freeze: a stage 2 that teaches answers (e.g. the category task) leaves SAM and the [SEG] projection alone."""
+    from grounding.train import train
+    final = train(config(data_dir, tmp_path / "s2frozen", stage=2, init=str(stage1), steps=2, merge_lora=False,
+                         lr=1e-2, prompts=False, freeze=["mask_decoder", "seg_projection", "seg_locator"]),
+                  progress=False)
+    before, after = weights(stage1), weights(final)
+    mask_path = [k for k in before if k.startswith("seg_projection.") or ".mask_decoder." in k]
+    assert mask_path and all(torch.equal(before[k], after[k]) for k in mask_path)
+    adapter = load_file(str(final / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at zero
+    with pytest.raises(ValueError, match="vision_tower"):
+        train(config(data_dir, tmp_path / "bad", stage=2, init=str(stage1), freeze=["vision_tower"]), progress=False)
+
+
+def test_category_answers_name_the_one_instance_or_deny_an_absent_category(data_dir):
+    """"Please segment the {category}." gets the object when the image holds exactly one of it, and "There is no
+    ..." for one category it lacks; categories with several instances are not asked about."""
+    from collections import Counter
+    from grounding.data.refer import ReferDataset
+    from grounding.data.tasks import build_conversations
+
+    ds = ReferDataset(data_dir, "synth", "unc")
+    convs = build_conversations(ds, "train", seed=0, kinds=("category",))
+    anns = ds.annotations_by_image()
+    counts = {i: Counter(ds.category_name(a) for a in anns[i]) for i in ds.images("train")}
+    assert {c.kind for c in convs} == {"category"}
+    for image_id, count in counts.items():
+        mine = [c for c in convs if c.image_id == image_id]
+        denials = [c for c in mine if c.answer.startswith("There is no")]
+        unique = sum(n == 1 for n in count.values())
+        assert len(mine) - len(denials) == unique
+        assert len(denials) == 1  # 11 shape kinds, at most 7 objects: some kind is always absent
+        for c in denials:
+            name = c.answer[len("There is no "):-len(" in the image.")]
+            assert f"the {name}" in c.question and not c.ann_ids and name not in count
+        for c in mine:
+            if c not in denials:
+                (ann,) = c.ann_ids
+                name = ds.category_name(ann)
+                assert c.answer.startswith(f"<ref>the {name}</ref>") and c.answer.endswith("[SEG]")
+                assert f"the {name}" in c.question and count[name] == 1 and ds.mask(ann).any()
+    assert "category" not in {c.kind for c in build_conversations(ds, "train", seed=0)}  # opt-in
+
+
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
 def test_seg_answers_carry_the_box_in_the_asked_fraction(data_dir, fraction):
     """seg_box_fraction decides how many [SEG] answers write the box first; 0 forces masks from the image."""

@@ -181,6 +181,16 @@ class ReferDataset:
             out.setdefault(s.image_id, []).append(s)
         return out
 
+    def annotations_by_image(self) -> dict[int, list[int]]:
+        """image id -> ids of all its annotations in instances.json (referred to or not), in file order."""
+        out: dict[int, list[int]] = {}
+        for ann_id, ann in self._anns.items():
+            out.setdefault(int(ann["image_id"]), []).append(ann_id)
+        return out
+
+    def category_name(self, ann_id: int) -> str:
+        return self.categories[int(self._ann(ann_id)["category_id"])]
+
     def image_size(self, image_id: int) -> tuple[int, int]:
         """(height, width) from instances.json."""
         info = self._image_info(image_id)

@@ -7,6 +7,9 @@ Kinds (each with several phrasings, chosen by a seeded RNG):
   no_target  "Please segment the purple star."    -> "There is no purple star in the image."
   multi      "Please segment all red shapes."     -> one "<ref>..</ref><box>..</box>[SEG]" per object
   region     "What is in <box>(..),(..)</box>?"   -> "a large red striped circle"
+  category   "Please segment the circle."         -> "<ref>the circle</ref>..[SEG]" when the image has one circle,
+                                                     "There is no circle in the image." about one absent one
+                                                     (not in the default kinds; built from instances.json)
 Masks are listed in the order of the answer's [SEG] tokens. Stage 1 (no mask decoder) drops the [SEG]s.
 """
 from __future__ import annotations
@@ -41,6 +44,10 @@ def _ref(phrase: str, box: tuple[float, ...], size: tuple[int, int], seg: bool) 
     return f"<ref>{phrase}</ref>{format_box(box, size)}" + (SEG if seg else "")
 
 
+def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
 def _no_article(sent: str) -> str:
     for article in ("the ", "a ", "an "):
         if sent.lower().startswith(article):
@@ -55,7 +62,6 @@ def build_conversations(ds: ReferDataset, split: str, seed: int, with_masks: boo
 
     with_masks=False (stage 1) keeps the boxes and drops [SEG] (and so the seg kind equals rec)."""
     rng = np.random.default_rng(seed)
-    pick = lambda options: options[int(rng.integers(len(options)))]
     out: list[Conversation] = []
     for sent in ds.sentences(split):
         size, box = ds.image_size(sent.image_id), ds.box_xyxy(sent.ann_id)
@@ -65,11 +71,13 @@ def build_conversations(ds: ReferDataset, split: str, seed: int, with_masks: boo
             # the answer that teacher-forced RES evaluation gives.
             boxed = rng.random() < seg_box_fraction
             answer = _ref(sent.text, box, size, True) if boxed else f"<ref>{sent.text}</ref>{SEG}"
-            out.append(Conversation(sent.image_id, pick(SEG_QUESTIONS).format(s=sent.text), answer, "seg",
+            out.append(Conversation(sent.image_id, _pick(rng, SEG_QUESTIONS).format(s=sent.text), answer, "seg",
                                     (sent.ann_id,)))
         if "rec" in kinds:
-            out.append(Conversation(sent.image_id, pick(REC_QUESTIONS).format(s=sent.text),
+            out.append(Conversation(sent.image_id, _pick(rng, REC_QUESTIONS).format(s=sent.text),
                                     _ref(sent.text, box, size, False), "rec"))
+    if "category" in kinds:
+        out += _category_conversations(ds, split, rng, with_masks, seg_box_fraction)
     extra = Path(extra) if extra is not None else ds.data_root / "extra.json"
     samples = json.loads(extra.read_text())["samples"] if extra.is_file() else []
     for s in samples:
@@ -77,13 +85,13 @@ def build_conversations(ds: ReferDataset, split: str, seed: int, with_masks: boo
             continue
         image_id, size = s["image_id"], ds.image_size(s["image_id"])
         if s["kind"] == "no_target":
-            out.append(Conversation(image_id, pick(SEG_QUESTIONS).format(s=s["sent"]),
+            out.append(Conversation(image_id, _pick(rng, SEG_QUESTIONS).format(s=s["sent"]),
                                     f"There is no {_no_article(s['sent'])} in the image.", "no_target"))
         elif s["kind"] == "multi":
             ids = tuple(s["ann_ids"])
             phrase = _no_article(s["sent"])
             answer = " ".join(_ref(phrase, ds.box_xyxy(a), size, with_masks) for a in ids)
-            out.append(Conversation(image_id, pick(SEG_QUESTIONS).format(s=s["sent"]), answer, "multi",
+            out.append(Conversation(image_id, _pick(rng, SEG_QUESTIONS).format(s=s["sent"]), answer, "multi",
                                     ids if with_masks else ()))
         elif s["kind"] == "region":
             box = ds.box_xyxy(s["ann_id"])
@@ -93,5 +101,44 @@ def build_conversations(ds: ReferDataset, split: str, seed: int, with_masks: boo
                 ys, xs = np.nonzero(ds.mask(s["ann_id"]))
                 i = int(rng.integers(len(xs)))
                 region = format_point((xs[i] + 0.5, ys[i] + 0.5), size)
-            out.append(Conversation(image_id, pick(REGION_QUESTIONS).format(r=region), s["description"], "region"))
+            out.append(Conversation(image_id, _pick(rng, REGION_QUESTIONS).format(r=region), s["description"], "region"))
+    return out
+
+
+def _category_conversations(ds: ReferDataset, split: str, rng: np.random.Generator, with_masks: bool,
+                            seg_box_fraction: float) -> list[Conversation]:
+    """The bare category name asked about every image of ``split``: for each category the image holds exactly
+    once, the answer is that object; for one category it lacks (drawn at random), "There is no ...".
+
+    Why: referring expressions name an object with as many words as make it unique, so "the circle" rarely occurs
+    as a positive, while the no-target phrases often are bare names; a model trained on those alone learns to
+    deny short questions (model card, v6). A category with several instances has no single answer and is left
+    out."""
+    anns_by_image = ds.annotations_by_image()
+    names = sorted(set(ds.categories.values()))
+    out: list[Conversation] = []
+    for image_id in ds.images(split):
+        size, anns = ds.image_size(image_id), anns_by_image.get(image_id, [])
+        by_name: dict[str, list[int]] = {}
+        for a in anns:
+            by_name.setdefault(ds.category_name(a), []).append(a)
+        for name, ids in sorted(by_name.items()):
+            if len(ids) != 1:
+                continue
+            phrase, box = f"the {name}", ds.box_xyxy(ids[0])
+            if with_masks:
+                boxed = rng.random() < seg_box_fraction
+                answer = _ref(phrase, box, size, True) if boxed else f"<ref>{phrase}</ref>{SEG}"
+                question = _pick(rng, SEG_QUESTIONS)
+            else:
+                answer, question = _ref(phrase, box, size, False), _pick(rng, REC_QUESTIONS)
+            out.append(Conversation(image_id, question.format(s=phrase), answer, "category",
+                                    tuple(ids) if with_masks else ()))
+        # one denial per image: as many denials as answers (tried for v7) made the model deny present categories
+        # more often (67% instead of 55%), not absent ones more reliably (model card, v7)
+        absent = [n for n in names if n not in by_name]
+        if absent:
+            name = absent[int(rng.integers(len(absent)))]
+            out.append(Conversation(image_id, _pick(rng, SEG_QUESTIONS).format(s=f"the {name}"),
+                                    f"There is no {name} in the image.", "category"))
     return out
