@@ -1,6 +1,6 @@
 """The shipped default model (weights/shapes-tiny) on scenes it never saw: a floor under its model-card scores, so
 that a broken or wrongly copied checkpoint cannot ship. Floors sit well below what the card measures on full
-splits (val teacher-forced cIoU 61%, a box prompt's mask IoU 0.83 with the shipped zoom), as 10 scenes are a small
+splits (val teacher-forced cIoU 65%, a box prompt's mask IoU 0.84 with the shipped zoom), as 10 scenes are a small
 sample."""
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def test_referring_masks_on_unseen_scenes(grounder, unseen):
         box = mask_box_xyxy(mask)
         box_hits.append(box is not None and box_iou(box, ds.box_xyxy(s.ann_id)) >= 0.5)
     assert len(sentences) >= 40
-    assert inter / union > 0.45, f"cIoU {inter / union:.3f} over {len(sentences)} sentences"
-    assert np.mean(box_hits) > 0.55, f"mask-box Acc@0.5 {np.mean(box_hits):.3f}"
+    assert inter / union > 0.55, f"cIoU {inter / union:.3f} over {len(sentences)} sentences"
+    assert np.mean(box_hits) > 0.65, f"mask-box Acc@0.5 {np.mean(box_hits):.3f}"
 
 
 def test_a_box_prompt_gives_the_objects_mask(grounder, unseen):
@@ -63,4 +63,32 @@ def test_a_box_prompt_gives_the_objects_mask(grounder, unseen):
         gt = ds.mask(ann)
         mask = grounder.segment(load_image(ds.image_path(image_id)), boxes=[ds.box_xyxy(ann)]).targets[0].mask
         ious.append((mask & gt).sum() / (mask | gt).sum())
-    assert np.mean(ious) > 0.70, f"mean IoU {np.mean(ious):.3f} on {len(ious)} objects"
+    assert np.mean(ious) > 0.72, f"mean IoU {np.mean(ious):.3f} on {len(ious)} objects"
+
+
+def test_a_bare_shape_name_is_answered_with_its_object(grounder, unseen):
+    """"Please segment the {kind}." about a kind the scene holds once, answered by the model itself (no teacher
+    forcing). Here v7 finds 14 of the 16 objects and denies none; v6 denied 15 ("There is no circle")."""
+    from collections import Counter
+
+    from grounding.images import load_image
+    from grounding.predictor import Query
+
+    ds, sentences = unseen
+    anns = ds.annotations_by_image()
+    asked, denied, found = 0, 0, 0
+    for image_id in sorted({s.image_id for s in sentences}):
+        count = Counter(ds.category_name(a) for a in anns[image_id])
+        image = load_image(ds.image_path(image_id))
+        for ann in anns[image_id]:
+            name = ds.category_name(ann)
+            if count[name] != 1:
+                continue
+            answer = grounder.predict_batch([Query(image, f"Please segment the {name}.")])[0]
+            gt = ds.mask(ann)
+            asked += 1
+            denied += answer.answer.lower().startswith("there is no")
+            found += any((t.mask & gt).sum() / (t.mask | gt).sum() > 0.5 for t in answer.targets if t.mask is not None)
+    assert asked >= 10
+    assert denied / asked < 0.2, f"denied {denied} of {asked}"
+    assert found / asked > 0.5, f"found {found} of {asked}"
