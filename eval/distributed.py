@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch.multiprocessing import ProcessExitedException
 
 
 @dataclass(frozen=True)
@@ -58,13 +62,22 @@ def init_from_env() -> Shard:
 
 def spawn(fn: Callable[..., Any], num_procs: int, *args: Any) -> None:
     """Run ``fn(shard, *args)`` in ``num_procs`` new local processes joined in one process group; returns
-    when all have finished (an exception in any is raised here). CPU threads are split between them."""
+    when all have finished (an exception in any is raised here, and a process killed before its ``fn``
+    returned). CPU threads are split between them."""
     port = _free_port()
-    torch.multiprocessing.start_processes(_worker, args=(fn, num_procs, port, args), nprocs=num_procs,
-                                          start_method="spawn", join=True)
+    with tempfile.TemporaryDirectory(prefix="groundseg-ranks-") as done_dir:
+        try:
+            torch.multiprocessing.start_processes(_worker, args=(fn, num_procs, port, done_dir, args),
+                                                  nprocs=num_procs, start_method="spawn", join=True)
+        except ProcessExitedException as err:
+            # gloo now and then aborts a process while it leaves the group ("terminate called without an active
+            # exception"), even after the barrier in shutdown(); its work was done and written by then
+            if not all((Path(done_dir) / str(rank)).exists() for rank in range(num_procs)):
+                raise
+            warnings.warn(f"a rank died while leaving the process group, after finishing its work ({err})")
 
 
-def _worker(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple) -> None:
+def _worker(rank: int, fn: Callable[..., Any], world: int, port: int, done_dir: str, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -77,6 +90,7 @@ def _worker(rank: int, fn: Callable[..., Any], world: int, port: int, args: tupl
     except BaseException:
         dist.destroy_process_group()
         raise
+    (Path(done_dir) / str(rank)).touch()
     shutdown()
 
 
