@@ -6,8 +6,9 @@ through 16-px patches: a 1-3% object of a 480-px image spans 2-3 patches). Decod
 ``context`` times the object's box side, centred on the box, gives the object about ``1 / context`` of the
 decoder's input side whatever its size in the image. The price is one more image-encoder pass per object.
 
-On the default model, SAM from 200 val objects' boxes: mean IoU 0.740 on the whole image, 0.811 zoomed with
-context 3 (1.5: 0.696, too little context; 2: 0.781; 4: 0.792; 6: 0.772, most crops are then the whole image).
+On the default model (v5, when the context was chosen), SAM from 200 val objects' boxes: mean IoU 0.740 on the
+whole image, 0.811 zoomed with context 3 (1.5: 0.696, too little context; 2: 0.781; 4: 0.792; 6: 0.772, most crops
+are then the whole image); v7: 0.778 -> 0.838 (weights/shapes-tiny/MODEL_CARD.md).
 """
 from __future__ import annotations
 
