@@ -8,7 +8,7 @@ decoder's input side whatever its size in the image. The price is one more image
 
 On the default model (v5, when the context was chosen), SAM from 200 val objects' boxes: mean IoU 0.740 on the
 whole image, 0.811 zoomed with context 3 (1.5: 0.696, too little context; 2: 0.781; 4: 0.792; 6: 0.772, most crops
-are then the whole image); v7: 0.778 -> 0.838 (weights/shapes-tiny/MODEL_CARD.md).
+are then the whole image); v8: 0.788 -> 0.842 (weights/shapes-tiny/MODEL_CARD.md).
 """
 from __future__ import annotations
 
