@@ -80,7 +80,8 @@ def model_part(model: GroundingModel, name: str) -> nn.Module:
     parts = {"vision_tower": lambda: model.vlm.model.vision_tower,
              "projector": lambda: model.vlm.model.multi_modal_projector, "mask_decoder": lambda: model.mask_decoder,
              "image_encoder": lambda: model.mask_decoder.frozen_image_encoder_module(),
-             "seg_projection": lambda: model.seg_projection, "seg_locator": lambda: model.seg_locator or nn.Module()}
+             "seg_projection": lambda: model.seg_projection,
+             "seg_locator": lambda: model.seg_locator if model.seg_locator is not None else nn.Module()}
     if name not in parts:
         raise ValueError(f"unknown model part {name!r}; choose from {', '.join(parts)}")
     return parts[name]()

@@ -48,6 +48,16 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
+def _seg_answer(rng: np.random.Generator, phrase: str, box: tuple[float, ...], size: tuple[int, int],
+                seg_box_fraction: float) -> str:
+    """"<ref>phrase</ref><box>..</box>[SEG]" for a ``seg_box_fraction`` of answers, else "<ref>phrase</ref>[SEG]".
+
+    Some answers carry no box: otherwise the mask could be learnt from the box text alone, which at inference is the
+    model's own (possibly wrong) box; and "<ref>s</ref>[SEG]" is the answer that teacher-forced RES evaluation gives."""
+    boxed = rng.random() < seg_box_fraction
+    return _ref(phrase, box, size, True) if boxed else f"<ref>{phrase}</ref>{SEG}"
+
+
 def _no_article(sent: str) -> str:
     for article in ("the ", "a ", "an "):
         if sent.lower().startswith(article):
@@ -66,11 +76,7 @@ def build_conversations(ds: ReferDataset, split: str, seed: int, with_masks: boo
     for sent in ds.sentences(split):
         size, box = ds.image_size(sent.image_id), ds.box_xyxy(sent.ann_id)
         if "seg" in kinds and with_masks:
-            # Some answers (1 - seg_box_fraction) carry no box: otherwise the mask could be learnt from the box
-            # text alone, which at inference is the model's own (possibly wrong) box; and "<ref>s</ref>[SEG]" is
-            # the answer that teacher-forced RES evaluation gives.
-            boxed = rng.random() < seg_box_fraction
-            answer = _ref(sent.text, box, size, True) if boxed else f"<ref>{sent.text}</ref>{SEG}"
+            answer = _seg_answer(rng, sent.text, box, size, seg_box_fraction)
             out.append(Conversation(sent.image_id, _pick(rng, SEG_QUESTIONS).format(s=sent.text), answer, "seg",
                                     (sent.ann_id,)))
         if "rec" in kinds:
@@ -101,7 +107,8 @@ def build_conversations(ds: ReferDataset, split: str, seed: int, with_masks: boo
                 ys, xs = np.nonzero(ds.mask(s["ann_id"]))
                 i = int(rng.integers(len(xs)))
                 region = format_point((xs[i] + 0.5, ys[i] + 0.5), size)
-            out.append(Conversation(image_id, _pick(rng, REGION_QUESTIONS).format(r=region), s["description"], "region"))
+            out.append(Conversation(image_id, _pick(rng, REGION_QUESTIONS).format(r=region), s["description"],
+                                    "region"))
     return out
 
 
@@ -127,8 +134,7 @@ def _category_conversations(ds: ReferDataset, split: str, rng: np.random.Generat
                 continue
             phrase, box = f"the {name}", ds.box_xyxy(ids[0])
             if with_masks:
-                boxed = rng.random() < seg_box_fraction
-                answer = _ref(phrase, box, size, True) if boxed else f"<ref>{phrase}</ref>{SEG}"
+                answer = _seg_answer(rng, phrase, box, size, seg_box_fraction)
                 question = _pick(rng, SEG_QUESTIONS)
             else:
                 answer, question = _ref(phrase, box, size, False), _pick(rng, REC_QUESTIONS)
