@@ -34,6 +34,8 @@ def eval_command(
                                                        "they share the cores). Under torchrun, leave it at 1.")] = 1,
     mask_zoom: Annotated[Optional[float], typer.Option(min=0.0, help="Decode each mask again on a crop of this many "
                                                        "times its box side (0: off; default: the model's setting).")] = None,
+    mask_refine: Annotated[Optional[str], typer.Option(help="Refine each mask's outline against the image: grabcut "
+                                                      "or none (default: the model's setting).")] = None,
 ) -> None:
     """Evaluate REC (Acc@0.5) and/or RES (cIoU, gIoU) on one split; resumable."""
     from apps.cli import DEFAULT_MODEL
@@ -47,18 +49,22 @@ def eval_command(
         raise EvalError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
     from eval.harness import ENGINES
     from eval.distributed import init_from_env, launched_by_torchrun, shutdown, spawn
+    from segdecoder.refine import MASK_REFINERS
 
     if engine not in ENGINES:
         raise EvalError(f"unknown --engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if mask_zoom and mask_zoom < 1:
         raise EvalError(f"--mask-zoom must be 0 (off) or >= 1 (crop side / box side), got {mask_zoom}")
+    if mask_refine not in (None, "none", *MASK_REFINERS):
+        raise EvalError(f"unknown --mask-refine {mask_refine!r}; choose none or {', '.join(MASK_REFINERS)}")
     data = ReferDataset(data_root, dataset, split_by)
     data.refs(split)  # an unknown split fails here, naming the splits the file has
     model_dir = Path(model) if model is not None else DEFAULT_MODEL
     options = dict(data_root=data_root, dataset=dataset, split_by=split_by, split=split, model_dir=model_dir,
                    device=device, task=task, mode=mode, out=out, limit=limit, batch_size=batch_size,
                    rec_box=rec_box, engine=engine, max_new_tokens=max_new_tokens,
-                   mask_zoom="model" if mask_zoom is None else mask_zoom)
+                   mask_zoom="model" if mask_zoom is None else mask_zoom,
+                   mask_refine="model" if mask_refine is None else None if mask_refine == "none" else mask_refine)
     if num_procs > 1 and not launched_by_torchrun():
         spawn(run_shard, num_procs, options)
     else:
@@ -77,7 +83,8 @@ def run_shard(shard, options: dict) -> dict:
     data = ReferDataset(o["data_root"], o["dataset"], o["split_by"])
     grounder = Grounder.from_pretrained(o["model_dir"], device=shard.device(o["device"]),
                                         max_new_tokens=o.get("max_new_tokens", 128),
-                                        mask_zoom=o.get("mask_zoom", "model"))
+                                        mask_zoom=o.get("mask_zoom", "model"),
+                                        mask_refine=o.get("mask_refine", "model"))
     return evaluate(grounder, data, o["split"], task=o["task"], mode=o["mode"], out_dir=o["out"], limit=o["limit"],
                     batch_size=o["batch_size"], progress=True, model_name=str(Path(o["model_dir"]).resolve()),
                     rec_box=o["rec_box"], engine=o["engine"], shard=shard)

@@ -72,7 +72,7 @@ RUN = "run.json"
 
 # What identifies a run: a resume must match all of these.
 _RUN_KEYS = ("task", "mode", "model", "dataset", "split_by", "split", "teacher_answer", "rec_mode", "rec_question",
-             "rec_answer_prefix", "rec_box", "mask_zoom")
+             "rec_answer_prefix", "rec_box", "mask_zoom", "mask_refine")
 
 
 class EvalError(GroundsegError):
@@ -245,6 +245,7 @@ def _run_info(grounder, dataset: ReferDataset, split: str, task: str, mode: str,
         "rec_question": None if task == "res" else (SEG_QUESTION if task == "both" and not forced else REC_QUESTION),
         "seg_question": SEG_QUESTION if task != "rec" else None,
         "mask_zoom": getattr(grounder, "mask_zoom", None),
+        "mask_refine": getattr(grounder, "mask_refine", None),
     }
 
 

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from segdecoder.refine import check_mask_refine
+
 CONFIG_NAME = "groundseg.json"
 
 # CLIP's normalisation (LLaVA-1.5 vision tower); pixels in 0..1.
@@ -53,6 +55,8 @@ class GroundingConfig:
                        words with the image tokens (grounding/locator_train.py trains one); 0: ``SegLocator``.
     mask_zoom:         None: masks are decoded on the whole image; c (>= 1): each is decoded again on a crop of c
                        times its box side around it (segdecoder/zoom.py), for decoders whose input is small.
+    mask_refine:       None: masks as decoded; ``"grabcut"``: each mask's outline re-decided against the image in a
+                       band of 1.5 logit cells (segdecoder/refine.py), for decoders whose logit grid is coarse.
     """
 
     vlm: dict[str, Any] | None = None
@@ -73,6 +77,7 @@ class GroundingConfig:
     seg_locator_layer: int = -1
     seg_locator_fusion: int = 0
     mask_zoom: float | None = None
+    mask_refine: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_weights, dict):
@@ -82,6 +87,7 @@ class GroundingConfig:
         if self.seg_state not in ("seg", "before"):
             raise ValueError(f"seg_state must be 'seg' or 'before', got {self.seg_state!r}")
         check_mask_zoom(self.mask_zoom)
+        check_mask_refine(self.mask_refine)
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
 
     def to_dict(self) -> dict[str, Any]:

@@ -35,7 +35,8 @@ from grounding.result import Prediction, Target, box_from_mask
 from grounding.seg_locator import Phrases
 from grounding.tokens import IMAGE, SEG
 from segdecoder import ImageEmbedding, MaskPrediction
-from segdecoder.zoom import decode_with_zoom
+from segdecoder.masks import decode_masks
+from segdecoder.refine import check_mask_refine
 
 
 @dataclass
@@ -90,7 +91,7 @@ class Grounder:
     def __init__(self, model: GroundingModel, tokenizer, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, cache_size: int = 32, max_new_tokens: int = 128,
                  max_pixels: int = 100_000_000, mask_threshold: float = 0.0, locator_boxes: bool = True,
-                 mask_zoom: float | str | None = "model"):
+                 mask_zoom: float | str | None = "model", mask_refine: str | None = "model"):
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device, self.dtype = torch.device(device), dtype
         self.processor = GroundingProcessor(tokenizer, model.config, model.vision_image_size, model.num_image_tokens)
@@ -100,6 +101,8 @@ class Grounder:
         # each mask decoded again on a crop of this many times its box side (segdecoder/zoom.py); "model": the
         # model's own setting (GroundingConfig.mask_zoom); None or 0: off
         self.mask_zoom = model.config.mask_zoom if mask_zoom == "model" else check_mask_zoom(mask_zoom or None)
+        # each mask's outline refined against the image (segdecoder/refine.py); "model" as above; None: off
+        self.mask_refine = model.config.mask_refine if mask_refine == "model" else check_mask_refine(mask_refine)
         # generated answers' <box> numbers come from a fusion locator (grounding/box_writer.py)
         self.locator_boxes = locator_boxes and BoxWriter.applies_to(model)
         self.cache_size = cache_size
@@ -314,9 +317,10 @@ class Grounder:
         return pred.masks, pred.scores
 
     def _decode(self, prep: PreparedImage, embedding: ImageEmbedding, **prompts) -> MaskPrediction:
-        """The mask decoder on one image's prompts (``MaskDecoderBackend.decode``'s), zoomed when ``mask_zoom``."""
-        pred, crops = decode_with_zoom(self.model.mask_decoder, embedding, prep.pixels, self.mask_zoom,
-                                       threshold=self.mask_threshold, **prompts)
+        """The mask decoder on one image's prompts (``MaskDecoderBackend.decode``'s), zoomed when ``mask_zoom``,
+        refined when ``mask_refine``."""
+        pred, crops = decode_masks(self.model.mask_decoder, embedding, prep.pixels, self.mask_zoom, self.mask_refine,
+                                   threshold=self.mask_threshold, **prompts)
         self.zoom_crops += crops
         return pred
 

@@ -42,7 +42,7 @@ from grounding.result import Prediction, Target, atomic_write_text, box_from_mas
 from grounding.video_io import DEFAULT_MAX_VIDEO_PIXELS, VideoReader, VideoWriter, temporary_name
 from segdecoder import MaskPrediction
 from segdecoder.video import ObjectPrompt, StreamingSam2Tracker
-from segdecoder.zoom import decode_with_zoom
+from segdecoder.masks import decode_masks
 
 FRAMES_FILE, OVERLAY_FILE, SUMMARY_FILE = "frames.jsonl", "overlay.mp4", "video.json"
 MODES = ("auto", "memory", "reask", "carry")
@@ -201,7 +201,8 @@ def predict_video(grounder, video, question: str, key_frame: int = 0, *, mode: s
         prompts = [_target_prompt(i + 1, t, reader.info.size) for i, t in enumerate(prediction.targets)]
         frames = lambda: _memory_frames(grounder, reader, key_frame, prompts, objects, encode_batch, chunk)
     else:
-        carry = _Carrier(grounder.model.mask_decoder, grounder.device, margin, grounder.mask_zoom)
+        carry = _Carrier(grounder.model.mask_decoder, grounder.device, margin, grounder.mask_zoom,
+                         grounder.mask_refine)
         start = [(t.phrase, _target_mask(carry, key_pixels, t)) for t in prediction.targets]
         reask = _Reasker(grounder, question, every, min_iou, max_misses, max_new_tokens) if mode == "reask" else None
         frames = lambda: _carry_frames(carry, reader, key_frame, start, objects, reask, chunk)
@@ -235,7 +236,8 @@ def track_objects(grounder, video, frame_index: int, prompts: Sequence[ObjectPro
     if mode == "memory":
         frames = lambda: _memory_frames(grounder, reader, frame_index, prompts, objects, encode_batch, chunk)
     else:
-        carry = _Carrier(grounder.model.mask_decoder, grounder.device, margin, grounder.mask_zoom)
+        carry = _Carrier(grounder.model.mask_decoder, grounder.device, margin, grounder.mask_zoom,
+                         grounder.mask_refine)
         key_pixels = reader.read(frame_index)
         start = [(None, carry.from_prompt(key_pixels, p)) for p in prompts]
         frames = lambda: _carry_frames(carry, reader, frame_index, start, objects, None, chunk, list(objects))
@@ -319,17 +321,19 @@ class _Carried:
 
 
 class _Carrier:
-    """The image mask decoder as a frame-to-frame tracker (no memory); with ``zoom`` (the grounder's
-    ``mask_zoom``) each mask is decoded again on a crop around its box, as ``Grounder`` does."""
+    """The image mask decoder as a frame-to-frame tracker (no memory); with ``zoom`` and ``refine`` (the grounder's
+    ``mask_zoom`` and ``mask_refine``) each mask is decoded again on a crop around its box and its outline refined,
+    as ``Grounder`` does."""
 
-    def __init__(self, decoder, device, margin: float, zoom: float | None = None):
-        self.decoder, self.device, self.margin, self.zoom = decoder, torch.device(device), margin, zoom
+    def __init__(self, decoder, device, margin: float, zoom: float | None = None, refine: str | None = None):
+        self.decoder, self.device, self.margin = decoder, torch.device(device), margin
+        self.zoom, self.refine = zoom, refine
 
     def embed(self, rgb: np.ndarray):
         return self.decoder.encode([rgb])[0].to(self.device)
 
     def decode(self, embedding, rgb: np.ndarray, **prompts) -> MaskPrediction:
-        return decode_with_zoom(self.decoder, embedding, rgb, self.zoom, **prompts)[0]
+        return decode_masks(self.decoder, embedding, rgb, self.zoom, self.refine, **prompts)[0]
 
     def from_prompt(self, rgb: np.ndarray, p: ObjectPrompt) -> np.ndarray:
         """The key frame's mask of a click/box prompt (one click: best of 3, as ``Grounder.segment``)."""

@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--margin", type=float, default=None, help="carry: box growth per side")
     ap.add_argument("--mask-zoom", type=float, default=None,
                     help="masks decoded again on a crop of this many times their box side (0: off; default: the model's)")
+    ap.add_argument("--mask-refine", choices=("none", "grabcut"), default=None,
+                    help="refine each mask's outline against the frame (default: the model's setting)")
     ap.add_argument("--out", type=Path, default=None, help="also write the full report (JSON) here")
     args = ap.parse_args(argv)
 
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.data / "videos.json").is_file():
         generate_video_dataset(args.data, args.videos, args.seed)
     grounder = Grounder.from_pretrained(args.model, device=args.device,
-                                        mask_zoom="model" if args.mask_zoom is None else args.mask_zoom)
+                                        mask_zoom="model" if args.mask_zoom is None else args.mask_zoom,
+                                        mask_refine={None: "model", "none": None}.get(args.mask_refine, args.mask_refine))
     options = {k: v for k, v in (("mode", args.mode), ("every", args.every), ("margin", args.margin))
                if v is not None}
     if args.source == "box":

@@ -43,11 +43,14 @@ class ImageEmbedding:
 @dataclass
 class MaskPrediction:
     """masks ``[N, H, W]`` bool at the original size; scores ``[N]`` predicted IoU;
-    logits ``[N, h, w]`` low-resolution logits of the chosen mask (for refinement or a next click)."""
+    logits ``[N, h, w]`` low-resolution logits of the chosen mask (for refinement or a next click);
+    region_sides ``[N]``: the longest side, in original pixels, of the region each mask was decoded from
+    (None: the whole image; segdecoder/zoom.py decodes on crops)."""
 
     masks: np.ndarray
     scores: np.ndarray
     low_res_logits: torch.Tensor
+    region_sides: np.ndarray | None = None
 
 
 @runtime_checkable

@@ -65,6 +65,7 @@ def decode_zoomed(backend: MaskDecoderBackend, pixels: np.ndarray, first: MaskPr
         embeddings = dict(zip(unique, backend.encode(
             [np.ascontiguousarray(pixels[t:b, l:r]) for l, t, r, b in unique])))
     masks, scores = first.masks.copy(), first.scores.copy()
+    sides = np.full(len(masks), float(max(H, W)))
     for i in todo:
         l, t, r, b = windows[i]
         shift = lambda xy, n: None if xy is None else xy[i:i + 1] - xy.new_tensor([l, t] * n)
@@ -75,12 +76,7 @@ def decode_zoomed(backend: MaskDecoderBackend, pixels: np.ndarray, first: MaskPr
         masks[i] = False
         masks[i, t:b, l:r] = crop.masks[0]
         scores[i] = crop.scores[0]
-    return MaskPrediction(masks=masks, scores=scores, low_res_logits=first.low_res_logits), len(unique)
+        sides[i] = max(r - l, b - t)
+    return MaskPrediction(masks=masks, scores=scores, low_res_logits=first.low_res_logits,
+                          region_sides=sides), len(unique)
 
-
-def decode_with_zoom(backend: MaskDecoderBackend, embedding: ImageEmbedding, pixels: np.ndarray,
-                     context: float | None, **prompts) -> tuple[MaskPrediction, int]:
-    """``backend.decode(embedding, **prompts)``, then ``decode_zoomed`` of the same prompts when ``context`` is set
-    (None: off); returns the prediction and how many crops were encoded."""
-    first = backend.decode(embedding, **prompts)
-    return decode_zoomed(backend, pixels, first, context, **prompts) if context else (first, 0)

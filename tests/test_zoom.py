@@ -55,6 +55,7 @@ def test_box_and_click_masks_land_on_the_same_pixels_as_without_zoom():
     assert crops == 1 and np.array_equal(zoomed.masks, first.masks)
     assert dec.encoded[1:] == [(90, 90)]                  # only the small box got a crop; the large one kept its mask
     assert zoomed.scores.tolist() == pytest.approx([0.9, 0.5])
+    assert zoomed.region_sides.tolist() == [90, 400]    # what each mask was decoded from: the crop, the image
 
     points = torch.tensor([[[200.0, 150.0]]])
     first = dec.decode(whole, points=points, point_labels=torch.ones(1, 1, dtype=torch.long))

@@ -1,0 +1,130 @@
+"""Mask refinement (segdecoder/refine.py): GrabCut in a band around the outline moves a coarse mask onto the
+object's edges, never further than the band, and leaves what it cannot refine as it was."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from segdecoder import MaskPrediction
+from segdecoder.masks import decode_masks
+from segdecoder.refine import band_pixels, check_mask_refine, refine_mask
+
+_RNG = np.random.default_rng(0)
+
+
+def _scene(h=240, w=320, grey=False, colour=(200, 40, 40)):
+    """A noisy two-tone background with a star (sharp corners, which a coarse grid rounds off) of ``colour``."""
+    pixels = np.zeros((h, w, 3), np.uint8)
+    pixels[:, : w // 2] = (70, 110, 60)
+    pixels[:, w // 2:] = (150, 140, 120)
+    pts = []
+    cx, cy = w * 0.45, h * 0.5
+    for k in range(10):
+        r = (0.25 if k % 2 else 0.1) * min(h, w)
+        a = k * np.pi / 5
+        pts.append((cx + r * np.cos(a), cy + r * np.sin(a)))
+    truth = np.zeros((h, w), np.uint8)
+    cv2.fillPoly(truth, [np.round(pts).astype(np.int32)], 1)
+    pixels[truth.astype(bool)] = colour
+    pixels = np.clip(pixels.astype(np.int16) + _RNG.integers(-12, 13, pixels.shape), 0, 255).astype(np.uint8)
+    if grey:
+        pixels = np.repeat(cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
+    return pixels, truth.astype(bool)
+
+
+def _coarse(truth, cell=8):
+    """What a decoder with ``cell``-pixel logits gives: the mask averaged over cells, upsampled bilinearly."""
+    h, w = truth.shape
+    small = cv2.resize(truth.astype(np.float32), (w // cell, h // cell), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
+
+
+def _iou(a, b):
+    return (a & b).sum() / (a | b).sum()
+
+
+@pytest.mark.parametrize("grey", [False, True])
+def test_a_coarse_mask_moves_onto_the_objects_edges(grey):
+    pixels, truth = _scene(grey=grey, colour=(240, 230, 60))    # light yellow: also stands out in grey
+    coarse = _coarse(truth, cell=12)
+    band = band_pixels(320, 320 // 12)     # a 320-px region on a 26-cell grid: an 18-px band
+    refined = refine_mask(pixels, coarse, band)
+    assert _iou(coarse, truth) < 0.9
+    assert _iou(refined, truth) > 0.97
+    # nothing further than the band from the decoded outline changed
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band + 1, 2 * band + 1))
+    core = cv2.erode(coarse.astype(np.uint8), k, borderType=cv2.BORDER_REPLICATE).astype(bool)
+    far = ~cv2.dilate(coarse.astype(np.uint8), k).astype(bool)
+    assert refined[core].all() and not refined[far].any()
+
+
+def test_an_object_the_colour_of_its_surroundings_keeps_its_decoded_mask():
+    # in grey, the red star is the grey of the left half of the background: colour cannot tell them apart there
+    pixels, truth = _scene(grey=True, colour=(200, 40, 40))
+    coarse = _coarse(truth)
+    assert np.array_equal(refine_mask(pixels, coarse, band_pixels(320, 40)), coarse)
+
+
+def test_a_huge_image_is_refined_on_a_shrunk_window():
+    pixels, truth = _scene(h=1800, w=2400)
+    coarse = _coarse(truth, cell=80)
+    refined = refine_mask(pixels, coarse, band_pixels(2400, 2400 // 80))   # GrabCut reads 384 x 288 pixels
+    assert _iou(coarse, truth) < 0.9 and _iou(refined, truth) > 0.95
+
+
+def test_what_cannot_be_refined_is_returned_as_is():
+    pixels, _ = _scene()
+    empty = np.zeros(pixels.shape[:2], bool)
+    assert not refine_mask(pixels, empty, 4).any()
+    speck = empty.copy()
+    speck[100:103, 100:103] = True                 # no interior once the band is taken off
+    assert np.array_equal(refine_mask(pixels, speck, 4), speck)
+    everything = ~empty                            # no surroundings to learn the background from
+    assert refine_mask(pixels, everything, 4).all()
+
+
+def test_the_band_is_one_and_a_half_cells_of_the_decoders_grid():
+    assert band_pixels(256, 64) == 6 and band_pixels(1024, 256) == 6 and band_pixels(100, 64) == 2
+    assert check_mask_refine(None) is None and check_mask_refine("grabcut") == "grabcut"
+    with pytest.raises(ValueError, match="mask_refine"):
+        check_mask_refine("crf")
+
+
+class _CoarseDecoder:
+    """A stand-in decoder that answers every prompt with the coarse mask of ``truth`` (8-px cells)."""
+
+    def __init__(self, truth):
+        self.truth = truth
+
+    def decode(self, embedding, boxes=None, **_):
+        n = len(boxes)
+        return MaskPrediction(np.repeat(_coarse(self.truth)[None], n, 0), np.ones(n, np.float32),
+                              torch.zeros(n, 40, 40))
+
+
+def test_decode_masks_refines_only_when_asked():
+    pixels, truth = _scene()
+    dec = _CoarseDecoder(truth)
+    box = torch.tensor([[0.0, 0.0, 320.0, 240.0]])
+    plain, _ = decode_masks(dec, None, pixels, boxes=box)
+    refined, _ = decode_masks(dec, None, pixels, refine="grabcut", boxes=box)
+    assert np.array_equal(plain.masks[0], _coarse(truth))
+    assert _iou(refined.masks[0], truth) > 0.95
+
+
+def test_the_setting_is_checked_and_old_configs_load_without_it(tmp_path):
+    from grounding.config import GroundingConfig
+
+    with pytest.raises(ValueError, match="mask_refine"):
+        GroundingConfig(mask_refine="sharpen")
+    GroundingConfig(mask_refine="grabcut").save(tmp_path)
+    assert GroundingConfig.load(tmp_path).mask_refine == "grabcut"
+    path = tmp_path / "groundseg.json"
+    saved = json.loads(path.read_text())
+    del saved["mask_refine"]  # as models saved before the setting existed
+    path.write_text(json.dumps(saved))
+    assert GroundingConfig.load(tmp_path).mask_refine is None
