@@ -100,6 +100,9 @@ def test_a_tiny_model_learns_to_click_on_its_object(scene, tmp_path, words, laye
         written = g.predict_batch([ask], max_new_tokens=40)[0].answer
         assert written.startswith("<ref>the red circle</ref>" + format_box(boxes[0].tolist(), image.shape[:2])), written
         assert PrefixEngine(g).predict_group(image, [ask], max_new_tokens=40)[0].answer == written
+        # a phrase the answer names always gets the box, whatever the language model would write next
+        named = Query(image, question, answer_prefix="<ref>the red circle</ref>")
+        assert g.predict_batch([named], max_new_tokens=40)[0].answer.startswith(written[:written.index("</box>")])
         g.locator_boxes = False
         assert g.predict_batch([ask], max_new_tokens=40)[0].answer != written   # the tiny LM's own digits
     assert (grouped.targets[0].mask == pred.targets[0].mask).mean() > 0.999
