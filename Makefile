@@ -42,6 +42,7 @@ default-model: $(VENV)/.installed
 	$(VENV)/bin/groundseg synth --out data/synth-s2 --images 9000 --seed 2
 	$(VENV)/bin/groundseg synth --out data/synth-s3 --images 9000 --seed 3
 	$(VENV)/bin/groundseg synth --out data/synth-s4 --images 9000 --seed 4
+	$(VENV)/bin/groundseg synth --out data/synth-s5 --images 9000 --seed 5
 	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v1-stage0.yaml --stop-after 750
 	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v2-stage1.yaml --stop-after 1000
 	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v2-stage2.yaml
@@ -70,12 +71,18 @@ default-model: $(VENV)/.installed
 		--extra-data data/synth-s1 --extra-data data/synth-s2 --extra-data data/synth-s3 --extra-data data/synth-s4 \
 		--out runs/shapes-tiny-v8/locator --layers 4 --steps 5000 --eval-every 1000
 	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v8-stage2.yaml
+	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v9-stage0.yaml
+	$(VENV)/bin/groundseg train-locator --model runs/shapes-tiny-v9/stage0/model --data data/synth \
+		--extra-data data/synth-s1 --extra-data data/synth-s2 --extra-data data/synth-s3 --extra-data data/synth-s4 \
+		--extra-data data/synth-s5 --out runs/shapes-tiny-v9/locator --layers 4 --steps 5000 --eval-every 1000
+	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v9-stage2.yaml
 	# the model's files are replaced; the model card and loss curves beside them stay
 	rm -rf $(DEFAULT_MODEL)/model.safetensors $(DEFAULT_MODEL)/groundseg.json $(DEFAULT_MODEL)/tokenizer
-	mkdir -p $(DEFAULT_MODEL) && cp -r runs/shapes-tiny-v8/stage2/model/. $(DEFAULT_MODEL)/
-	# its SAM decodes each mask again on a crop of 3 times the object's box side (segdecoder/zoom.py)
+	mkdir -p $(DEFAULT_MODEL) && cp -r runs/shapes-tiny-v9/stage2/model/. $(DEFAULT_MODEL)/
+	# its SAM decodes each mask again on a crop of 3 times the object's box side (segdecoder/zoom.py), and
+	# GrabCut re-decides the outline's pixels (segdecoder/refine.py)
 	$(PY) -c "from grounding.config import GroundingConfig as C; c = C.load('$(DEFAULT_MODEL)'); \
-		c.mask_zoom = 3.0; c.save('$(DEFAULT_MODEL)')"
+		c.mask_zoom = 3.0; c.mask_refine = 'grabcut'; c.save('$(DEFAULT_MODEL)')"
 
 clean:
 	rm -rf $(OUT) .pytest_cache
