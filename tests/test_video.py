@@ -354,29 +354,34 @@ def test_fallback_carry_follows_shapes_from_their_first_box(default_grounder, tm
     assert np.mean(scores) > 0.5, np.mean(scores)
 
 
-def test_reask_mode_relinks_and_adds_objects_the_vlm_names_later(default_grounder, clip, monkeypatch):
+def test_reask_mode_relinks_and_adds_objects_the_vlm_names_later(default_grounder, tmp_path, monkeypatch):
     """SAM v1 decoder (no memory): the answers on frames 0 and 2 name object A; re-asked on frame 4 the VLM names A
     and a new B. A keeps id 1 (linked by IoU), B becomes object 2 from frame 4 on; backwards nothing is re-asked.
-    Re-asked every 2 frames: the clip's shapes are ~11 px wide, and the default decoder's mask of one carried
-    over 4 frames can drift below the link threshold (IoU 0.3), which makes it a new object."""
-    frames, ann, _ = clip
-    answers = {0: [("the a", gt_mask(ann, 0, 0))], 2: [("the a", gt_mask(ann, 2, 0))],
-               4: [("the b", gt_mask(ann, 4, 1)), ("the a", gt_mask(ann, 4, 0))],
-               **{i: [("the a", gt_mask(ann, i, 0)), ("the b", gt_mask(ann, i, 1))] for i in (6, 8)}}
+    The two largest shapes of 120x160 frames, re-asked every 2 frames: carried further, or on the 64x96 clip's
+    ~11-px shapes, the default decoder's mask can drift below the link threshold (IoU 0.3), which makes it a new
+    object."""
+    from grounding.data.synthetic_video import generate_video
+    folder = generate_video(tmp_path / "v", 10, seed=3, size=(120, 160))
+    ann = json.loads((folder / "annotations.json").read_text())
+    frames = [np.array(Image.open(folder / f["file_name"]).convert("RGB")) for f in ann["frames"]]
+    a, b = np.argsort([o["area"] for o in ann["frames"][0]["objects"]])[::-1][:2]    # the two largest shapes
+    answers = {0: [("the a", gt_mask(ann, 0, a))], 2: [("the a", gt_mask(ann, 2, a))],
+               4: [("the b", gt_mask(ann, 4, b)), ("the a", gt_mask(ann, 4, a))],
+               **{i: [("the a", gt_mask(ann, i, a)), ("the b", gt_mask(ann, i, b))] for i in (6, 8)}}
     asked = []
 
     def fake_predict(image, question, **kw):
         index = next(i for i, f in enumerate(frames) if np.array_equal(f, image))
         asked.append(index)
-        return Prediction("", [Target(p, mask=m) for p, m in answers[index]], (64, 96))
+        return Prediction("", [Target(p, mask=m) for p, m in answers[index]], (120, 160))
     monkeypatch.setattr(default_grounder, "predict", fake_predict)
     run = predict_video(default_grounder, frames, "Please segment a and b.", 0, every=2, max_misses=1)
     results = {fr.index: fr for fr in run}
     assert run.mode == "reask" and asked == [0, 2, 4, 6, 8]
     assert run.objects == {1: "the a", 2: "the b"}
     assert [[o.obj_id for o in results[i].objects] for i in range(10)] == [[1]] * 4 + [[1, 2]] * 6
-    assert np.array_equal(results[4].objects[0].mask, gt_mask(ann, 4, 0))   # re-anchored to the VLM's mask
-    assert np.array_equal(results[4].objects[1].mask, gt_mask(ann, 4, 1))
+    assert np.array_equal(results[4].objects[0].mask, gt_mask(ann, 4, a))   # re-anchored to the VLM's mask
+    assert np.array_equal(results[4].objects[1].mask, gt_mask(ann, 4, b))
 
 
 def test_variable_frame_rate_file_keeps_its_timestamps_end_to_end(sam2_grounder, clip, tmp_path):
