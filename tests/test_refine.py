@@ -13,9 +13,6 @@ from segdecoder import MaskPrediction
 from segdecoder.masks import decode_masks
 from segdecoder.refine import band_pixels, check_mask_refine, refine_mask
 
-_RNG = np.random.default_rng(0)
-
-
 def _scene(h=240, w=320, grey=False, colour=(200, 40, 40)):
     """A noisy two-tone background with a star (sharp corners, which a coarse grid rounds off) of ``colour``."""
     pixels = np.zeros((h, w, 3), np.uint8)
@@ -30,7 +27,8 @@ def _scene(h=240, w=320, grey=False, colour=(200, 40, 40)):
     truth = np.zeros((h, w), np.uint8)
     cv2.fillPoly(truth, [np.round(pts).astype(np.int32)], 1)
     pixels[truth.astype(bool)] = colour
-    pixels = np.clip(pixels.astype(np.int16) + _RNG.integers(-12, 13, pixels.shape), 0, 255).astype(np.uint8)
+    noise = np.random.default_rng(0).integers(-12, 13, pixels.shape)
+    pixels = np.clip(pixels.astype(np.int16) + noise, 0, 255).astype(np.uint8)
     if grey:
         pixels = np.repeat(cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
     return pixels, truth.astype(bool)
