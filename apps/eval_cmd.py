@@ -49,7 +49,7 @@ def eval_command(
         raise EvalError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
     from eval.harness import ENGINES
     from eval.distributed import init_from_env, launched_by_torchrun, shutdown, spawn
-    from segdecoder.refine import MASK_REFINERS
+    from segdecoder.refine import MASK_REFINERS, refine_option
 
     if engine not in ENGINES:
         raise EvalError(f"unknown --engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -64,7 +64,7 @@ def eval_command(
                    device=device, task=task, mode=mode, out=out, limit=limit, batch_size=batch_size,
                    rec_box=rec_box, engine=engine, max_new_tokens=max_new_tokens,
                    mask_zoom="model" if mask_zoom is None else mask_zoom,
-                   mask_refine="model" if mask_refine is None else None if mask_refine == "none" else mask_refine)
+                   mask_refine=refine_option(mask_refine))
     if num_procs > 1 and not launched_by_torchrun():
         spawn(run_shard, num_procs, options)
     else:

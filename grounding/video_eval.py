@@ -107,12 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     from grounding.data.synthetic_video import generate_video_dataset
     from grounding.predictor import Grounder
     from grounding.result import atomic_write_text
+    from segdecoder.refine import refine_option
 
     if not (args.data / "videos.json").is_file():
         generate_video_dataset(args.data, args.videos, args.seed)
     grounder = Grounder.from_pretrained(args.model, device=args.device,
                                         mask_zoom="model" if args.mask_zoom is None else args.mask_zoom,
-                                        mask_refine={None: "model", "none": None}.get(args.mask_refine, args.mask_refine))
+                                        mask_refine=refine_option(args.mask_refine))
     options = {k: v for k, v in (("mode", args.mode), ("every", args.every), ("margin", args.margin))
                if v is not None}
     if args.source == "box":

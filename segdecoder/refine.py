@@ -41,6 +41,12 @@ def check_mask_refine(value: str | None) -> str | None:
     return value
 
 
+def refine_option(text: str | None) -> str | None:
+    """A command line's ``--mask-refine`` -> ``Grounder``'s ``mask_refine``: not given -> ``"model"`` (the
+    model's own setting), ``"none"`` -> None (off), a refiner's name -> itself (checked)."""
+    return "model" if text is None else None if text == "none" else check_mask_refine(text)
+
+
 def band_pixels(region_side: float, grid: int) -> int:
     """Band half-width in pixels for a mask decoded from a region ``region_side`` pixels across (its longest
     side) on a ``grid`` x ``grid`` logit grid: 1.5 grid cells, at least 2 pixels."""
@@ -130,4 +136,4 @@ def refine_masks(pixels: np.ndarray, masks: np.ndarray, region_sides: np.ndarray
         if len(masks) else masks.copy()
 
 
-__all__ = ["MASK_REFINERS", "band_pixels", "check_mask_refine", "refine_mask", "refine_masks"]
+__all__ = ["MASK_REFINERS", "band_pixels", "check_mask_refine", "refine_mask", "refine_masks", "refine_option"]
