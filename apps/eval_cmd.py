@@ -36,6 +36,12 @@ def eval_command(
                                                        "times its box side (0: off; default: the model's setting).")] = None,
     mask_refine: Annotated[Optional[str], typer.Option(help="Refine each mask's outline against the image: grabcut "
                                                       "or none (default: the model's setting).")] = None,
+    ref_copy_bias: Annotated[Optional[float], typer.Option(min=0.0, help="Push the question's words in generated "
+                                                           "<ref> phrases by this many nats (0: off; default: the "
+                                                           "model's setting).")] = None,
+    locator_mirror: Annotated[Optional[bool], typer.Option(
+        "--locator-mirror/--no-locator-mirror", help="The [SEG] locator also reads the image flipped left-right "
+                                                     "(default: the model's setting).")] = None,
 ) -> None:
     """Evaluate REC (Acc@0.5) and/or RES (cIoU, gIoU) on one split; resumable."""
     from apps.cli import DEFAULT_MODEL
@@ -64,7 +70,9 @@ def eval_command(
                    device=device, task=task, mode=mode, out=out, limit=limit, batch_size=batch_size,
                    rec_box=rec_box, engine=engine, max_new_tokens=max_new_tokens,
                    mask_zoom="model" if mask_zoom is None else mask_zoom,
-                   mask_refine=refine_option(mask_refine))
+                   mask_refine=refine_option(mask_refine),
+                   locator_mirror="model" if locator_mirror is None else locator_mirror,
+                   ref_copy_bias="model" if ref_copy_bias is None else ref_copy_bias)
     if num_procs > 1 and not launched_by_torchrun():
         spawn(run_shard, num_procs, options)
     else:
@@ -84,7 +92,9 @@ def run_shard(shard, options: dict) -> dict:
     grounder = Grounder.from_pretrained(o["model_dir"], device=shard.device(o["device"]),
                                         max_new_tokens=o.get("max_new_tokens", 128),
                                         mask_zoom=o.get("mask_zoom", "model"),
-                                        mask_refine=o.get("mask_refine", "model"))
+                                        mask_refine=o.get("mask_refine", "model"),
+                                        locator_mirror=o.get("locator_mirror", "model"),
+                                        ref_copy_bias=o.get("ref_copy_bias", "model"))
     return evaluate(grounder, data, o["split"], task=o["task"], mode=o["mode"], out_dir=o["out"], limit=o["limit"],
                     batch_size=o["batch_size"], progress=True, model_name=str(Path(o["model_dir"]).resolve()),
                     rec_box=o["rec_box"], engine=o["engine"], shard=shard)

@@ -72,7 +72,8 @@ RUN = "run.json"
 
 # What identifies a run: a resume must match all of these.
 _RUN_KEYS = ("task", "mode", "model", "dataset", "split_by", "split", "teacher_answer", "rec_mode", "rec_question",
-             "rec_answer_prefix", "rec_box", "mask_zoom", "mask_refine")
+             "rec_answer_prefix", "rec_box", "mask_zoom", "mask_refine", "locator_mirror",
+             "ref_copy_bias")
 
 
 class EvalError(GroundsegError):
@@ -246,6 +247,8 @@ def _run_info(grounder, dataset: ReferDataset, split: str, task: str, mode: str,
         "seg_question": SEG_QUESTION if task != "rec" else None,
         "mask_zoom": getattr(grounder, "mask_zoom", None),
         "mask_refine": getattr(grounder, "mask_refine", None),
+        "locator_mirror": getattr(grounder, "locator_mirror", None),
+        "ref_copy_bias": getattr(grounder, "ref_copy_bias", None),
     }
 
 

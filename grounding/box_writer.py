@@ -14,21 +14,22 @@ from __future__ import annotations
 import torch
 
 from grounding.boxes import format_box
-from grounding.seg_locator import Phrases
 from grounding.tokens import BOX_START, REF_END, REF_START
 
 
 class BoxWriter:
-    """Per answer row: its image's ``locator_keys`` ``[g*g, width]``, its size ``(H, W)`` and the ids of any
-    answer prefix given in the prompt; ``next_token(row, ids)`` gives the token to force after the generated
-    ``ids`` so far (or None to let the model choose). Call it once per generated token."""
+    """Per answer row: its image (a ``PreparedImage`` whose ``locator_features`` are computed, and
+    ``mirrored_features`` with ``mirror_table``: grounding/locator_mirror.py) and the ids of any answer prefix
+    given in the prompt; ``next_token(row, ids)`` gives the token to force after the generated ``ids`` so far (or
+    None to let the model choose). Call it once per generated token."""
 
-    def __init__(self, model, tokenizer, keys: list[torch.Tensor], sizes: list[tuple[int, int]],
-                 prefixes: list[list[int]]):
-        self.model, self.tokenizer, self.keys, self.sizes, self.prefixes = model, tokenizer, keys, sizes, prefixes
+    def __init__(self, model, tokenizer, images: list, prefixes: list[list[int]],
+                 mirror_table: torch.Tensor | None = None):
+        self.model, self.tokenizer, self.images, self.prefixes = model, tokenizer, images, prefixes
+        self.mirror_table = mirror_table
         self.ref_start, self.ref_end, self.box_start = (tokenizer.convert_tokens_to_ids(t)
                                                         for t in (REF_START, REF_END, BOX_START))
-        self.queue: list[list[int]] = [[] for _ in keys]
+        self.queue: list[list[int]] = [[] for _ in images]
 
     @classmethod
     def applies_to(cls, model) -> bool:
@@ -46,17 +47,16 @@ class BoxWriter:
         if start is None or start + 1 >= len(ids) - 2:
             return None
         box = self.box(row, ids[start + 1:len(ids) - 2])
-        text = format_box(box, self.sizes[row])[len(BOX_START):]        # "(x1,y1),(x2,y2)</box>"
+        text = format_box(box, self.images[row].size)[len(BOX_START):]        # "(x1,y1),(x2,y2)</box>"
         self.queue[row] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.queue[row].pop(0)
 
     @torch.no_grad()
     def box(self, row: int, phrase_ids: list[int]) -> list[float]:
         """Pixel xyxy box of the phrase's object: the locator's box at its best cell."""
-        m = self.model
-        embed = m.vlm.get_input_embeddings()
-        words = embed(torch.tensor(phrase_ids, device=embed.weight.device))
-        phrases = Phrases.stack([words], embed.weight.shape[1], embed.weight)
-        found = m.locate(words.new_zeros((1, m.llava_config.text_config.hidden_size)), self.keys[row], phrases,
-                         self.sizes[row])
+        m, image = self.model, self.images[row]
+        like = m.vlm.get_input_embeddings().weight
+        phrases = m.phrases([torch.tensor(phrase_ids, device=like.device)], self.mirror_table)
+        found = m.locate(like.new_zeros((1, m.llava_config.text_config.hidden_size)), image.locator_features,
+                         phrases, image.size, mirrored_states=image.mirrored_features)
         return found.boxes[0].tolist()

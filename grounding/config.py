@@ -57,6 +57,14 @@ class GroundingConfig:
                        times its box side around it (segdecoder/zoom.py), for decoders whose input is small.
     mask_refine:       None: masks as decoded; ``"grabcut"``: each mask's outline re-decided against the image in a
                        band of 1.5 logit cells (segdecoder/refine.py), for decoders whose logit grid is coarse.
+    mask_box_margin:   None: off; m (>= 0): an answer's masks are cut to the locator's boxes grown by m times their
+                       sides (segdecoder/masks.py ``clip_to_boxes``).
+    locator_click:     the mask decoder gets the locator's click (the best cell's centre) with its box; False: the
+                       box alone where the locator gives one (a ``FusionLocator``), in training and inference.
+    locator_mirror:    a ``FusionLocator`` also reads the image flipped left-right with the phrase's left/right
+                       swapped, and adds both readings (grounding/locator_mirror.py).
+    ref_copy_bias:     None: off; b (nats): while a generated ``<ref>`` phrase repeats the question's words, the tokens
+                       that go on repeating them get +b (grounding/ref_copy.py).
     """
 
     vlm: dict[str, Any] | None = None
@@ -78,6 +86,10 @@ class GroundingConfig:
     seg_locator_fusion: int = 0
     mask_zoom: float | None = None
     mask_refine: str | None = None
+    mask_box_margin: float | None = None
+    locator_click: bool = True
+    locator_mirror: bool = False
+    ref_copy_bias: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_weights, dict):
@@ -88,6 +100,8 @@ class GroundingConfig:
             raise ValueError(f"seg_state must be 'seg' or 'before', got {self.seg_state!r}")
         check_mask_zoom(self.mask_zoom)
         check_mask_refine(self.mask_refine)
+        if self.mask_box_margin is not None and not self.mask_box_margin >= 0:
+            raise ValueError(f"mask_box_margin must be None (off) or >= 0, got {self.mask_box_margin!r}")
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
 
     def to_dict(self) -> dict[str, Any]:

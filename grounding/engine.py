@@ -31,6 +31,7 @@ import torch
 from grounding.box_writer import BoxWriter
 from grounding.predictor import Grounder, PreparedImage, Query, _cut_at
 from grounding.processor import IGNORE_INDEX, EncodedText
+from grounding.ref_copy import RefCopy
 from grounding.result import Prediction
 
 
@@ -111,23 +112,23 @@ class PrefixEngine:
             is_answer = [r.labels[prefix_len:] for r in rows]
 
             # 4: greedy decoding for the rows without a given answer
-            writer = BoxWriter(g.model, g.processor.tokenizer, [image_states[k] for k in owner],
-                               [images[k].size for k in owner], [p.answer_ids for p in prompts]) \
-                if g.locator_boxes else None
+            writer = BoxWriter(g.model, g.processor.tokenizer, [images[k] for k in owner],
+                               [p.answer_ids for p in prompts], g.mirror_table) if g.locator_boxes else None
+            copy = g.ref_copy([q for _, q in items], [p.answer_ids for p in prompts])
             generated = self._decode(step, cache, mask, positions[:, -1], [f is None for f in forced], max_new_tokens,
-                                     hidden, row_ids, is_answer, writer)
+                                     hidden, row_ids, is_answer, writer, copy)
 
             # 5: the [SEG] states of every answer; each image's masks decoded in one call
             segs = []
             for h, t, a, k in zip(hidden, row_ids, is_answer, owner):
                 tokens, answer = torch.tensor([t], device=dev), torch.tensor([a], device=dev) == 1
                 states = g.model.seg_states(torch.cat(h)[None], tokens, answer)[0]
-                phrases = g.model.seg_phrases(tokens, answer)[0] if g.model.reads_phrases else None
+                phrases = g.model.seg_phrases(tokens, answer, g.mirror_table)[0] if g.model.reads_phrases else None
                 segs.append(g.seg_prompts(states, image_states[k], phrases, images[k]))
             decoded = {}
             for k, im in enumerate(images):
                 mine = [s for s, o in zip(segs, owner) if o == k]
-                clicks = torch.cat([c for _, c, _ in mine]) if locate else None
+                clicks = torch.cat([c for _, c, _ in mine]) if locate and mine[0][1] is not None else None
                 boxes = torch.cat([b for *_, b in mine]) if locate and mine[0][2] is not None else None
                 decoded[k] = list(g.decode_segs(im, torch.cat([e for e, *_ in mine]), clicks, boxes))
 
@@ -141,8 +142,10 @@ class PrefixEngine:
 
     def _decode(self, step, cache, mask: torch.Tensor, last_positions: torch.Tensor, active: list[bool],
                 max_new_tokens: int, hidden: list[list[torch.Tensor]], row_ids: list[list[int]],
-                is_answer: list[list[int]], writer: BoxWriter | None = None) -> list[list[int]]:
-        """Greedy decoding from ``step``'s last logits for the ``active`` rows (``writer`` forces box tokens).
+                is_answer: list[list[int]], writer: BoxWriter | None = None,
+                copy: RefCopy | None = None) -> list[list[int]]:
+        """Greedy decoding from ``step``'s last logits for the ``active`` rows (``copy`` pushes question words in
+        ``<ref>`` phrases, ``writer`` forces box tokens).
         Appends each FED token's id and hidden state to ``row_ids``/``hidden`` (the last token written is never
         fed, like ``generate``; a [SEG] written last is fed once more so that its state exists). Returns the new
         ids per row, cut at EOS/padding."""
@@ -155,6 +158,10 @@ class PrefixEngine:
         n_fed = [0] * n
         logits, positions = step.logits[:, -1], last_positions
         while True:
+            if copy is not None:
+                for i in range(n):
+                    if not done[i]:
+                        copy.adjust(i, new[i], logits[i])
             next_ids = logits.argmax(-1).tolist()
             for i in range(n):
                 if not done[i]:

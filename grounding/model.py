@@ -19,6 +19,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedT
 
 from grounding.config import GroundingConfig
 from grounding.errors import CheckpointError
+from grounding.locator_mirror import combine, mirror_ids
 from grounding.patch_heads import vision_features
 from grounding.projector_norm import install_projector_norm
 from grounding.seg_locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_centres, locator_loss,
@@ -61,6 +62,11 @@ class Located:
     box_map: torch.Tensor | None
     clicks: torch.Tensor
     boxes: torch.Tensor | None
+
+    def decoder_prompts(self, click: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(clicks, boxes) for the mask decoder: the click is left out when ``click`` is False and a box exists
+        (``GroundingConfig.locator_click``)."""
+        return (self.clicks if click or self.boxes is None else None), self.boxes
 
 
 def dice_per_mask(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -214,11 +220,19 @@ class GroundingModel(nn.Module):
             out.append(rows)
         return out
 
-    def seg_phrases(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[Phrases]:
-        """Per sample, each [SEG]'s phrase (``seg_phrase_ids``) as input embeddings (grounding/seg_locator.py)."""
+    def seg_phrases(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    mirror_table: torch.Tensor | None = None) -> list[Phrases]:
+        """Per sample, each [SEG]'s phrase (``seg_phrase_ids``) as input embeddings (grounding/seg_locator.py);
+        with ``mirror_table`` (``locator_mirror.mirror_token_ids``) each also carries its mirrored phrase."""
+        return [self.phrases(rows, mirror_table) for rows in self.seg_phrase_ids(input_ids, attention_mask)]
+
+    def phrases(self, rows: list[torch.Tensor], mirror_table: torch.Tensor | None = None) -> Phrases:
+        """Token ids ``[L_i]`` per phrase -> ``Phrases`` (and their mirrored twins with ``mirror_table``)."""
         embed = self.vlm.get_input_embeddings()
-        return [Phrases.stack([embed(ids) for ids in rows], embed.weight.shape[1], embed.weight)
-                for rows in self.seg_phrase_ids(input_ids, attention_mask)]
+        out = Phrases.stack([embed(ids) for ids in rows], embed.weight.shape[1], embed.weight)
+        if mirror_table is not None:
+            out.mirrored = self.phrases([mirror_ids(ids, mirror_table) for ids in rows])
+        return out
 
     @property
     def has_fusion_locator(self) -> bool:
@@ -250,16 +264,22 @@ class GroundingModel(nn.Module):
 
     def locate(self, states: torch.Tensor, image_states: torch.Tensor, phrases: Phrases | None,
                size: tuple[int, int], targets: torch.Tensor | None = None,
-               ranks: torch.Tensor | None = None) -> Located:
+               ranks: torch.Tensor | None = None, mirrored_states: torch.Tensor | None = None) -> Located:
         """One image's [SEG]s (states ``[n, h]``, ``locator_keys`` ``[g*g, width]``, phrases) -> the locator's
         scores and prompts for the mask decoder in the ``size = (H, W)`` image: a click at the best cell's centre,
         and the box the locator reads there (a ``FusionLocator``). In training (``targets`` bool ``[n, g*g]``) the
         best cell *on* the object, so the decoder learns to segment what is under a click that is right.
-        ``ranks`` ``[n]`` (``Phrases.repeats``): a [SEG] repeating an earlier one's phrase takes the next peak."""
+        ``ranks`` ``[n]`` (``Phrases.repeats``): a [SEG] repeating an earlier one's phrase takes the next peak.
+        ``mirrored_states`` (the ``locator_keys`` of the image flipped left-right) with ``phrases.mirrored``: a
+        ``FusionLocator`` reads both and adds them (grounding/locator_mirror.py); scores are then log-probabilities."""
         if not len(states):
             return Located(states.new_zeros((0, self.token_grid ** 2)), None, states.new_zeros((0, 1, 2)),
                            states.new_zeros((0, 4)) if self.has_fusion_locator else None)
         scores, box_map = self.seg_locator.locate(states, image_states, phrases)
+        if mirrored_states is not None and phrases is not None and phrases.mirrored is not None \
+                and self.has_fusion_locator:
+            scores, box_map = combine(scores, box_map, *self.seg_locator.locate(states, mirrored_states,
+                                                                                phrases.mirrored), self.token_grid)
         pick = scores.detach()
         if targets is not None:
             pick = torch.where(targets.any(-1, keepdim=True) & ~targets, float("-inf"), pick)
@@ -309,7 +329,7 @@ class GroundingModel(nn.Module):
                         if found.box_map is not None:
                             term = term + box_loss(found.box_map, square_boxes(gt_masks[i].bool().cpu()), cells)
                         locate_terms.append(term.reshape(1).expand(int(cells.any(-1).sum())))
-                    clicks, boxes = found.clicks, found.boxes
+                    clicks, boxes = found.decoder_prompts(self.config.locator_click)
                 logits = (self.decode_masks(emb, seg, clicks, boxes) if len(seg)
                           else seg.new_zeros((0, *emb.original_size)))
                 mask_logits.append(logits)

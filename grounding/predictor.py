@@ -28,27 +28,31 @@ from grounding.config import check_mask_zoom
 from grounding.device import resolve_device
 from grounding.errors import PromptError, QuestionError
 from grounding.images import image_digest, load_image
+from grounding.locator_mirror import mirror_token_ids
 from grounding.model import GroundingModel
 from grounding.processor import IGNORE_INDEX, EncodedText, GroundingProcessor
 from grounding.prompts import build_prompt, visual_prompt_text
+from grounding.ref_copy import RefCopy, token_words
 from grounding.result import Prediction, Target, box_from_mask
 from grounding.seg_locator import Phrases
 from grounding.tokens import IMAGE, SEG
 from segdecoder import ImageEmbedding, MaskPrediction
-from segdecoder.masks import decode_masks
+from segdecoder.masks import clip_to_boxes, decode_masks
 from segdecoder.refine import check_mask_refine
 
 
 @dataclass
 class PreparedImage:
     """An image as both models see it: ``pixels`` uint8 ``H x W x 3``, the decoder's embedding and the
-    vision tower's input ``[3, s, s]``; ``locator_features`` ``[g*g, width]``: a fusion locator's view of it
-    (``Grounder.locator_features`` fills it when first needed)."""
+    vision tower's input ``[3, s, s]``; ``locator_features`` ``[g*g, width]``: a fusion locator's view of it, and
+    ``mirrored_features`` the same of the image flipped left-right with ``locator_mirror``
+    (``Grounder.locator_features`` fills them when first needed)."""
     pixels: np.ndarray
     digest: str
     embedding: ImageEmbedding
     vision: torch.Tensor
     locator_features: torch.Tensor | None = None
+    mirrored_features: torch.Tensor | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -71,16 +75,18 @@ class Query:
             raise QuestionError("give a whole answer (teacher forcing) or an answer prefix, not both")
 
 
-class _ForcedTokens(LogitsProcessor):
-    """``generate`` hook: the rows' next tokens where the ``BoxWriter`` forces one (generated ids start at
-    column ``prompt_length``)."""
+class _AnswerRules(LogitsProcessor):
+    """``generate`` hook: a ``RefCopy`` pushes question words in ``<ref>`` phrases, then the ``BoxWriter`` forces the
+    rows' next tokens where it writes a box (generated ids start at column ``prompt_length``)."""
 
-    def __init__(self, writer: BoxWriter, prompt_length: int):
-        self.writer, self.prompt_length = writer, prompt_length
+    def __init__(self, prompt_length: int, writer: BoxWriter | None, copy: RefCopy | None):
+        self.prompt_length, self.writer, self.copy = prompt_length, writer, copy
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for row, ids in enumerate(input_ids[:, self.prompt_length:].tolist()):
-            token = self.writer.next_token(row, ids)
+            if self.copy is not None:
+                self.copy.adjust(row, ids, scores[row])
+            token = self.writer.next_token(row, ids) if self.writer is not None else None
             if token is not None:
                 scores[row] = float("-inf")
                 scores[row, token] = 0.0
@@ -91,7 +97,8 @@ class Grounder:
     def __init__(self, model: GroundingModel, tokenizer, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, cache_size: int = 32, max_new_tokens: int = 128,
                  max_pixels: int = 100_000_000, mask_threshold: float = 0.0, locator_boxes: bool = True,
-                 mask_zoom: float | str | None = "model", mask_refine: str | None = "model"):
+                 mask_zoom: float | str | None = "model", mask_refine: str | None = "model",
+                 locator_mirror: bool | str = "model", ref_copy_bias: float | str | None = "model"):
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device, self.dtype = torch.device(device), dtype
         self.processor = GroundingProcessor(tokenizer, model.config, model.vision_image_size, model.num_image_tokens)
@@ -105,6 +112,13 @@ class Grounder:
         self.mask_refine = model.config.mask_refine if mask_refine == "model" else check_mask_refine(mask_refine)
         # generated answers' <box> numbers come from a fusion locator (grounding/box_writer.py)
         self.locator_boxes = locator_boxes and BoxWriter.applies_to(model)
+        # a fusion locator also reads the mirrored image and phrase (grounding/locator_mirror.py); "model" as above
+        mirror = model.config.locator_mirror if locator_mirror == "model" else bool(locator_mirror)
+        self.locator_mirror = bool(mirror) and model.has_fusion_locator
+        self.mirror_table = mirror_token_ids(tokenizer) if self.locator_mirror else None
+        # <ref> phrases lean to the question's words (grounding/ref_copy.py); "model" as above; None or 0: off
+        self.ref_copy_bias = model.config.ref_copy_bias if ref_copy_bias == "model" else (ref_copy_bias or None)
+        self._token_words = token_words(tokenizer) if self.ref_copy_bias else None
         self.cache_size = cache_size
         self._cache: OrderedDict[str, PreparedImage] = OrderedDict()
         self.encoder_calls = 0  # images run through the decoder's image encoder (the expensive part)
@@ -145,13 +159,18 @@ class Grounder:
 
     def locator_features(self, preps: Sequence[PreparedImage]) -> list[torch.Tensor]:
         """A ``FusionLocator``'s features ``[g*g, width]`` of each image: the tower's patch features, which do not
-        depend on the question, so they are computed once per image (in one batch) and kept with it."""
-        todo = list({id(p): p for p in preps if p.locator_features is None}.values())
+        depend on the question, so they are computed once per image (in one batch) and kept with it; with
+        ``locator_mirror`` those of the mirrored image too (``PreparedImage.mirrored_features``)."""
+        todo = list({id(p): p for p in preps if p.locator_features is None or
+                     (self.locator_mirror and p.mirrored_features is None)}.values())
         if todo:
             with torch.no_grad():
                 pixels = torch.stack([p.vision for p in todo]).to(self.device, self.dtype)
                 for p, f in zip(todo, self.model.locator_keys(None, None, pixels)):
                     p.locator_features = f
+                if self.locator_mirror:   # the padded square flipped: its cells are the image's, mirrored
+                    for p, f in zip(todo, self.model.locator_keys(None, None, pixels.flip(-1))):
+                        p.mirrored_features = f
         return [p.locator_features for p in preps]
 
     def locator_inputs(self, preps: Sequence[PreparedImage], hidden_states: tuple[torch.Tensor, ...] | None,
@@ -230,13 +249,14 @@ class Grounder:
             hidden, ids = out.hidden_states[-1], batch["input_ids"]
             states = self.model.seg_states(hidden, ids, batch["labels"] == 1)
             images = self.locator_inputs(preps, out.hidden_states, ids)
-            phrases = self.model.seg_phrases(ids, batch["labels"] == 1) if self.model.reads_phrases \
-                else [None] * len(ids)
+            phrases = self.model.seg_phrases(ids, batch["labels"] == 1, self.mirror_table) \
+                if self.model.reads_phrases else [None] * len(ids)
             prompts = [self.seg_prompts(s, im, ph, p) for s, im, ph, p in zip(states, images, phrases, preps)]
         return [self.prediction(q, p, a, *self.decode_segs(p, *sp)) for q, p, a, sp in zip(queries, preps, answers, prompts)]
 
-    def _encode_question(self, query: Query, prep: PreparedImage, max_new_tokens: int) -> EncodedText:
-        """The prompt's ids, then any answer prefix's ids (labelled with themselves, the prompt IGNORE_INDEX)."""
+    @staticmethod
+    def question_text(query: Query) -> str:
+        """The query's question as the prompt holds it."""
         question = query.question
         if not isinstance(question, str):
             raise QuestionError(f"the question must be text, got {type(question).__name__}")
@@ -244,6 +264,19 @@ class Grounder:
         question = question.replace(IMAGE, " ").replace(SEG, " ").strip()
         if not question:
             raise QuestionError("the question is empty")
+        return question
+
+    def ref_copy(self, queries: Sequence[Query], prefixes: list[list[int]]) -> RefCopy | None:
+        """The ``RefCopy`` of these rows (None when ``ref_copy_bias`` is off)."""
+        if not self.ref_copy_bias:
+            return None
+        tok = self.processor.tokenizer
+        questions = [tok(self.question_text(q), add_special_tokens=False)["input_ids"] for q in queries]
+        return RefCopy(tok, self._token_words, questions, prefixes, self.ref_copy_bias)
+
+    def _encode_question(self, query: Query, prep: PreparedImage, max_new_tokens: int) -> EncodedText:
+        """The prompt's ids, then any answer prefix's ids (labelled with themselves, the prompt IGNORE_INDEX)."""
+        question = self.question_text(query)
         pts, labels, bxs = _check_prompts(prep.size, query.points, query.point_labels, query.boxes)
         prompt = build_prompt(question, visual_prompt_text(prep.size, pts, labels, bxs, self.model.config.box_format))
         encoded = self.processor.encode(prompt)
@@ -277,13 +310,15 @@ class Grounder:
             tok = self.processor.tokenizer
             gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            processors = LogitsProcessorList()
+            prefixes = [prompts[i].answer_ids for i in todo]
             with torch.no_grad():
+                writer = None
                 if self.locator_boxes:
                     mine = [preps[i] for i in todo]
-                    writer = BoxWriter(self.model, tok, self.locator_features(mine), [p.size for p in mine],
-                                       [prompts[i].answer_ids for i in todo])
-                    processors.append(_ForcedTokens(writer, batch["input_ids"].shape[1]))
+                    self.locator_features(mine)
+                    writer = BoxWriter(self.model, tok, mine, prefixes, self.mirror_table)
+                copy = self.ref_copy([queries[i] for i in todo], prefixes)
+                processors = LogitsProcessorList([_AnswerRules(batch["input_ids"].shape[1], writer, copy)])
                 generated = self.model.vlm.generate(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     pixel_values=pixel_values[todo], generation_config=gen_config, logits_processor=processors,
@@ -302,8 +337,9 @@ class Grounder:
         if m.seg_locator is None:
             return m.seg_projection(states), None, None
         found = m.locate(states, image_states, phrases, prep.size,
-                         ranks=phrases.repeats() if phrases is not None else None)
-        return m.seg_projection(states), found.clicks, found.boxes
+                         ranks=phrases.repeats() if phrases is not None else None,
+                         mirrored_states=prep.mirrored_features)
+        return (m.seg_projection(states), *found.decoder_prompts(m.config.locator_click))
 
     def decode_segs(self, prep: PreparedImage, seg: torch.Tensor, clicks: torch.Tensor | None = None,
                     boxes: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -314,7 +350,10 @@ class Grounder:
         labels = None if clicks is None else torch.ones(clicks.shape[:2], dtype=torch.long, device=clicks.device)
         pred = self._decode(prep, prep.embedding.to(self.device), seg_embeddings=seg, points=clicks,
                             point_labels=labels, boxes=boxes)
-        return pred.masks, pred.scores
+        margin = self.model.config.mask_box_margin
+        if boxes is None or margin is None:
+            return pred.masks, pred.scores
+        return clip_to_boxes(pred.masks, boxes.float().cpu().numpy(), margin), pred.scores
 
     def _decode(self, prep: PreparedImage, embedding: ImageEmbedding, **prompts) -> MaskPrediction:
         """The mask decoder on one image's prompts (``MaskDecoderBackend.decode``'s), zoomed when ``mask_zoom``,

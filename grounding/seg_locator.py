@@ -29,9 +29,11 @@ from torch import nn
 @dataclass
 class Phrases:
     """Each [SEG]'s ``<ref>`` phrase as input embeddings: ``embeds [n, L, h]`` (zero past each phrase's end) and
-    ``mask`` bool ``[n, L]`` (True on its words); a [SEG] without a phrase has an all-False row."""
+    ``mask`` bool ``[n, L]`` (True on its words); a [SEG] without a phrase has an all-False row. ``mirrored``: the
+    same phrases with left and right swapped, for reading the mirrored image (grounding/locator_mirror.py)."""
     embeds: torch.Tensor
     mask: torch.Tensor
+    mirrored: "Phrases | None" = None
 
     @classmethod
     def stack(cls, rows: list[torch.Tensor], hidden_size: int, like: torch.Tensor) -> "Phrases":

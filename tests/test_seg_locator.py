@@ -202,3 +202,35 @@ def test_a_deepened_locator_scores_as_before_and_its_new_layers_learn():
     assert deeper.encoder.layers[3].linear2.weight.grad.abs().sum() > 0   # the new layers are not stuck at zero
     with pytest.raises(ValueError, match="cannot be deepened"):
         deeper.deepened(3)
+
+
+def test_without_the_locator_click_the_decoder_gets_the_box_alone(scene):
+    """``locator_click: false``: a fusion locator's box goes to the mask decoder without the click (at inference,
+    and in training, where the loss still flows); a locator without boxes keeps its click."""
+    from grounding.data.collate import collate, make_sample
+    from grounding.predictor import Grounder, Query
+    from grounding.presets import build_random
+    from grounding.processor import GroundingProcessor
+
+    image, mask = scene
+    question, answer = "Where is the red circle?", "<ref>the red circle</ref>[SEG]"
+    for fusion, click_expected in ((1, False), (0, True)):
+        model, tok = build_random("tiny", seed=3)
+        model.add_seg_locator(fusion=fusion)
+        model.config.locator_click = False
+        calls = []
+        decode = model.mask_decoder.decode
+
+        def spy(*args, **kwargs):
+            calls.append((kwargs.get("points"), kwargs.get("boxes")))
+            return decode(*args, **kwargs)
+
+        model.mask_decoder.decode = spy
+        Grounder(model, tok).predict_batch([Query(image, question, answer=answer)])
+        points, boxes = calls[0]
+        assert (points is not None) == click_expected and (boxes is not None) == bool(fusion)
+        proc = GroundingProcessor(tok, model.config, model.vision_image_size, model.num_image_tokens)
+        model.train()
+        out = model(**collate([make_sample(proc, image, question, answer, [mask])], proc, model))
+        out.loss.backward()
+        assert out.dice_loss.item() > 0 and model.seg_projection.net[0].weight.grad.abs().sum() > 0

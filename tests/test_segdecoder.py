@@ -363,3 +363,18 @@ def test_zero_seg_embeddings_give_empty_results(backend, image):
     assert backend.upscale(low, emb).shape == (0, 3, H, W)
     pred = backend.decode(emb, seg_embeddings=torch.zeros(0, backend.prompt_dim))
     assert pred.masks.shape == (0, H, W) and pred.scores.shape == (0,)
+
+
+def test_masks_are_cut_to_their_grown_boxes():
+    """A mask that spills beyond its box loses what lies past the box grown by the margin, and nothing else."""
+    from segdecoder.masks import clip_to_boxes
+
+    masks = np.zeros((2, 40, 60), bool)
+    masks[0, 10:20, 10:50] = True                 # spills right of its box (x 10..30)
+    masks[1, 5:15, 5:15] = True                   # inside its box
+    boxes = np.array([[10, 10, 30, 20], [0, 0, 20, 20]], np.float64)
+    out = clip_to_boxes(masks, boxes, 0.1)        # box 0 grows 2 px a side in x, 1 px in y
+    assert out[0].any(0).nonzero()[0].tolist() == list(range(10, 32))
+    assert (out[1] == masks[1]).all()
+    assert (masks[0, 10:20, 10:50]).all()         # the input is left alone
+    assert clip_to_boxes(masks, boxes, 0.0)[0].sum() == 10 * 20

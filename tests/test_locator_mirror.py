@@ -1,0 +1,66 @@
+"""Mirror test-time augmentation of the fusion locator (grounding/locator_mirror.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from grounding.locator_mirror import combine, mirror_ids, mirror_token_ids, unmirror
+
+
+def test_the_word_swap_keeps_case_and_space_markers_and_leaves_other_words():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["▁left", "▁right", "▁Left", "▁Right", "left", "most", "▁leftmost", "▁rightmost", "▁top", "Ġright", "Ġleft"]
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
+                                                                              unk_token="▁top")))
+    table = mirror_token_ids(tok)
+    swapped = {words[i]: words[j] for i, j in enumerate(table.tolist()) if i != j}
+    assert swapped == {"▁left": "▁right", "▁right": "▁left", "▁Left": "▁Right", "▁Right": "▁Left",
+                       "▁leftmost": "▁rightmost", "▁rightmost": "▁leftmost", "Ġright": "Ġleft", "Ġleft": "Ġright"}
+    # "left" without a marker has no partner in this vocabulary: kept; a BPE "▁left" + "most" swaps its piece
+    assert mirror_ids(torch.tensor([4, 0, 5, 99]), table).tolist() == [4, 1, 5, 99]
+
+
+def test_a_reading_of_the_mirror_maps_back_onto_the_image():
+    """Cell (r, c) of the mirrored square is cell (r, g-1-c) of the image; its box x1..x2 is 1-x2..1-x1."""
+    grid = 4
+    scores = torch.full((1, grid * grid), -5.0)
+    scores[0, 1 * grid + 0] = 5.0                                    # row 1, column 0 of the mirror
+    boxes = torch.zeros(1, grid * grid, 4)
+    boxes[0, 1 * grid + 0] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    back_scores, back_boxes = unmirror(scores, boxes, grid)
+    assert back_scores.argmax().item() == 1 * grid + 3
+    assert back_boxes[0, 1 * grid + 3].tolist() == pytest.approx([0.7, 0.2, 0.9, 0.4])
+    # two readings that agree give the same best cell and box; log-probabilities add
+    both, both_boxes = combine(back_scores, back_boxes, scores, boxes, grid)
+    assert both.argmax().item() == 1 * grid + 3
+    assert both.exp().sum().item() < 1.0
+    assert both_boxes[0, 1 * grid + 3].tolist() == pytest.approx([0.7, 0.2, 0.9, 0.4])
+
+
+def test_with_the_mirror_a_phrase_and_its_mirrored_twin_find_mirrored_boxes(scene):
+    """Reading both the image and its mirror makes the locator exactly mirror-symmetric: "the left circle" on an
+    image and "the right circle" on the image flipped left-right give mirrored boxes. Without the mirror a
+    (random) locator has no such symmetry."""
+    from grounding.predictor import Grounder, Query
+    from grounding.presets import build_random
+
+    image, _ = scene
+    image = np.ascontiguousarray(image[:, :image.shape[0]])           # square: the padding cannot shift a pixel
+    width = image.shape[1]
+    model, tok = build_random("tiny", seed=3)
+    model.add_seg_locator(fusion=1)
+    found = {}
+    for mirror in (True, False):
+        g = Grounder(model, tok, locator_mirror=mirror)
+        assert g.locator_mirror == mirror
+        boxes = []
+        for pixels, phrase in ((image, "the left circle"), (image[:, ::-1].copy(), "the right circle")):
+            ask = Query(pixels, "Where is it?", answer_prefix=f"<ref>{phrase}</ref>")
+            boxes.append(g.predict_batch([ask], max_new_tokens=60)[0].targets[0].box)
+        (x1, y1, x2, y2), (u1, v1, u2, v2) = boxes
+        found[mirror] = max(abs(x1 - (width - u2)), abs(x2 - (width - u1)), abs(y1 - v1), abs(y2 - v2))
+    assert found[True] < 0.15, found              # box text rounds to thousandths of the side: < 0.04 px a number
+    assert found[False] > 1.0, found
