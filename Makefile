@@ -80,9 +80,12 @@ default-model: $(VENV)/.installed
 	rm -rf $(DEFAULT_MODEL)/model.safetensors $(DEFAULT_MODEL)/groundseg.json $(DEFAULT_MODEL)/tokenizer
 	mkdir -p $(DEFAULT_MODEL) && cp -r runs/shapes-tiny-v9/stage2/model/. $(DEFAULT_MODEL)/
 	# its SAM decodes each mask again on a crop of 3 times the object's box side (segdecoder/zoom.py), and
-	# GrabCut re-decides the outline's pixels (segdecoder/refine.py)
+	# GrabCut re-decides the outline's pixels (segdecoder/refine.py); the decoder gets the locator's box without
+	# its click, and masks are cut to that box grown by 5%; the locator also reads the mirrored image
+	# (grounding/locator_mirror.py); <ref> phrases lean to the question's words (grounding/ref_copy.py)
 	$(PY) -c "from grounding.config import GroundingConfig as C; c = C.load('$(DEFAULT_MODEL)'); \
-		c.mask_zoom = 3.0; c.mask_refine = 'grabcut'; c.save('$(DEFAULT_MODEL)')"
+		c.mask_zoom = 3.0; c.mask_refine = 'grabcut'; c.locator_click = False; c.mask_box_margin = 0.05; \
+		c.locator_mirror = True; c.ref_copy_bias = 3.0; c.save('$(DEFAULT_MODEL)')"
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -28,7 +28,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ds = ReferDataset(generate_dataset(tmp, args.scenes, seed=4243, progress=False), dataset="synth")
-        sentences = [s for split in ds.splits() for s in ds.sentences(split)]
+        sentences = [s for split in ds.splits for s in ds.sentences(split)]
         images = {i: load_image(ds.image_path(i)) for i in {s.image_id for s in sentences}}
         queries = [Query(images[s.image_id], f"Where is {s.text}? Answer with a box.") for s in sentences]
         truth = [ds.box_xyxy(s.ann_id) for s in sentences]

@@ -1,7 +1,7 @@
 """The shipped default model (weights/shapes-tiny) on scenes it never saw: a floor under its model-card scores, so
 that a broken or wrongly copied checkpoint cannot ship. Floors sit well below what the card measures on full
-splits (v9: val teacher-forced cIoU 73.6%, a box prompt's mask IoU 0.916 with the shipped zoom and refinement) and
-on these scenes (0.79 cIoU, 0.92 mask-box Acc@0.5, 0.91 box-prompt IoU), as 10 scenes are a small sample."""
+splits (v10: val teacher-forced cIoU 75.2%, a box prompt's mask IoU 0.916 with the shipped zoom and refinement) and
+on these scenes (0.805 cIoU, 0.933 mask-box Acc@0.5, 0.907 box-prompt IoU), as 10 scenes are a small sample."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,8 +49,8 @@ def test_referring_masks_on_unseen_scenes(grounder, unseen):
         box = mask_box_xyxy(mask)
         box_hits.append(box is not None and box_iou(box, ds.box_xyxy(s.ann_id)) >= 0.5)
     assert len(sentences) >= 40
-    assert inter / union > 0.68, f"cIoU {inter / union:.3f} over {len(sentences)} sentences"
-    assert np.mean(box_hits) > 0.8, f"mask-box Acc@0.5 {np.mean(box_hits):.3f}"
+    assert inter / union > 0.70, f"cIoU {inter / union:.3f} over {len(sentences)} sentences"
+    assert np.mean(box_hits) > 0.85, f"mask-box Acc@0.5 {np.mean(box_hits):.3f}"
 
 
 def test_a_box_prompt_gives_the_objects_mask(grounder, unseen):
@@ -68,7 +68,8 @@ def test_a_box_prompt_gives_the_objects_mask(grounder, unseen):
 
 def test_a_bare_shape_name_is_answered_with_its_object(grounder, unseen):
     """"Please segment the {kind}." about a kind the scene holds once, answered by the model itself (no teacher
-    forcing). Here v9 finds all 16 objects and denies none (v7, v8: 14); v6 denied 15 ("There is no circle")."""
+    forcing). Here v10 finds 15 of the 16 objects and denies none (v9: 16; v7, v8: 14); v6 denied 15 ("There is no
+    circle")."""
     from collections import Counter
 
     from grounding.images import load_image
