@@ -39,6 +39,19 @@ def test_small_objects_get_their_best_cell_and_empty_masks_none():
     assert locator_loss(scores, torch.zeros_like(cells)) is None
 
 
+def _spy_on_decoder(model) -> list:
+    """The (points, boxes) of every ``mask_decoder.decode`` call from now on, appended to the returned list."""
+    calls = []
+    decode = model.mask_decoder.decode
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("points"), kwargs.get("boxes")))
+        return decode(*args, **kwargs)
+
+    model.mask_decoder.decode = spy
+    return calls
+
+
 @pytest.mark.parametrize("words,layer,fusion", [(False, -1, 0), (True, 0, 0), (False, 0, 1)])
 def test_a_tiny_model_learns_to_click_on_its_object(scene, tmp_path, words, layer, fusion):
     """A tiny model with a locator (its query reading the phrase's words, or not, or a fusion locator), trained
@@ -75,14 +88,7 @@ def test_a_tiny_model_learns_to_click_on_its_object(scene, tmp_path, words, laye
     assert model.config.seg_locator_layer == layer and model.config.seg_locator_fusion == fusion
     assert isinstance(model.seg_locator, FusionLocator) if fusion else (model.seg_locator.words is not None) == words
     g = Grounder(model, tok)
-    calls = []
-    decode = model.mask_decoder.decode
-
-    def spy(*args, **kwargs):
-        calls.append((kwargs.get("points"), kwargs.get("boxes")))
-        return decode(*args, **kwargs)
-
-    model.mask_decoder.decode = spy
+    calls = _spy_on_decoder(model)
     pred = g.predict_batch([Query(image, question, answer=answer)])[0]
     (x, y), = calls[0][0][0].tolist()
     assert mask[int(y), int(x)], f"the click ({x}, {y}) is off the disc"
@@ -218,14 +224,7 @@ def test_without_the_locator_click_the_decoder_gets_the_box_alone(scene):
         model, tok = build_random("tiny", seed=3)
         model.add_seg_locator(fusion=fusion)
         model.config.locator_click = False
-        calls = []
-        decode = model.mask_decoder.decode
-
-        def spy(*args, **kwargs):
-            calls.append((kwargs.get("points"), kwargs.get("boxes")))
-            return decode(*args, **kwargs)
-
-        model.mask_decoder.decode = spy
+        calls = _spy_on_decoder(model)
         Grounder(model, tok).predict_batch([Query(image, question, answer=answer)])
         points, boxes = calls[0]
         assert (points is not None) == click_expected and (boxes is not None) == bool(fusion)
