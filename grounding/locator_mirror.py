@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import torch
 
+from grounding.tokenizer import split_space_marker
+
 # Words whose meaning flips with the image (lower case; a token keeps its own case and leading-space marker).
 MIRROR_WORDS = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
-_SPACE_MARKERS = ("Ġ", "▁", "")   # GPT-2 / SentencePiece word starts, or none
 
 
 def mirror_token_ids(tokenizer) -> torch.Tensor:
@@ -32,8 +33,7 @@ def mirror_token_ids(tokenizer) -> torch.Tensor:
     vocab = tokenizer.get_vocab()
     table = torch.arange(max(vocab.values()) + 1)
     for piece, index in vocab.items():
-        marker = next(m for m in _SPACE_MARKERS if piece.startswith(m))
-        word = piece[len(marker):]
+        marker, word = split_space_marker(piece)
         partner = MIRROR_WORDS.get(word.lower())
         if partner is None:
             continue

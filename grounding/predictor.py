@@ -32,7 +32,7 @@ from grounding.locator_mirror import mirror_token_ids
 from grounding.model import GroundingModel
 from grounding.processor import IGNORE_INDEX, EncodedText, GroundingProcessor
 from grounding.prompts import build_prompt, visual_prompt_text
-from grounding.ref_copy import RefCopy, token_words
+from grounding.ref_copy import RefCopy, TokenWords
 from grounding.result import Prediction, Target, box_from_mask
 from grounding.seg_locator import Phrases
 from grounding.tokens import IMAGE, SEG
@@ -118,7 +118,7 @@ class Grounder:
         self.mirror_table = mirror_token_ids(tokenizer) if self.locator_mirror else None
         # <ref> phrases lean to the question's words (grounding/ref_copy.py); "model" as above; None or 0: off
         self.ref_copy_bias = model.config.ref_copy_bias if ref_copy_bias == "model" else (ref_copy_bias or None)
-        self._token_words = token_words(tokenizer) if self.ref_copy_bias else None
+        self._token_words = TokenWords.of(tokenizer) if self.ref_copy_bias else None
         self.cache_size = cache_size
         self._cache: OrderedDict[str, PreparedImage] = OrderedDict()
         self.encoder_calls = 0  # images run through the decoder's image encoder (the expensive part)
@@ -166,11 +166,13 @@ class Grounder:
         if todo:
             with torch.no_grad():
                 pixels = torch.stack([p.vision for p in todo]).to(self.device, self.dtype)
-                for p, f in zip(todo, self.model.locator_keys(None, None, pixels)):
-                    p.locator_features = f
                 if self.locator_mirror:   # the padded square flipped: its cells are the image's, mirrored
-                    for p, f in zip(todo, self.model.locator_keys(None, None, pixels.flip(-1))):
-                        p.mirrored_features = f
+                    pixels = torch.cat([pixels, pixels.flip(-1)])
+                features = self.model.locator_keys(None, None, pixels)
+                for i, p in enumerate(todo):
+                    p.locator_features = features[i]
+                    if self.locator_mirror:
+                        p.mirrored_features = features[len(todo) + i]
         return [p.locator_features for p in preps]
 
     def locator_inputs(self, preps: Sequence[PreparedImage], hidden_states: tuple[torch.Tensor, ...] | None,
@@ -272,7 +274,7 @@ class Grounder:
             return None
         tok = self.processor.tokenizer
         questions = [tok(self.question_text(q), add_special_tokens=False)["input_ids"] for q in queries]
-        return RefCopy(tok, self._token_words, questions, prefixes, self.ref_copy_bias)
+        return RefCopy(self._token_words, questions, prefixes, self.ref_copy_bias)
 
     def _encode_question(self, query: Query, prep: PreparedImage, max_new_tokens: int) -> EncodedText:
         """The prompt's ids, then any answer prefix's ids (labelled with themselves, the prompt IGNORE_INDEX)."""

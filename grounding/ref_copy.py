@@ -15,39 +15,48 @@ start of a phrase matches " the" inside the question. A per-model setting (``Gro
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
+from grounding.tokenizer import split_space_marker
 from grounding.tokens import REF_END, REF_START
 
-_SPACE_MARKERS = ("Ġ", "▁")
 
+@dataclass
+class TokenWords:
+    """A vocabulary read as question words: ``words[id]`` each token's text in lower case without its leading-space
+    marker, ``ids_of[word]`` the tokens that spell it, and the ``<ref>`` / ``</ref>`` ids. Built once per tokenizer."""
+    words: list[str]
+    ids_of: dict[str, list[int]]
+    ref_start: int
+    ref_end: int
 
-def token_words(tokenizer) -> list[str]:
-    """Per token id, its text as a question word: lower case, without a leading-space marker."""
-    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return [(p[1:] if p and p[0] in _SPACE_MARKERS else p or "").lower() for p in pieces]
+    @classmethod
+    def of(cls, tokenizer) -> "TokenWords":
+        words = [split_space_marker(p or "")[1].lower()
+                 for p in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+        ids_of: dict[str, list[int]] = defaultdict(list)
+        for index, word in enumerate(words):
+            ids_of[word].append(index)
+        return cls(words, dict(ids_of), *(tokenizer.convert_tokens_to_ids(t) for t in (REF_START, REF_END)))
 
 
 class RefCopy:
     """Per answer row: the question's token ids and the ids of any answer prefix in the prompt. ``adjust(row, ids,
     scores)`` adds the bias in place to ``scores`` ``[vocab]``, the next-token logits after the generated ``ids``."""
 
-    def __init__(self, tokenizer, words: list[str], questions: list[list[int]], prefixes: list[list[int]],
-                 bias: float):
-        self.words, self.prefixes, self.bias = words, prefixes, float(bias)
-        self.questions = [[words[t] for t in q] for q in questions]
-        self.ref_start, self.ref_end = (tokenizer.convert_tokens_to_ids(t) for t in (REF_START, REF_END))
-        self.ids_of: dict[str, list[int]] = defaultdict(list)
-        for index, word in enumerate(words):
-            self.ids_of[word].append(index)
+    def __init__(self, vocab: TokenWords, questions: list[list[int]], prefixes: list[list[int]], bias: float):
+        self.vocab, self.prefixes, self.bias = vocab, prefixes, float(bias)
+        self.questions = [[vocab.words[t] for t in q] for q in questions]
 
     def phrase(self, ids: list[int]) -> list[str] | None:
         """The words of the ``<ref>`` phrase still open at the end of ``ids`` (None when none is open)."""
-        start = max((i for i, t in enumerate(ids) if t == self.ref_start), default=None)
-        if start is None or self.ref_end in ids[start:]:
+        v = self.vocab
+        start = max((i for i, t in enumerate(ids) if t == v.ref_start), default=None)
+        if start is None or v.ref_end in ids[start:]:
             return None
-        return [self.words[t] for t in ids[start + 1:]]
+        return [v.words[t] for t in ids[start + 1:]]
 
     def pushed(self, row: int, ids: list[int]) -> list[int]:
         """Token ids that continue the open phrase as a run of the question's words, and ``</ref>``; [] when no
@@ -59,7 +68,7 @@ class RefCopy:
         if not starts:
             return []
         words = {question[j + n] for j in starts if j + n < len(question)}
-        return [self.ref_end] + [i for w in words for i in self.ids_of[w]]
+        return [self.vocab.ref_end] + [i for w in words for i in self.vocab.ids_of.get(w, ())]
 
     def adjust(self, row: int, ids: list[int], scores: torch.Tensor) -> None:
         index = self.pushed(row, ids)

@@ -13,6 +13,14 @@ from transformers import PreTrainedTokenizerFast
 from grounding.tokens import SPECIAL_TOKENS, add_special_tokens
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+# How a vocabulary piece marks the start of a word: byte-level BPE (GPT-2, this project's) and SentencePiece
+SPACE_MARKERS = ("Ġ", "▁")
+
+
+def split_space_marker(piece: str) -> tuple[str, str]:
+    """A vocabulary piece -> (its leading-space marker, or "", and the rest): "Ġleft" -> ("Ġ", "left")."""
+    marker = piece[:1] if piece[:1] in SPACE_MARKERS else ""
+    return marker, piece[len(marker):]
 
 # Enough words for a tiny random model to produce varied text; real models train on their own corpus.
 BASE_CORPUS = (

@@ -38,7 +38,5 @@ def clip_to_boxes(masks: np.ndarray, boxes: np.ndarray, margin: float) -> np.nda
         grow_x, grow_y = (x2 - x1) * margin, (y2 - y1) * margin
         left, top = max(0, int(np.floor(x1 - grow_x))), max(0, int(np.floor(y1 - grow_y)))
         right, bottom = min(width, int(np.ceil(x2 + grow_x))), min(height, int(np.ceil(y2 + grow_y)))
-        keep = np.zeros_like(mask)
-        keep[top:bottom, left:right] = True
-        mask &= keep
+        mask[:top], mask[bottom:], mask[:, :left], mask[:, right:] = False, False, False, False
     return out

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from grounding.ref_copy import RefCopy, token_words
+from grounding.ref_copy import RefCopy, TokenWords
 
 QUESTION = "Where is the shape with five corners?"
 
 
 def _copy(tok, prefix: str = "", bias: float = 3.0) -> RefCopy:
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
-    return RefCopy(tok, token_words(tok), [ids(QUESTION)], [ids(prefix)], bias)
+    return RefCopy(TokenWords.of(tok), [ids(QUESTION)], [ids(prefix)], bias)
 
 
 def _ids(tok, text: str) -> list[int]:
