@@ -43,49 +43,50 @@ default-model: $(VENV)/.installed
 	$(VENV)/bin/groundseg synth --out data/synth-s3 --images 9000 --seed 3
 	$(VENV)/bin/groundseg synth --out data/synth-s4 --images 9000 --seed 4
 	$(VENV)/bin/groundseg synth --out data/synth-s5 --images 9000 --seed 5
-	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v1-stage0.yaml --stop-after 750
-	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v2-stage1.yaml --stop-after 1000
-	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v2-stage2.yaml
+	$(VENV)/bin/groundseg train --config shapes/configs/shapes-tiny-v1-stage0.yaml --stop-after 750
+	$(VENV)/bin/groundseg train --config shapes/configs/shapes-tiny-v2-stage1.yaml --stop-after 1000
+	$(VENV)/bin/groundseg train --config shapes/configs/shapes-tiny-v2-stage2.yaml
 	$(VENV)/bin/groundseg train-locator --model runs/shapes-tiny-v2/stage2/model --data data/synth \
 		--out runs/shapes-tiny-v3/locator --steps 6000 --eval-every 1000
-	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v4-stage0.yaml
+	$(VENV)/bin/groundseg train --config shapes/configs/shapes-tiny-v4-stage0.yaml
 	$(VENV)/bin/groundseg train-locator --model runs/shapes-tiny-v4/stage0/model --data data/synth \
 		--extra-data data/synth-s1 --extra-data data/synth-s2 --out runs/shapes-tiny-v4/locator \
 		--steps 6000 --eval-every 1000
-	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v5-stage0.yaml
+	$(VENV)/bin/groundseg train --config shapes/configs/shapes-tiny-v5-stage0.yaml
 	$(VENV)/bin/groundseg train-locator --model runs/shapes-tiny-v5/stage0/model --data data/synth \
 		--extra-data data/synth-s1 --extra-data data/synth-s2 --out runs/shapes-tiny-v5/locator \
 		--layers 4 --steps 8000 --eval-every 1000
-	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v6-stage0.yaml
+	$(VENV)/bin/groundseg train --config shapes/configs/shapes-tiny-v6-stage0.yaml
 	$(VENV)/bin/groundseg train-locator --model runs/shapes-tiny-v6/stage0/model --data data/synth \
 		--extra-data data/synth-s1 --extra-data data/synth-s2 --out runs/shapes-tiny-v6/locator \
 		--layers 4 --steps 5000 --eval-every 1000
-	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v7-stage0.yaml
+	$(VENV)/bin/groundseg train --config shapes/configs/shapes-tiny-v7-stage0.yaml
 	$(VENV)/bin/groundseg train-locator --model runs/shapes-tiny-v7/stage0/model --data data/synth \
 		--extra-data data/synth-s1 --extra-data data/synth-s2 --extra-data data/synth-s3 \
 		--out runs/shapes-tiny-v7/locator --layers 4 --steps 5000 --eval-every 1000
 	# the language model learns to answer bare shape names ("Please segment the circle."); the mask path is frozen
-	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v7-stage2.yaml
-	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v8-stage0.yaml
+	$(VENV)/bin/groundseg train --config shapes/configs/shapes-tiny-v7-stage2.yaml
+	$(VENV)/bin/groundseg train --config shapes/configs/shapes-tiny-v8-stage0.yaml
 	$(VENV)/bin/groundseg train-locator --model runs/shapes-tiny-v8/stage0/model --data data/synth \
 		--extra-data data/synth-s1 --extra-data data/synth-s2 --extra-data data/synth-s3 --extra-data data/synth-s4 \
 		--out runs/shapes-tiny-v8/locator --layers 4 --steps 5000 --eval-every 1000
-	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v8-stage2.yaml
-	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v9-stage0.yaml
+	$(VENV)/bin/groundseg train --config shapes/configs/shapes-tiny-v8-stage2.yaml
+	$(VENV)/bin/groundseg train --config shapes/configs/shapes-tiny-v9-stage0.yaml
 	$(VENV)/bin/groundseg train-locator --model runs/shapes-tiny-v9/stage0/model --data data/synth \
 		--extra-data data/synth-s1 --extra-data data/synth-s2 --extra-data data/synth-s3 --extra-data data/synth-s4 \
 		--extra-data data/synth-s5 --out runs/shapes-tiny-v9/locator --layers 4 --steps 5000 --eval-every 1000
-	$(VENV)/bin/groundseg train --config configs/shapes-tiny-v9-stage2.yaml
+	$(VENV)/bin/groundseg train --config shapes/configs/shapes-tiny-v9-stage2.yaml
 	# the model's files are replaced; the model card and loss curves beside them stay
 	rm -rf $(DEFAULT_MODEL)/model.safetensors $(DEFAULT_MODEL)/groundseg.json $(DEFAULT_MODEL)/tokenizer
 	mkdir -p $(DEFAULT_MODEL) && cp -r runs/shapes-tiny-v9/stage2/model/. $(DEFAULT_MODEL)/
-	# its SAM decodes each mask again on a crop of 3 times the object's box side (segdecoder/zoom.py), and
-	# GrabCut re-decides the outline's pixels (segdecoder/refine.py); the decoder gets the locator's box without
-	# its click, and masks are cut to that box grown by 5%; the locator also reads the mirrored image
-	# (grounding/locator_mirror.py); <ref> phrases lean to the question's words (grounding/ref_copy.py)
+	# its add-ons: SAM decodes each mask again on a crop of 3 times the object's box side (mask_zoom), GrabCut
+	# re-decides the outline's pixels (mask_refine); the decoder gets the locator's box without its click, and
+	# masks are cut to that box grown by 5% (box_clip); the locator also reads the mirrored image; <ref> phrases
+	# lean to the question's words (ref_copy); a mask from clicks keeps the parts under them (clicked_parts)
 	$(PY) -c "from grounding.config import GroundingConfig as C; c = C.load('$(DEFAULT_MODEL)'); \
-		c.mask_zoom = 3.0; c.mask_refine = 'grabcut'; c.locator_click = False; c.mask_box_margin = 0.05; \
-		c.locator_mirror = True; c.ref_copy_bias = 3.0; c.save('$(DEFAULT_MODEL)')"
+		c.addons['locator'].update(click=False, mirror=True); c.addons.update(ref_copy={'bias': 3.0}, \
+		mask_zoom={'context': 3.0}, mask_refine={'method': 'grabcut'}, box_clip={'margin': 0.05}, clicked_parts={}); \
+		c.save('$(DEFAULT_MODEL)')"
 
 clean:
 	rm -rf $(OUT) .pytest_cache

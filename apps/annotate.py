@@ -234,7 +234,7 @@ def annotate_folder(input_dir: str | os.PathLike, prompts: Sequence[str], out_di
 
 def load_grounder(model_dir: str, device: str):
     """The default grounder factory: the checkpoint at ``model_dir``."""
-    from grounding.predictor import Grounder
+    from grounding import Grounder
     return Grounder.from_pretrained(model_dir, device=device)
 
 

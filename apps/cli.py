@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from apps.addon_options import ADDON_HELP, parse_addon_options
 from grounding.errors import GroundsegError, PromptError
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "shapes-tiny"
@@ -54,7 +55,7 @@ def predict(
 ) -> None:
     """Answer a question about an image (or a video) with boxes and masks, or segment (track) clicks and boxes."""
     from apps.overlay import draw_overlay, save_image
-    from grounding.predictor import Grounder
+    from grounding import Grounder
 
     pts = [_numbers(p, (2, 3), "point") for p in points]
     labels = [int(p[2]) if len(p) == 3 else 1 for p in pts]
@@ -80,7 +81,7 @@ def predict(
             if xy or boxes:
                 raise PromptError("with --video, give --question or --points/--box, not both")
             run = predict_video(grounder, video, question, key_frame, mode=video_mode, every=every)
-        paths = run.save(out or Path("video_result"))
+        paths = run.save(out or Path("video_result"), draw=draw_overlay)
         _print_video(run, paths)
         return
     out = out or Path("result.json")
@@ -119,7 +120,7 @@ def synth(
     max_side: int = typer.Option(320, min=32, help="Largest image height/width in pixels."),
 ) -> None:
     """Generate a synthetic referring dataset (REFER format: images/, instances.json, refs(unc).p)."""
-    from grounding.data.synthetic import generate_dataset, generate_video_dataset
+    from shapes.scenes.synthetic import generate_dataset, generate_video_dataset
 
     if max_side < min_side:
         raise PromptError(f"--max-side {max_side} is smaller than --min-side {min_side}")
@@ -132,14 +133,14 @@ def synth(
 
 @app.command()
 def train(
-    config: Path = typer.Option(..., help="Training config (JSON or YAML; fields of grounding.train.TrainConfig)."),
+    config: Path = typer.Option(..., help="Training config (JSON or YAML; fields of grounding.trainer.TrainConfig; other keys are the stage's options)."),
     resume: bool = typer.Option(False, help="Continue from the newest checkpoint in the config's out folder."),
     steps: Optional[int] = typer.Option(None, help="Override the number of optimizer steps."),
     out: Optional[str] = typer.Option(None, help="Override the output folder."),
     stop_after: Optional[int] = typer.Option(None, min=1, help="End this run after step N (state saved; --resume continues)."),
 ) -> None:
     """Train one stage (1: base VLM + mask decoder; 2: LoRA + [SEG], LISA's recipe)."""
-    from grounding.train import TrainConfig, train as run_training
+    from grounding.trainer import TrainConfig, train as run_training
 
     if not config.is_file():
         raise PromptError(f"no training config at {config}")
@@ -168,7 +169,7 @@ def train_locator(
                                                    "(repeat the option); scores stay on --data."),
 ) -> None:
     """Give a model a fusion [SEG] locator, trained on cached image tokens (every other weight is kept)."""
-    from grounding.locator_train import train_locator as run
+    from shapes.locator_train import train_locator as run
 
     scores = run(_model_dir(model), data, out, steps=steps, batch_size=batch_size, lr=lr, layers=layers, seed=seed,
                  eval_split=eval_split, eval_every=eval_every, dataset=dataset, split_by=split_by,
@@ -176,6 +177,60 @@ def train_locator(
     top1 = ", ".join(f"{'all' if k == 'top1' else k[5:]} {v:.1%}" for k, v in scores.items() if k.startswith("top1"))
     console.print(f"model written to {out / 'model'}; {eval_split}: top-1 cell on the object {top1}; "
                   f"box Acc@0.5 at that cell {scores['box_acc']:.1%}")
+
+
+@app.command("video-eval")
+def video_eval(
+    data: Path = typer.Option(..., help="Folder of videos (videos.json); generated when missing."),
+    videos: int = typer.Option(20, min=1, help="Videos to generate when --data has none."),
+    seed: int = typer.Option(123, help="Seed of the generated videos."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: the embedded shapes-tiny)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
+    source: str = typer.Option("question", help="question (the VLM's answer, carried) or box (click-to-track from "
+                                                "the ground-truth box)."),
+    mode: str = typer.Option("auto", help="auto, memory, reask or carry (see grounding/video.py)."),
+    every: Optional[int] = typer.Option(None, min=0, help="reask: ask the VLM every N frames."),
+    margin: Optional[float] = typer.Option(None, min=0.0, help="carry: box growth per side."),
+    addon: Optional[list[str]] = typer.Option(None, "--addon", help=ADDON_HELP),
+    out: Optional[Path] = typer.Option(None, help="Also write the full report (JSON) here."),
+) -> None:
+    """Region similarity J of the video path on synthetic moving-shape videos (grounding/video_eval.py)."""
+    import json
+
+    from grounding import Grounder
+    from grounding.result import atomic_write_text
+    from grounding.video_eval import evaluate_videos
+    from shapes.scenes.synthetic_video import generate_video_dataset
+
+    if source not in ("question", "box"):
+        raise PromptError(f"--source must be question or box, got {source!r}")
+    if not (data / "videos.json").is_file():
+        generate_video_dataset(data, videos, seed)
+    grounder = Grounder.from_pretrained(_model_dir(model), device=device, addons=parse_addon_options(addon))
+    options = {k: v for k, v in (("mode", mode), ("every", every), ("margin", margin)) if v is not None}
+    if source == "box":
+        options.pop("every", None)
+    report = evaluate_videos(grounder, data, source=source, **options)
+    console.print(f"J {report['J']:.3f} (key frame {report['J_key']:.3f}, other frames {report['J_after_key']:.3f}) "
+                  f"over {report['tracks']} tracks in {report['videos']} videos, source {source}, options {options}, "
+                  f"{report['seconds']} s")
+    if out is not None:
+        atomic_write_text(out, json.dumps(report, indent=2))
+
+
+@app.command("patch-eval")
+def patch_eval(
+    run: Path = typer.Option(..., help="A stage-0 output folder (model/ and patch_heads.safetensors)."),
+    data: Path = typer.Option(..., help="A synthetic REFER folder (with scenes.json)."),
+    split: str = typer.Option("val", help="Split to score."),
+    limit: Optional[int] = typer.Option(None, min=1, help="First N images only."),
+) -> None:
+    """What the default model's vision tower knows per patch: stage 0's heads scored on a synthetic split."""
+    import json
+
+    from shapes.patch_eval import evaluate_patches
+
+    typer.echo(json.dumps(evaluate_patches(run, data, split, limit), indent=2))
 
 
 def _register_eval() -> None:

@@ -211,7 +211,7 @@ TABS: list[tuple[str, TabBuilder]] = [("Image", image_tab), ("Video", video_tab)
 
 def build_app(grounder, *, examples_dir: Path | None = EXAMPLES_DIR, download_dir: Path | None = None,
               max_new_tokens: int = 128, tabs: Sequence[tuple[str, TabBuilder]] | None = None) -> gr.Blocks:
-    """The Blocks app around ``grounder`` (a :class:`~grounding.predictor.Grounder`), queue configured."""
+    """The Blocks app around ``grounder`` (a :class:`~grounding.Grounder`), queue configured."""
     owned = download_dir is None
     if owned:
         download_dir = Path(tempfile.mkdtemp(prefix="groundseg-demo-"))
@@ -257,7 +257,7 @@ def launch_options(host: str = "127.0.0.1", port: int | None = 7860,
 def serve(model: Path, host: str = "127.0.0.1", port: int = 7860, device: str = "auto",
           max_new_tokens: int = 128, max_file_size: str | int = DEFAULT_MAX_FILE_SIZE) -> None:
     """Load the model and serve the app until interrupted."""
-    from grounding.predictor import Grounder
+    from grounding import Grounder
 
     grounder = Grounder.from_pretrained(model, device=device, max_new_tokens=max_new_tokens)
     app = build_app(grounder, max_new_tokens=max_new_tokens)

@@ -3,7 +3,7 @@
 ``apps/demo.py`` lays these out in Gradio Blocks; here every handler takes plain values (the image input's
 value, a :class:`Session`, a ``gr.SelectData``) and returns plain values in the order of :data:`VIEW_OUTPUTS`.
 
-Threading: a :class:`~grounding.predictor.Grounder` is not thread-safe (its embedding cache and the model's
+Threading: a :class:`~grounding.Grounder` is not thread-safe (its embedding cache and the model's
 modules are shared), so every model call goes through :class:`ModelService`, which holds one lock. The app's
 queue also runs all model events in one concurrency group of size 1, so queued requests wait in the queue,
 not on the lock; the lock is what keeps direct (unqueued) callers, tests and scripts safe too.

@@ -223,7 +223,7 @@ class VideoHandlers:
 
         def job(grounder):
             run = start(grounder)
-            return run, _reporting(run, progress, desc, seen).save(self.downloads.new_folder())
+            return run, _reporting(run, progress, desc, seen).save(self.downloads.new_folder(), draw=draw_overlay)
 
         with _named(path):
             run, files = self.service.run(job)

@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from apps.addon_options import ADDON_HELP, parse_addon_options
+
 
 def eval_command(
     data_root: Annotated[Path, typer.Option("--data-root", help="REFER folder: DATA_ROOT/DATASET/instances.json + refs(SPLIT_BY).p, "
@@ -32,16 +34,7 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer to generate.")] = 128,
     num_procs: Annotated[int, typer.Option(min=1, help="Processes sharing the run by image (one per GPU; on CPU "
                                                        "they share the cores). Under torchrun, leave it at 1.")] = 1,
-    mask_zoom: Annotated[Optional[float], typer.Option(min=0.0, help="Decode each mask again on a crop of this many "
-                                                       "times its box side (0: off; default: the model's setting).")] = None,
-    mask_refine: Annotated[Optional[str], typer.Option(help="Refine each mask's outline against the image: grabcut "
-                                                      "or none (default: the model's setting).")] = None,
-    ref_copy_bias: Annotated[Optional[float], typer.Option(min=0.0, help="Push the question's words in generated "
-                                                           "<ref> phrases by this many nats (0: off; default: the "
-                                                           "model's setting).")] = None,
-    locator_mirror: Annotated[Optional[bool], typer.Option(
-        "--locator-mirror/--no-locator-mirror", help="The [SEG] locator also reads the image flipped left-right "
-                                                     "(default: the model's setting).")] = None,
+    addon: Annotated[Optional[list[str]], typer.Option("--addon", help=ADDON_HELP)] = None,
 ) -> None:
     """Evaluate REC (Acc@0.5) and/or RES (cIoU, gIoU) on one split; resumable."""
     from apps.cli import DEFAULT_MODEL
@@ -55,24 +48,16 @@ def eval_command(
         raise EvalError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
     from eval.harness import ENGINES
     from eval.distributed import init_from_env, launched_by_torchrun, shutdown, spawn
-    from segdecoder.refine import MASK_REFINERS, refine_option
 
     if engine not in ENGINES:
         raise EvalError(f"unknown --engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if mask_zoom and mask_zoom < 1:
-        raise EvalError(f"--mask-zoom must be 0 (off) or >= 1 (crop side / box side), got {mask_zoom}")
-    if mask_refine not in (None, "none", *MASK_REFINERS):
-        raise EvalError(f"unknown --mask-refine {mask_refine!r}; choose none or {', '.join(MASK_REFINERS)}")
+    addons = parse_addon_options(addon)
     data = ReferDataset(data_root, dataset, split_by)
     data.refs(split)  # an unknown split fails here, naming the splits the file has
     model_dir = Path(model) if model is not None else DEFAULT_MODEL
     options = dict(data_root=data_root, dataset=dataset, split_by=split_by, split=split, model_dir=model_dir,
                    device=device, task=task, mode=mode, out=out, limit=limit, batch_size=batch_size,
-                   rec_box=rec_box, engine=engine, max_new_tokens=max_new_tokens,
-                   mask_zoom="model" if mask_zoom is None else mask_zoom,
-                   mask_refine=refine_option(mask_refine),
-                   locator_mirror="model" if locator_mirror is None else locator_mirror,
-                   ref_copy_bias="model" if ref_copy_bias is None else ref_copy_bias)
+                   rec_box=rec_box, engine=engine, max_new_tokens=max_new_tokens, addons=addons)
     if num_procs > 1 and not launched_by_torchrun():
         spawn(run_shard, num_procs, options)
     else:
@@ -85,16 +70,12 @@ def run_shard(shard, options: dict) -> dict:
     """One process's part of ``groundseg eval`` (the whole run when ``shard.world == 1``)."""
     from eval.harness import evaluate
     from grounding.data.refer import ReferDataset
-    from grounding.predictor import Grounder
+    from grounding import Grounder
 
     o = options
     data = ReferDataset(o["data_root"], o["dataset"], o["split_by"])
     grounder = Grounder.from_pretrained(o["model_dir"], device=shard.device(o["device"]),
-                                        max_new_tokens=o.get("max_new_tokens", 128),
-                                        mask_zoom=o.get("mask_zoom", "model"),
-                                        mask_refine=o.get("mask_refine", "model"),
-                                        locator_mirror=o.get("locator_mirror", "model"),
-                                        ref_copy_bias=o.get("ref_copy_bias", "model"))
+                                        max_new_tokens=o.get("max_new_tokens", 128), addons=o.get("addons"))
     return evaluate(grounder, data, o["split"], task=o["task"], mode=o["mode"], out_dir=o["out"], limit=o["limit"],
                     batch_size=o["batch_size"], progress=True, model_name=str(Path(o["model_dir"]).resolve()),
                     rec_box=o["rec_box"], engine=o["engine"], shard=shard)

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from grounding.device import resolve_device
-from grounding.engine import PrefixEngine
-from grounding.predictor import Grounder, Query
+from grounding import PrefixEngine
+from grounding import Grounder, Query
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTENCES_PER_IMAGE = 7  # RefCOCO val: 10,834 sentences on 1,500 images
@@ -31,7 +31,7 @@ def workload(n_images: int, side: int, seed: int) -> list[tuple[object, list[str
     import tempfile
 
     from grounding.data.refer import ReferDataset
-    from grounding.data.synthetic import generate_dataset
+    from shapes.scenes.synthetic import generate_dataset
     from grounding.images import load_image
 
     root = generate_dataset(Path(tempfile.mkdtemp()) / "bench", n_images * 2, seed,

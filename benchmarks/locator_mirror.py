@@ -1,5 +1,5 @@
 """Locator mirror: the default model's REC answers ("Where is {s}? Answer with a box.", greedy, the box written by
-the [SEG] locator) with the locator reading the image alone vs the image and its mirror (grounding/locator_mirror.py),
+the [SEG] locator) with the locator reading the image alone vs the image and its mirror (shapes/locator_mirror.py),
 on scenes of a seed no training run used. Prints the time per question of both ways, their ratio, and the Acc@0.5
 each reaches.
 
@@ -16,9 +16,9 @@ import torch
 
 from eval.metrics import rec_hit
 from grounding.data.refer import ReferDataset
-from grounding.data.synthetic import generate_dataset
+from shapes.scenes.synthetic import generate_dataset
 from grounding.images import load_image
-from grounding.predictor import Grounder, Query
+from grounding import Grounder, Query
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
         truth = [ds.box_xyxy(s.ann_id) for s in sentences]
     seconds, hits = {}, {}
     for mirror in (False, True):
-        grounder = Grounder.from_pretrained(args.model, device="cpu", locator_mirror=mirror)
+        grounder = Grounder.from_pretrained(args.model, device="cpu", addons={"locator": {"mirror": mirror}})
         grounder.predict_batch(queries[:2])                      # warm-up, and the images' embeddings cached
         t0 = time.perf_counter()
         with torch.no_grad():

@@ -14,10 +14,10 @@ import cv2
 import numpy as np
 import torch
 
+from grounding.addons import MaskContext, build_addons
 from grounding.checkpoint import load_checkpoint
-from grounding.data.shapes import polygons_to_mask
-from grounding.data.synthetic import compose_scene
-from segdecoder.masks import decode_masks
+from shapes.scenes.figures import polygons_to_mask
+from shapes.scenes.synthetic import compose_scene
 
 
 def main() -> None:
@@ -28,7 +28,14 @@ def main() -> None:
     args = ap.parse_args()
     model, _ = load_checkpoint(args.model)
     decoder = model.mask_decoder.eval()
-    zoom = model.config.mask_zoom or 3.0
+    zoom = model.config.addons.get("mask_zoom", {}).get("context", 3.0)
+    zoom_step, refine_step = build_addons({"mask_zoom": {"context": zoom}, "mask_refine": {"method": "grabcut"}})
+
+    def decode(embedding, pixels, box, refine):
+        """The box's mask, zoomed (and refined), as the mask_zoom and mask_refine add-ons give it."""
+        ctx = MaskContext(decoder, embedding, pixels, {"boxes": box}, "prompt", {})
+        pred = zoom_step.refine(decoder.decode(embedding, boxes=box), ctx)
+        return (refine_step.refine(pred, ctx) if refine else pred).masks[0]
     rng = np.random.default_rng(4242)
     seconds = {None: 0.0, "grabcut": 0.0}
     ious = {None: [], "grabcut": []}
@@ -45,7 +52,7 @@ def main() -> None:
             for refine in seconds:
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    masks.append(decode_masks(decoder, embedding, pixels, zoom, refine, boxes=box)[0].masks[0])
+                    masks.append(decode(embedding, pixels, box, refine))
                 seconds[refine] += time.perf_counter() - t0
                 ious[refine].append((masks[-1] & truth).sum() / max(1, (masks[-1] | truth).sum()))
             if args.figure and len(tiles) < 6:

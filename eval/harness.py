@@ -1,4 +1,4 @@
-"""RefCOCO-style evaluation of a :class:`~grounding.predictor.Grounder`: REC Acc@0.5, RES cIoU/gIoU.
+"""RefCOCO-style evaluation of a :class:`~grounding.Grounder`: REC Acc@0.5, RES cIoU/gIoU.
 
 ``evaluate`` scores every sentence of one split of a REFER dataset and writes to ``out_dir``:
 
@@ -28,7 +28,7 @@ Modes (reference.md section 5):
     (``Query.answer_prefix``) and the model writes the box.
 
 Engine: sentences are grouped by image and each image's group goes through
-:class:`~grounding.engine.PrefixEngine` (the image prefix's KV cache shared by its sentences), or, with
+:class:`~grounding.PrefixEngine` (the image prefix's KV cache shared by its sentences), or, with
 ``engine="naive"``, one sentence at a time through the whole model. Both give the same lines (tested).
 
 Conventions: boxes are float pixel ``(x1, y1, x2, y2)`` in the original image, continuous
@@ -72,8 +72,7 @@ RUN = "run.json"
 
 # What identifies a run: a resume must match all of these.
 _RUN_KEYS = ("task", "mode", "model", "dataset", "split_by", "split", "teacher_answer", "rec_mode", "rec_question",
-             "rec_answer_prefix", "rec_box", "mask_zoom", "mask_refine", "locator_mirror",
-             "ref_copy_bias")
+             "rec_answer_prefix", "rec_box", "addons")
 
 
 class EvalError(GroundsegError):
@@ -245,10 +244,7 @@ def _run_info(grounder, dataset: ReferDataset, split: str, task: str, mode: str,
         # or a separate REC question
         "rec_question": None if task == "res" else (SEG_QUESTION if task == "both" and not forced else REC_QUESTION),
         "seg_question": SEG_QUESTION if task != "rec" else None,
-        "mask_zoom": getattr(grounder, "mask_zoom", None),
-        "mask_refine": getattr(grounder, "mask_refine", None),
-        "locator_mirror": getattr(grounder, "locator_mirror", None),
-        "ref_copy_bias": getattr(grounder, "ref_copy_bias", None),
+        "addons": getattr(grounder, "addon_settings", None),   # the add-ons the answers went through
     }
 
 
@@ -286,7 +282,7 @@ def evaluate(grounder, dataset: ReferDataset, split: str, task: str = "both", mo
     model_name: what ``metrics.json`` calls the model (e.g. the checkpoint path).
     rec_box: ``"text"`` (default; Qwen-VL / Shikra protocol: the box the answer writes) or ``"mask"`` (the
         tight box of the predicted mask, GLaMM's practice for [SEG] models); recorded in ``metrics.json``.
-    engine: ``"grouped"`` (default: shared image prefix, see :mod:`grounding.engine`) or ``"naive"`` (one
+    engine: ``"grouped"`` (default: shared image prefix, see :mod:`grounding.inference.engine`) or ``"naive"`` (one
         sentence at a time, the whole model each time, as LISA and GLaMM run).
     shard: an :class:`eval.distributed.Shard` when several processes share the run (each takes every
         ``world``-th image and writes ``predictions.rank{r}.jsonl``; rank 0 merges them into
@@ -464,7 +460,7 @@ class _ImageCache:
 def _predict_function(grounder, engine: str, batch_size: int, max_new_tokens: int | None):
     """``predict([(pixels, queries), ...]) -> [[prediction, ...], ...]`` for the questions of some images.
 
-    ``grouped``: :class:`~grounding.engine.PrefixEngine` (each image's prefix and its KV cache computed once,
+    ``grouped``: :class:`~grounding.PrefixEngine` (each image's prefix and its KV cache computed once,
     questions batched across the pack's images, masks decoded per image in one call). ``naive``: one
     question at a time through ``Grounder.predict_batch`` with the embedding cache emptied first - the
     LISA / GLaMM pipeline, which runs the whole model per sentence (the reference for speed and results).
@@ -472,7 +468,7 @@ def _predict_function(grounder, engine: str, batch_size: int, max_new_tokens: in
     reason in its notes instead of stopping the whole evaluation.
     """
     if engine == "grouped":
-        from grounding.engine import PrefixEngine
+        from grounding import PrefixEngine
         prefix_engine = PrefixEngine(grounder)
 
         def run(groups):
@@ -503,7 +499,7 @@ def _predict_function(grounder, engine: str, batch_size: int, max_new_tokens: in
 def _predict_pack(predict, pack: Sequence[list[Sentence]], pixels: Sequence[np.ndarray], task: str, mode: str,
                   teacher_answer: str, rec_box: str) -> list[_Outcome]:
     """The outcomes of a pack's sentences (image by image, in order)."""
-    from grounding.predictor import Query
+    from grounding import Query
 
     forced = mode == "teacher-forced"
 

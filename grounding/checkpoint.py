@@ -2,7 +2,7 @@
 
     DIR/groundseg.json        GroundingConfig (the VLM's LlavaConfig inline, decoder preset, [SEG] settings, LoRA)
     DIR/model.safetensors     every weight without LoRA: ``vlm.*`` (plain transformers names),
-                              ``seg_projection.*``, ``seg_locator.*`` (if any), ``mask_decoder.*``
+                              ``seg_projection.*``, ``mask_decoder.*``, ``addons.<name>.*`` (add-ons' own)
     DIR/adapter/              optional peft adapter of the VLM (LoRA, new token rows, lm_head copy);
                               absent when the adapter was merged
     DIR/tokenizer/            transformers tokenizer files (tokenizer.json, ...)
@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from grounding.config import CONFIG_NAME, GroundingConfig
 from grounding.errors import CheckpointError
+from grounding.families import get_family
 from grounding.model import GroundingModel
 
 WEIGHTS_NAME = "model.safetensors"
@@ -68,6 +69,7 @@ def save_checkpoint(model: GroundingModel, tokenizer: PreTrainedTokenizerBase, d
         config.vlm_path = None
         config.decoder = model.mask_decoder.config()
         config.decoder_checkpoint = None
+        config.addons = model.addon_settings()
         if peft_vlm is not None and merge_lora:
             # merge -> read -> unmerge is not exact in floating point: restore the touched weights bit for bit.
             touched = {k: v for k, v in peft_vlm.get_base_model().state_dict().items() if ".base_layer." in k}
@@ -87,8 +89,7 @@ def save_checkpoint(model: GroundingModel, tokenizer: PreTrainedTokenizerBase, d
                 peft_vlm.save_pretrained(tmp / ADAPTER_DIR)
         state = {f"vlm.{k}": v for k, v in vlm_state.items()}
         state.update({f"seg_projection.{k}": v for k, v in model.seg_projection.state_dict().items()})
-        if model.seg_locator is not None:
-            state.update({f"seg_locator.{k}": v for k, v in model.seg_locator.state_dict().items()})
+        state.update({f"addons.{k}": v for k, v in model.addons.state_dict().items()})
         state.update({f"mask_decoder.{k}": v for k, v in model.mask_decoder.state_dict().items()})
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / WEIGHTS_NAME)
         config.save(tmp)
@@ -133,13 +134,14 @@ def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu",
         raise CheckpointError(f"not a groundseg checkpoint: {directory / CONFIG_NAME} does not exist")
     config = GroundingConfig.load(directory)
     lora, config.lora = config.lora, None
-    tokenizer = load_tokenizer(directory, config)
+    family = get_family(config.family)
+    tokenizer = family.load_tokenizer(directory, config)
     weights = directory / WEIGHTS_NAME
     if weights.is_file():
         config.vlm_path, config.decoder_checkpoint = None, None  # everything is in model.safetensors
     elif config.vlm is not None and config.vlm_path is None:
         raise CheckpointError(f"checkpoint weights missing: {weights} does not exist")
-    model = GroundingModel.build(config, tokenizer, dtype=dtype)
+    model = family.build(config, tokenizer, dtype=dtype)
     if weights.is_file():
         state = load_file(str(weights))
         result = model.load_state_dict(state, strict=False)

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from segdecoder.refine import check_mask_refine
+from grounding.errors import CheckpointError
 
 CONFIG_NAME = "groundseg.json"
 
@@ -17,12 +17,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class LossWeights:
-    """LISA's recipe: 1.0 token cross-entropy + 2.0 per-pixel BCE + 0.5 DICE; ``locate``: the [SEG] locator's
-    loss (only with ``GroundingConfig.seg_locator``)."""
+    """LISA's recipe: 1.0 token cross-entropy + 2.0 per-pixel BCE + 0.5 DICE (add-ons weigh their own losses)."""
     ce: float = 1.0
     bce: float = 2.0
     dice: float = 0.5
-    locate: float = 1.0
 
 
 @dataclass
@@ -36,7 +34,8 @@ class LoraSettings:
 
 @dataclass
 class GroundingConfig:
-    """vlm:            ``LlavaConfig.to_dict()`` of the vision-language model (None when ``vlm_path`` is used).
+    """family:            the model family that builds, prompts and reads this checkpoint (grounding/families/).
+    vlm:               ``LlavaConfig.to_dict()`` of the vision-language model (None when ``vlm_path`` is used).
     vlm_path:          a local transformers LLaVA folder (e.g. llava-1.5-7b-hf) to load instead.
     decoder:           ``segdecoder.build_decoder`` arguments: backend, preset (and image_size).
     decoder_checkpoint: an official SAM ``.pth`` / SAM2 ``.pt`` to load (when not inside model.safetensors).
@@ -44,29 +43,11 @@ class GroundingConfig:
                        position itself (Sa2VA), ``"before"`` = the token that predicts it (LISA, GLaMM).
     box_format:        text format of boxes in prompts and answers (``qwen`` or ``shikra``).
     max_length:        longest token sequence the model accepts (image tokens included).
-    vision_stem:       None: the tower's own patch embedding (CLIP's); ``"conv"``: grounding/vision_stem.py.
-    projector_norm:    a LayerNorm on the tower features before the projector (grounding/projector_norm.py).
-    seg_locator:       each [SEG] also gives the mask decoder a click where its state points among the image
-                       tokens (grounding/seg_locator.py).
-    seg_locator_words: the locator's query also reads the mean input embedding of the [SEG]'s <ref> phrase.
-    seg_locator_layer: the language model's layer whose image-token states the locator scores (-1: the last;
-                       0: its input, the projected vision features).
-    seg_locator_fusion: >0: the locator is a ``FusionLocator`` of that many layers, which reads the phrase's
-                       words with the image tokens (grounding/locator_train.py trains one); 0: ``SegLocator``.
-    mask_zoom:         None: masks are decoded on the whole image; c (>= 1): each is decoded again on a crop of c
-                       times its box side around it (segdecoder/zoom.py), for decoders whose input is small.
-    mask_refine:       None: masks as decoded; ``"grabcut"``: each mask's outline re-decided against the image in a
-                       band of 1.5 logit cells (segdecoder/refine.py), for decoders whose logit grid is coarse.
-    mask_box_margin:   None: off; m (>= 0): an answer's masks are cut to the locator's boxes grown by m times their
-                       sides (segdecoder/masks.py ``clip_to_boxes``).
-    locator_click:     the mask decoder gets the locator's click (the best cell's centre) with its box; False: the
-                       box alone where the locator gives one (a ``FusionLocator``), in training and inference.
-    locator_mirror:    a ``FusionLocator`` also reads the image flipped left-right with the phrase's left/right
-                       swapped, and adds both readings (grounding/locator_mirror.py).
-    ref_copy_bias:     None: off; b (nats): while a generated ``<ref>`` phrase repeats the question's words, the tokens
-                       that go on repeating them get +b (grounding/ref_copy.py).
+    addons:            ``{name: settings}``: the optional extras this checkpoint uses, in order
+                       (grounding/addons/; e.g. ``{"mask_zoom": {"context": 3.0}}``).
     """
 
+    family: str = "groundseg"
     vlm: dict[str, Any] | None = None
     vlm_path: str | None = None
     decoder: dict[str, Any] = field(default_factory=lambda: {"backend": "sam", "preset": "tiny"})
@@ -78,18 +59,7 @@ class GroundingConfig:
     max_length: int = 2048
     loss_weights: LossWeights = field(default_factory=LossWeights)
     lora: LoraSettings | None = None
-    vision_stem: str | None = None
-    projector_norm: bool = False
-    seg_locator: bool = False
-    seg_locator_words: bool = False
-    seg_locator_layer: int = -1
-    seg_locator_fusion: int = 0
-    mask_zoom: float | None = None
-    mask_refine: str | None = None
-    mask_box_margin: float | None = None
-    locator_click: bool = True
-    locator_mirror: bool = False
-    ref_copy_bias: float | None = None
+    addons: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_weights, dict):
@@ -98,11 +68,8 @@ class GroundingConfig:
             self.lora = LoraSettings(**self.lora)
         if self.seg_state not in ("seg", "before"):
             raise ValueError(f"seg_state must be 'seg' or 'before', got {self.seg_state!r}")
-        check_mask_zoom(self.mask_zoom)
-        check_mask_refine(self.mask_refine)
-        if self.mask_box_margin is not None and not self.mask_box_margin >= 0:
-            raise ValueError(f"mask_box_margin must be None (off) or >= 0, got {self.mask_box_margin!r}")
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+        self.addons = {name: dict(values or {}) for name, values in self.addons.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,11 +82,9 @@ class GroundingConfig:
 
     @classmethod
     def load(cls, directory: str | Path) -> "GroundingConfig":
-        return cls(**json.loads((Path(directory) / CONFIG_NAME).read_text()))
-
-
-def check_mask_zoom(value: float | None) -> float | None:
-    """A mask zoom context: None (off) or a number >= 1 (a crop smaller than the box would cut the object)."""
-    if value is not None and not value >= 1:
-        raise ValueError(f"mask_zoom must be None (off) or >= 1 (crop side / box side), got {value!r}")
-    return value
+        path = Path(directory) / CONFIG_NAME
+        values = json.loads(path.read_text())
+        try:
+            return cls(**values)
+        except TypeError as exc:   # a field this version does not know
+            raise CheckpointError(f"{path}: {exc}") from exc

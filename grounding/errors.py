@@ -1,26 +1,16 @@
 """Typed, user-facing errors. Each carries a one-line message a person can act on;
-the CLI prints ``str(err)`` and exits non-zero, the web app shows it."""
+the CLI prints ``str(err)`` and exits non-zero, the web app shows it.
+
+``GroundsegError``, ``ImageError``, ``PromptError`` and ``CheckpointError`` are defined in
+``segdecoder.errors`` (the mask decoder raises them and must not import ``grounding``) and
+re-exported here, so ``from grounding.errors import ...`` gives the very same classes."""
 from __future__ import annotations
 
-
-class GroundsegError(Exception):
-    """Base of every error this project raises on purpose."""
-
-
-class ImageError(GroundsegError):
-    """An image could not be read or is outside what the service accepts."""
+from segdecoder.errors import CheckpointError, GroundsegError, ImageError, PromptError
 
 
 class QuestionError(GroundsegError):
     """A question is empty, too long for the model's context, or otherwise unusable."""
-
-
-class PromptError(GroundsegError):
-    """Clicks or boxes are malformed (wrong shape, outside the image, bad label)."""
-
-
-class CheckpointError(GroundsegError):
-    """A checkpoint is missing or does not match what was asked for; the message names the path."""
 
 
 class DatasetError(GroundsegError):
@@ -30,3 +20,7 @@ class DatasetError(GroundsegError):
 class VideoError(GroundsegError):
     """A video could not be read (no frames, truncated, corrupt, too large, bad timestamps) or written;
     the message names the file."""
+
+
+__all__ = ["GroundsegError", "ImageError", "QuestionError", "PromptError", "CheckpointError",
+           "DatasetError", "VideoError"]

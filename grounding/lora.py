@@ -5,16 +5,16 @@ vision tower on dense per-patch labels of the synthetic scenes, and the whole ma
 encoder included) on click/box prompts. The language model does not train.
 
 Stage 1 (pretraining stand-in for LLaVA): the VLM on text answers, and optionally (``masks: true``) the [SEG]
-answers with the [SEG] projection (and locator); parts named in ``freeze`` (``vision_tower``, ``projector``,
+answers with the [SEG] projection (and the add-ons' weights); parts named in ``freeze`` (``vision_tower``, ``projector``,
 ``mask_decoder``, ``image_encoder``) keep their weights, e.g. the tower stage 0 trained.
 
 Stage 2 (reference §3, LISA's recipe) trains:
   - LoRA adapters on the language model's q_proj / v_proj (never on the CLIP tower);
   - the rows of the input embedding that belong to the project's new tokens ([SEG], <ref>, ...);
   - the LM head (full copy, so new tokens can be predicted);
-  - the [SEG] projection (and the [SEG] locator, grounding/seg_locator.py, when the model has one);
+  - the [SEG] projection (and the weights of add-ons that have some, e.g. the default model's locator);
   - the mask decoder of SAM / SAM2 (its light transformer + heads);
-  but not the parts named in ``freeze`` (``mask_decoder``, ``seg_projection``, ``seg_locator``), e.g. when a run
+  but not the parts named in ``freeze`` (``mask_decoder``, ``seg_projection``, ``addons``), e.g. when a run
   should teach the language model an answer without moving the mask path it already has.
 Frozen: the vision tower, the multimodal projector, the language model's base weights, SAM's image encoder
 and prompt encoder.
@@ -51,7 +51,7 @@ def apply_lora(model: GroundingModel, settings: LoraSettings, token_ids: list[in
     return model
 
 
-STAGE2_FREEZABLE = ("mask_decoder", "seg_projection", "seg_locator")
+STAGE2_FREEZABLE = ("mask_decoder", "seg_projection", "addons")
 
 
 def set_trainable(model: GroundingModel, freeze: tuple[str, ...] = ()) -> None:
@@ -65,7 +65,7 @@ def set_trainable(model: GroundingModel, freeze: tuple[str, ...] = ()) -> None:
         p.requires_grad_(True)
     for p in model.seg_projection.parameters():
         p.requires_grad_(True)
-    for p in model.seg_locator.parameters() if model.seg_locator is not None else ():
+    for p in model.addons.parameters():
         p.requires_grad_(True)
     for name in freeze:
         if name not in STAGE2_FREEZABLE:
@@ -76,40 +76,15 @@ def set_trainable(model: GroundingModel, freeze: tuple[str, ...] = ()) -> None:
 
 def model_part(model: GroundingModel, name: str) -> nn.Module:
     """``vision_tower``, ``projector``, ``mask_decoder`` (all of SAM) or ``image_encoder`` (SAM's) of a plain (not
-    LoRA-wrapped) model; ``seg_projection`` and ``seg_locator`` (an empty module when the model has none) of any."""
+    LoRA-wrapped) model; ``seg_projection`` and ``addons`` (the add-ons' own weights) of any."""
     parts = {"vision_tower": lambda: model.vlm.model.vision_tower,
              "projector": lambda: model.vlm.model.multi_modal_projector, "mask_decoder": lambda: model.mask_decoder,
              "image_encoder": lambda: model.mask_decoder.frozen_image_encoder_module(),
              "seg_projection": lambda: model.seg_projection,
-             "seg_locator": lambda: model.seg_locator if model.seg_locator is not None else nn.Module()}
+             "addons": lambda: model.addons}
     if name not in parts:
         raise ValueError(f"unknown model part {name!r}; choose from {', '.join(parts)}")
     return parts[name]()
-
-
-def set_stage0_trainable(model: GroundingModel, prompts: bool = True) -> None:
-    """Stage 0: the vision tower, and the whole mask decoder backend when it learns click/box prompts."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in ("vision_tower",) + (("mask_decoder",) if prompts else ()):
-        for p in model_part(model, name).parameters():
-            p.requires_grad_(True)
-
-
-def set_stage1_trainable(model: GroundingModel, seg: bool = False, freeze: tuple[str, ...] = ()) -> None:
-    """Stage 1: everything trains but the parts in ``freeze``; the [SEG] projection only when stage 1 has [SEG]
-    answers (``seg``)."""
-    if isinstance(model.vlm, PeftModel):
-        raise ValueError("stage 1 trains the plain VLM; LoRA belongs to stage 2")
-    for p in model.parameters():
-        p.requires_grad_(True)
-    for p in model.seg_projection.parameters():
-        p.requires_grad_(seg)
-    for p in model.seg_locator.parameters() if model.seg_locator is not None else ():
-        p.requires_grad_(seg)
-    for name in freeze:
-        for p in model_part(model, name).parameters():
-            p.requires_grad_(False)
 
 
 def merge_lora(model: GroundingModel) -> GroundingModel:

@@ -30,15 +30,14 @@ VLM_PRESETS: dict[str, dict[str, Any]] = {
         "max_length": 512,
     },
     # The embedded default model since v1: ``small``'s language model; the tower reads 256 px through a
-    # convolutional stem (grounding/vision_stem.py) into the same 8x8 = 64 tokens, so that a 10-pixel star is
-    # still a star, and the language model reads its LAST layer (it was pretrained on dense labels there, stage 0).
+    # convolutional stem (the ``vision_stem`` add-on, shapes/vision_stem.py) into the same 8x8 = 64 tokens, so that
+    # a 10-pixel star is still a star, and the language model reads its LAST layer (stage 0 trains it there).
     "shapes": {
         "vision": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
                        image_size=256, patch_size=32, projection_dim=192),
         "text": _SMALL_TEXT,
         "max_length": 512,
-        "vision_stem": "conv",
-        "projector_norm": True,
+        "addons": {"vision_stem": {"kind": "conv"}, "projector_norm": {}},
         "vision_feature_layer": -1,
     },
     # LLaVA-1.5-7B's shapes (CLIP ViT-L/14 at 336 px -> 576 image tokens; Llama-2-7B), for benchmarks with
@@ -73,8 +72,7 @@ def build_random(vlm_preset: str = "tiny", decoder: dict[str, Any] | None = None
     tokenizer = train_tokenizer(corpus, vocab_size) if corpus is not None else train_tokenizer()
     config = GroundingConfig(
         vlm=vlm_config(vlm_preset, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id),
-        decoder=decoder or {"backend": "sam", "preset": "tiny"}, vision_stem=VLM_PRESETS[vlm_preset].get("vision_stem"),
-        projector_norm=VLM_PRESETS[vlm_preset].get("projector_norm", False),
+        decoder=decoder or {"backend": "sam", "preset": "tiny"}, addons=VLM_PRESETS[vlm_preset].get("addons", {}),
         seg_state=seg_state, max_length=VLM_PRESETS[vlm_preset]["max_length"],
     )
     return GroundingModel.build(config, tokenizer), tokenizer

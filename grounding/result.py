@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as coco_mask
 
-JSON_VERSION = 1
+from segdecoder.boxes import Box, box_from_mask  # re-exported: ``from grounding.result import box_from_mask``
 
-Box = tuple[float, float, float, float]
+JSON_VERSION = 1
 
 
 # --------------------------------------------------------------------------- RLE
@@ -77,16 +77,6 @@ def rle_decode(rle: dict[str, Any]) -> np.ndarray:
         warnings.filterwarnings("ignore", message=r"__array__ implementation", category=DeprecationWarning)
         decoded = coco_mask.decode(compressed)
     return np.ascontiguousarray(decoded, dtype=bool)
-
-
-def box_from_mask(mask: np.ndarray) -> Box | None:
-    """Tight ``(x1, y1, x2, y2)`` box of the nonzero pixels of an ``H x W`` mask, in continuous
-    pixel coordinates (``x2`` = last column + 1, ``y2`` = last row + 1); ``None`` if empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
 
 
 # --------------------------------------------------------------------------- Target

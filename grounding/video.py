@@ -3,7 +3,8 @@
     run = predict_video(grounder, "clip.mp4", "Please segment the red circle.", key_frame=0)
     run.key_prediction          # the VLM's answer on the key frame (a Prediction)
     for fr in run: ...          # one FrameResult per frame: key frame, forwards to the end, then backwards
-    run.save("out/")            # out/frames.jsonl, out/overlay.mp4, out/video.json, written atomically
+    run.save("out/", draw=draw_overlay)   # out/frames.jsonl, out/overlay.mp4, out/video.json, written atomically
+                                          # (draw: apps.overlay.draw_overlay; without it, no overlay.mp4)
     for fr in track(grounder, "clip.mp4", 10, points=[[120, 80]]): ...   # click-to-track, no VLM
 
 Two ways to carry targets (``mode``):
@@ -42,7 +43,6 @@ from grounding.result import Prediction, Target, atomic_write_text, box_from_mas
 from grounding.video_io import DEFAULT_MAX_VIDEO_PIXELS, VideoReader, VideoWriter, temporary_name
 from segdecoder import MaskPrediction
 from segdecoder.video import ObjectPrompt, StreamingSam2Tracker
-from segdecoder.masks import decode_masks
 
 FRAMES_FILE, OVERLAY_FILE, SUMMARY_FILE = "frames.jsonl", "overlay.mp4", "video.json"
 MODES = ("auto", "memory", "reask", "carry")
@@ -117,19 +117,25 @@ class VideoRun:
     def __iter__(self) -> Iterator[FrameResult]:
         return self._frames()
 
-    def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
-        """Write ``frames.jsonl`` (one line per frame, in frame order), ``overlay.mp4`` and ``video.json``.
+    def save(self, out_dir: str | os.PathLike,
+             draw: Callable[[np.ndarray, Prediction], np.ndarray] | None = None) -> dict[str, Path]:
+        """Write ``frames.jsonl`` (one line per frame, in frame order) and ``video.json``, and with ``draw``
+        also ``overlay.mp4``. -> ``{"frames": ..., "summary": ...}`` (and ``"overlay"``) paths.
 
-        Results are spooled to a temporary file as they come (any order), then one decoding pass writes
-        both outputs in frame order under temporary names; they are renamed into place only at the end
-        (``video.json`` last), so an interrupted job leaves no half-written output."""
-        from apps.overlay import draw_overlay   # drawing lives with the apps; imported only to save
+        draw: ``draw(rgb, prediction) -> rgb``, called on every frame with :meth:`FrameResult.to_prediction`
+        (``apps.overlay.draw_overlay`` fits); without it no overlay video is written (nor listed in
+        ``video.json``'s ``files``). Drawing lives with the apps, so the caller passes it in.
 
+        Results are spooled to a temporary file as they come (any order), then one pass writes the outputs
+        in frame order under temporary names (decoding the video only to draw); they are renamed into place
+        only at the end (``video.json`` last), so an interrupted job leaves no half-written output."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         final = {"frames": out / FRAMES_FILE, "overlay": out / OVERLAY_FILE, "summary": out / SUMMARY_FILE}
+        if draw is None:
+            del final["overlay"]
         spool_path = temporary_name(out / "spool.jsonl")
-        tmp = {k: temporary_name(final[k]) for k in ("frames", "overlay")}
+        tmp = {k: temporary_name(final[k]) for k in ("frames", "overlay") if k in final}
         n = self.info.num_frames
         offsets = np.full(n, -1, dtype=np.int64)
         try:
@@ -140,23 +146,30 @@ class VideoRun:
                 missing = np.flatnonzero(offsets < 0)
                 if len(missing):
                     raise VideoError(f"no result for {len(missing)} frames (first: {missing[0]})")
-                writer = VideoWriter(tmp["overlay"], self.info.width, self.info.height, self.info.fps)
+                writer = None if draw is None else VideoWriter(tmp["overlay"], self.info.width, self.info.height,
+                                                               self.info.fps)
                 try:
                     with open(tmp["frames"], "wb") as lines:
-                        for index, rgb in self.reader.frames():
+                        frames = (((i, None) for i in range(n)) if writer is None else self.reader.frames())
+                        for index, rgb in frames:
                             spool.seek(int(offsets[index]))
                             line = spool.readline()
                             lines.write(line)
-                            result = FrameResult.from_json(json.loads(line))
-                            writer.write(draw_overlay(rgb, result.to_prediction(self.info.size)),
-                                         time_s=self.reader.time_s(index))
+                            if writer is not None:
+                                result = FrameResult.from_json(json.loads(line))
+                                writer.write(draw(rgb, result.to_prediction(self.info.size)),
+                                             time_s=self.reader.time_s(index))
                         lines.flush()
                         os.fsync(lines.fileno())
                 finally:
-                    writer.close()
-            os.replace(tmp["frames"], final["frames"])
-            os.replace(tmp["overlay"], final["overlay"])
-            atomic_write_text(final["summary"], json.dumps(self.summary(), ensure_ascii=False, indent=2))
+                    if writer is not None:
+                        writer.close()
+            for k in tmp:
+                os.replace(tmp[k], final[k])
+            summary = self.summary()
+            if draw is None:
+                summary["files"].pop("overlay", None)
+            atomic_write_text(final["summary"], json.dumps(summary, ensure_ascii=False, indent=2))
         finally:
             for path in (spool_path, *tmp.values()):
                 if path.exists():
@@ -201,8 +214,7 @@ def predict_video(grounder, video, question: str, key_frame: int = 0, *, mode: s
         prompts = [_target_prompt(i + 1, t, reader.info.size) for i, t in enumerate(prediction.targets)]
         frames = lambda: _memory_frames(grounder, reader, key_frame, prompts, objects, encode_batch, chunk)
     else:
-        carry = _Carrier(grounder.model.mask_decoder, grounder.device, margin, grounder.mask_zoom,
-                         grounder.mask_refine)
+        carry = _Carrier(grounder.steps, margin)
         start = [(t.phrase, _target_mask(carry, key_pixels, t)) for t in prediction.targets]
         reask = _Reasker(grounder, question, every, min_iou, max_misses, max_new_tokens) if mode == "reask" else None
         frames = lambda: _carry_frames(carry, reader, key_frame, start, objects, reask, chunk)
@@ -236,8 +248,7 @@ def track_objects(grounder, video, frame_index: int, prompts: Sequence[ObjectPro
     if mode == "memory":
         frames = lambda: _memory_frames(grounder, reader, frame_index, prompts, objects, encode_batch, chunk)
     else:
-        carry = _Carrier(grounder.model.mask_decoder, grounder.device, margin, grounder.mask_zoom,
-                         grounder.mask_refine)
+        carry = _Carrier(grounder.steps, margin)
         key_pixels = reader.read(frame_index)
         start = [(None, carry.from_prompt(key_pixels, p)) for p in prompts]
         frames = lambda: _carry_frames(carry, reader, frame_index, start, objects, None, chunk, list(objects))
@@ -321,19 +332,18 @@ class _Carried:
 
 
 class _Carrier:
-    """The image mask decoder as a frame-to-frame tracker (no memory); with ``zoom`` and ``refine`` (the grounder's
-    ``mask_zoom`` and ``mask_refine``) each mask is decoded again on a crop around its box and its outline refined,
-    as ``Grounder`` does."""
+    """The image mask decoder as a frame-to-frame tracker (no memory); each mask goes through the grounder's mask
+    steps (``AnswerSteps.decode``: e.g. the ``mask_zoom`` and ``mask_refine`` add-ons), as in ``Grounder``."""
 
-    def __init__(self, decoder, device, margin: float, zoom: float | None = None, refine: str | None = None):
-        self.decoder, self.device, self.margin = decoder, torch.device(device), margin
-        self.zoom, self.refine = zoom, refine
+    def __init__(self, steps, margin: float):
+        self.steps, self.margin = steps, margin
+        self.decoder, self.device = steps.model.mask_decoder, steps.device
 
     def embed(self, rgb: np.ndarray):
         return self.decoder.encode([rgb])[0].to(self.device)
 
     def decode(self, embedding, rgb: np.ndarray, **prompts) -> MaskPrediction:
-        return decode_masks(self.decoder, embedding, rgb, self.zoom, self.refine, **prompts)[0]
+        return self.steps.decode(rgb, embedding, "video", **prompts)
 
     def from_prompt(self, rgb: np.ndarray, p: ObjectPrompt) -> np.ndarray:
         """The key frame's mask of a click/box prompt (one click: best of 3, as ``Grounder.segment``)."""

@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from grounding.errors import CheckpointError, ImageError, PromptError
-
 from .base import ImageEmbedding, MaskDecoderBackend, MaskPrediction
+from .errors import CheckpointError, ImageError, PromptError
 
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 _SAM21_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"

@@ -34,19 +34,6 @@ _MIN_CORE_PIXELS = 150
 _MIN_SEPARATION = 0.9
 
 
-def check_mask_refine(value: str | None) -> str | None:
-    """A mask refinement setting: None (off) or one of ``MASK_REFINERS``."""
-    if value is not None and value not in MASK_REFINERS:
-        raise ValueError(f"mask_refine must be None (off) or one of {MASK_REFINERS}, got {value!r}")
-    return value
-
-
-def refine_option(text: str | None) -> str | None:
-    """A command line's ``--mask-refine`` -> ``Grounder``'s ``mask_refine``: not given -> ``"model"`` (the
-    model's own setting), ``"none"`` -> None (off), a refiner's name -> itself (checked)."""
-    return "model" if text is None else None if text == "none" else check_mask_refine(text)
-
-
 def band_pixels(region_side: float, grid: int) -> int:
     """Band half-width in pixels for a mask decoded from a region ``region_side`` pixels across (its longest
     side) on a ``grid`` x ``grid`` logit grid: 1.5 grid cells, at least 2 pixels."""
@@ -136,4 +123,4 @@ def refine_masks(pixels: np.ndarray, masks: np.ndarray, region_sides: np.ndarray
         if len(masks) else masks.copy()
 
 
-__all__ = ["MASK_REFINERS", "band_pixels", "check_mask_refine", "refine_mask", "refine_masks", "refine_option"]
+__all__ = ["MASK_REFINERS", "band_pixels", "refine_mask", "refine_masks"]

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from grounding.errors import PromptError
+from segdecoder.errors import PromptError
 
 
 @dataclass

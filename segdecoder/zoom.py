@@ -17,8 +17,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from grounding.result import box_from_mask
 from segdecoder.base import ImageEmbedding, MaskDecoderBackend, MaskPrediction
+from segdecoder.boxes import box_from_mask
 
 # A window covering more than this share of the image is the image again: the first decode is kept.
 _MAX_WINDOW_SHARE = 0.8

@@ -493,7 +493,7 @@ def test_tiny_model_annotates_a_video_end_to_end(tiny_dir, tmp_path, monkeypatch
     its answer is replaced by a box (the decoder cuts the mask from it and carries it), so tracks exist."""
     from pycocotools.coco import COCO
 
-    from grounding.predictor import Grounder
+    from grounding import Grounder
 
     def boxed(self, image, question, **kwargs):
         return Prediction("<ref>the red circle</ref>", [Target("the red circle", (6.0, 18.0, 30.0, 42.0))],

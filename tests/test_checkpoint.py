@@ -55,7 +55,7 @@ def test_merged_equals_unmerged(overfit, tmp_path):
 
 
 def test_tiny_checkpoint_round_trip(tiny_dir, scene):
-    from grounding.predictor import Grounder
+    from grounding import Grounder
     g1, g2 = Grounder.from_pretrained(tiny_dir, device="cpu"), Grounder.from_pretrained(tiny_dir, device="cpu")
     p1, p2 = g1.predict(scene[0], QUESTION), g2.predict(scene[0], QUESTION)
     assert p1.answer == p2.answer

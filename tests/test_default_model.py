@@ -16,7 +16,7 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "shapes-tin
 def unseen(tmp_path_factory):
     """Sentences of 10 scenes from a seed no training set used, at larger sizes than training (300-400 px)."""
     from grounding.data.refer import ReferDataset
-    from grounding.data.synthetic import generate_dataset
+    from shapes.scenes.synthetic import generate_dataset
 
     root = generate_dataset(tmp_path_factory.mktemp("unseen"), 10, seed=4242,
                             image_size_range=((300, 400), (300, 400)), progress=False)
@@ -27,15 +27,15 @@ def unseen(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def grounder():
-    from grounding.predictor import Grounder
+    from grounding import Grounder
     return Grounder.from_pretrained(DEFAULT_MODEL, device="cpu")
 
 
 def test_referring_masks_on_unseen_scenes(grounder, unseen):
     from grounding.boxes import box_iou
-    from grounding.data.shapes import mask_box_xyxy
+    from shapes.scenes.figures import mask_box_xyxy
     from grounding.images import load_image
-    from grounding.predictor import Query
+    from grounding import Query
 
     ds, sentences = unseen
     inter = union = 0
@@ -73,7 +73,7 @@ def test_a_bare_shape_name_is_answered_with_its_object(grounder, unseen):
     from collections import Counter
 
     from grounding.images import load_image
-    from grounding.predictor import Query
+    from grounding import Query
 
     ds, sentences = unseen
     anns = ds.annotations_by_image()

@@ -20,7 +20,7 @@ from apps.demo_handlers import (COLOR_MAP, GENERIC_ERROR, DemoHandlers, Download
 from apps.demo_video import VideoHandlers
 from apps.overlay import target_colour
 from grounding.boxes import parse_answer
-from grounding.predictor import Grounder
+from grounding import Grounder
 from grounding.result import Prediction, Target, box_from_mask, rle_decode
 from grounding.video_io import VideoReader, VideoWriter
 from tests.conftest import draw_scene

@@ -44,7 +44,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     from apps.cli import DEFAULT_MODEL
-    from grounding.predictor import Grounder
+    from grounding import Grounder
     grounder = Grounder.from_pretrained(DEFAULT_MODEL, device="cpu", max_new_tokens=48)
     expected = grounder.predict(IMAGE, QUESTION)  # greedy: the app gives the same answer
     app = build_app(grounder, download_dir=tmp_path_factory.mktemp("dl"), max_new_tokens=48)

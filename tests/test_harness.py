@@ -17,7 +17,7 @@ SCORES = ("cIoU", "gIoU", "acc@0.5", "n_sentences", "n_images")
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     from grounding.data.refer import ReferDataset
-    from grounding.data.synthetic import generate_dataset
+    from shapes.scenes.synthetic import generate_dataset
 
     root = generate_dataset(tmp_path_factory.mktemp("refer") / "synth", 4, seed=3, progress=False,
                             splits=(("val", 1.0),))
@@ -26,7 +26,7 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def grounder(tiny_dir):
-    from grounding.predictor import Grounder
+    from grounding import Grounder
     return Grounder.from_pretrained(tiny_dir, device="cpu", max_new_tokens=12)
 
 
@@ -203,7 +203,7 @@ def test_eval_command_runs_and_rejects_bad_options(tiny_dir, dataset, tmp_path):
 
 def test_rec_box_from_mask_scores_the_predicted_masks_box(tiny_dir, dataset, tmp_path):
     """--rec-box mask (GLaMM's practice): the REC box is the tight box of the predicted mask."""
-    from grounding.predictor import Grounder
+    from grounding import Grounder
     from grounding.result import box_from_mask, rle_decode
     from eval.harness import evaluate
     g = Grounder.from_pretrained(tiny_dir, device="cpu")
@@ -226,7 +226,7 @@ def test_grouped_engine_gives_the_naive_lines(grounder, overfit, dataset, tmp_pa
     """The prefix-sharing engine (one image prefix, its sentences batched) writes what the one-sentence-
     at-a-time path writes: same answers, boxes, masks and scores. Generation uses the model trained to
     answer with a [SEG] (a random one writes none), so the masks of generated answers are compared too."""
-    from grounding.predictor import Grounder
+    from grounding import Grounder
 
     if mode == "generate":
         grounder = Grounder(overfit["model"], overfit["tokenizer"], max_new_tokens=16)

@@ -1,11 +1,11 @@
-"""Mirror test-time augmentation of the fusion locator (grounding/locator_mirror.py)."""
+"""Mirror test-time augmentation of the fusion locator (shapes/locator_mirror.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from grounding.locator_mirror import combine, mirror_ids, mirror_token_ids, unmirror
+from shapes.locator_mirror import combine, mirror_ids, mirror_token_ids, unmirror
 
 
 def test_the_word_swap_keeps_case_and_space_markers_and_leaves_other_words():
@@ -44,18 +44,18 @@ def test_with_the_mirror_a_phrase_and_its_mirrored_twin_find_mirrored_boxes(scen
     """Reading both the image and its mirror makes the locator exactly mirror-symmetric: "the left circle" on an
     image and "the right circle" on the image flipped left-right give mirrored boxes. Without the mirror a
     (random) locator has no such symmetry."""
-    from grounding.predictor import Grounder, Query
+    from grounding import Grounder, Query
     from grounding.presets import build_random
 
     image, _ = scene
     image = np.ascontiguousarray(image[:, :image.shape[0]])           # square: the padding cannot shift a pixel
     width = image.shape[1]
     model, tok = build_random("tiny", seed=3)
-    model.add_seg_locator(fusion=1)
+    model.add_addon("locator", {"kind": "fusion", "layers": 1}, tok)
     found = {}
     for mirror in (True, False):
-        g = Grounder(model, tok, locator_mirror=mirror)
-        assert g.locator_mirror == mirror
+        g = Grounder(model, tok, addons={"locator": {"mirror": mirror}})
+        assert g.addon_settings["locator"]["mirror"] == mirror
         boxes = []
         for pixels, phrase in ((image, "the left circle"), (image[:, ::-1].copy(), "the right circle")):
             ask = Query(pixels, "Where is it?", answer_prefix=f"<ref>{phrase}</ref>")

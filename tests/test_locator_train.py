@@ -10,11 +10,11 @@ import torch
 def test_train_locator_learns_the_training_phrases_and_keeps_every_other_weight(tiny_dir, tmp_path):
     from grounding.checkpoint import load_checkpoint
     from grounding.data.refer import ReferDataset
-    from grounding.data.synthetic import generate_dataset
+    from shapes.scenes.synthetic import generate_dataset
     from grounding.images import load_image
-    from grounding.locator_train import train_locator
-    from grounding.predictor import Grounder, Query
-    from grounding.seg_locator import FusionLocator
+    from shapes.locator_train import train_locator
+    from grounding import Grounder, Query
+    from shapes.locator import FusionLocator
 
     data = generate_dataset(tmp_path / "data", 6, seed=5, progress=False)
     out = tmp_path / "run"
@@ -33,7 +33,8 @@ def test_train_locator_learns_the_training_phrases_and_keeps_every_other_weight(
 
     model, tok = load_checkpoint(out / "model")
     base, _ = load_checkpoint(tiny_dir)
-    assert isinstance(model.seg_locator, FusionLocator) and model.config.seg_locator_fusion == 1
+    locator = model.addons["locator"]
+    assert isinstance(locator.net, FusionLocator) and locator.settings.layers == 1
     trained = dict(model.named_parameters())
     assert all(torch.equal(p, trained[n]) for n, p in base.named_parameters())  # nothing else changed
 
@@ -54,12 +55,12 @@ def test_train_locator_learns_the_training_phrases_and_keeps_every_other_weight(
 def test_extra_training_folders_keep_each_phrase_with_its_own_image(tiny_dir, tmp_path):
     from grounding.checkpoint import load_checkpoint
     from grounding.data.refer import ReferDataset
-    from grounding.data.synthetic import generate_dataset
-    from grounding.locator_train import LocatorSamples, build_samples
+    from shapes.scenes.synthetic import generate_dataset
+    from shapes.locator_train import LocatorSamples, build_samples
     from grounding.processor import GroundingProcessor
 
     model, tok = load_checkpoint(tiny_dir)
-    model.add_seg_locator(fusion=1)
+    model.add_addon("locator", {"kind": "fusion", "layers": 1}, tok)
     processor = GroundingProcessor(tok, model.config, model.vision_image_size, model.num_image_tokens)
     parts = [build_samples(model, processor, ReferDataset(generate_dataset(tmp_path / f"d{seed}", 4, seed=seed,
                                                                            progress=False), dataset="synth"),

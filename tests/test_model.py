@@ -101,7 +101,7 @@ def test_projector_norm_keeps_image_tokens_at_the_text_embeddings_scale():
     from grounding.presets import build_random
 
     model, _ = build_random("shapes", seed=0)
-    assert model.config.projector_norm and hasattr(model.vlm.model.multi_modal_projector, "norm")
+    assert "projector_norm" in model.addons and hasattr(model.vlm.model.multi_modal_projector, "norm")
     size = model.vision_image_size
     with torch.no_grad():
         feats = 300 * torch.randn(2, model.num_image_tokens, model.llava_config.vision_config.hidden_size)

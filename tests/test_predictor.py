@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from grounding.errors import ImageError, PromptError, QuestionError
 from tests.conftest import ANSWER, QUESTION
@@ -10,14 +11,14 @@ from tests.conftest import ANSWER, QUESTION
 
 @pytest.fixture(scope="module")
 def grounder(tiny):
-    from grounding.predictor import Grounder
+    from grounding import Grounder
     model, tok = tiny
     return Grounder(model, tok, max_new_tokens=12)
 
 
 @pytest.fixture(scope="module")
 def trained(overfit):
-    from grounding.predictor import Grounder
+    from grounding import Grounder
     return Grounder(overfit["model"], overfit["tokenizer"], max_new_tokens=16)
 
 
@@ -77,7 +78,7 @@ def test_box_only_answer_gives_a_box_target_without_mask(grounder, scene):
 
 def test_image_embedding_is_computed_once_per_image(tiny, scene, tmp_path):
     from PIL import Image
-    from grounding.predictor import Grounder
+    from grounding import Grounder
     model, tok = tiny
     g = Grounder(model, tok, max_new_tokens=4)
     image = scene[0]
@@ -122,7 +123,7 @@ def test_click_and_box_path(grounder, scene):
 
 def test_mask_threshold_moves_the_mask_boundary(overfit):
     """A higher logit threshold keeps a subset of the pixels (the decoder's logits are thresholded once)."""
-    from grounding.predictor import Grounder
+    from grounding import Grounder
 
     g = Grounder(overfit["model"], overfit["tokenizer"])
     image = overfit["image"]
@@ -187,7 +188,7 @@ def test_odd_image_shapes_work(grounder, shape):
 
 def test_sam2_backend_end_to_end(scene, tmp_path):
     """The same model with a SAM2 mask decoder: [SEG] masks and clicks at the image's size, saved and reloaded."""
-    from grounding.predictor import Grounder
+    from grounding import Grounder
     from grounding.presets import init_tiny
     g = Grounder.from_pretrained(init_tiny(tmp_path / "sam2", backend="sam2"), device="cpu", max_new_tokens=6)
     image = scene[0]
@@ -200,7 +201,7 @@ def test_sam2_backend_end_to_end(scene, tmp_path):
 def test_a_click_keeps_only_the_mask_parts_it_names():
     """A click's mask that spilt onto a second, separate shape keeps the clicked part; a click off the mask, or a
     background click, leaves it alone; two positive clicks on two parts keep both."""
-    from grounding.predictor import clicked_parts
+    from segdecoder.masks import clicked_parts
 
     mask = np.zeros((60, 80), bool)
     mask[5:25, 5:25] = True       # the clicked square
@@ -211,3 +212,24 @@ def test_a_click_keeps_only_the_mask_parts_it_names():
     assert np.array_equal(clicked_parts(mask, np.array([[62.0, 45.0]]), np.array([0])), mask)   # background click
     both = clicked_parts(mask, np.array([[10.0, 10.0], [79.9, 59.9], [62.0, 45.0]]), np.array([1, 1, 1]))
     assert np.array_equal(both, mask)
+
+
+def test_click_tuning_runs_only_for_checkpoints_that_ask_for_it(tiny, scene):
+    """``clicked_parts`` is an add-on: a checkpoint without it keeps every part of a click's mask (an occluded
+    object can be in pieces); turned on, a click's mask keeps the parts under its positive clicks."""
+    from grounding import Grounder
+    from grounding.addons import MaskContext
+    from segdecoder import MaskPrediction
+
+    model, tok = tiny
+    assert Grounder(model, tok).steps.mask_steps == []
+    steps = Grounder(model, tok, addons={"clicked_parts": True}).steps.mask_steps
+    assert [s.name for s in steps] == ["clicked_parts"]
+    mask = np.zeros((1, 60, 80), bool)
+    mask[0, 5:25, 5:25] = mask[0, 40:55, 60:75] = True
+    pred = MaskPrediction(mask, np.ones(1, np.float32), torch.zeros(1, 4, 4))
+    ctx = lambda source, boxes=None: MaskContext(None, None, None, {"points": torch.tensor([[[10.0, 10.0]]]),
+                                                 "point_labels": torch.tensor([[1]]), "boxes": boxes}, source, {})
+    assert steps[0].refine(pred, ctx("prompt")).masks.sum() == 400
+    assert steps[0].refine(pred, ctx("answer")).masks.sum() == 625          # answers' masks are not touched
+    assert steps[0].refine(pred, ctx("prompt", torch.ones(1, 4))).masks.sum() == 625   # nor box prompts

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from grounding.ref_copy import RefCopy, TokenWords
+from shapes.ref_copy import RefCopy, TokenWords
 
 QUESTION = "Where is the shape with five corners?"
 
@@ -49,16 +49,17 @@ def test_generation_keeps_to_the_questions_words_in_both_decoders(scene, tiny):
     words (or ends the phrase), in ``Grounder`` and in the prefix engine alike."""
     import re
 
-    from grounding.engine import PrefixEngine
-    from grounding.predictor import Grounder, Query
+    from grounding import PrefixEngine
+    from grounding import Grounder, Query
 
     image, _ = scene
     model, tok = tiny
     ask = Query(image, QUESTION, answer_prefix="<ref>the shape with")
     phrase = lambda answer: re.match(r"<ref>(.*?)(</ref>|$)", answer).group(1)
-    free = Grounder(model, tok, ref_copy_bias=None).predict_batch([ask], max_new_tokens=6)[0].answer
+    assert "ref_copy" not in model.addons   # a weightless add-on turned on for one predictor
+    free = Grounder(model, tok).predict_batch([ask], max_new_tokens=6)[0].answer
     assert phrase(free) not in QUESTION, free
-    pushed = Grounder(model, tok, ref_copy_bias=50.0)
+    pushed = Grounder(model, tok, addons={"ref_copy": {"bias": 50.0}})
     answer = pushed.predict_batch([ask], max_new_tokens=6)[0].answer
     assert phrase(answer) in QUESTION, answer
     assert PrefixEngine(pushed).predict_group(image, [ask], max_new_tokens=6)[0].answer == answer

@@ -13,7 +13,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from grounding.data.refer import ReferDataset, RestrictedUnpickler, load_refs_pickle
-from grounding.data.synthetic import generate_dataset
+from shapes.scenes.synthetic import generate_dataset
 from grounding.errors import DatasetError
 
 

@@ -2,7 +2,6 @@
 object's edges, never further than the band, and leaves what it cannot refine as it was."""
 from __future__ import annotations
 
-import json
 
 import cv2
 import numpy as np
@@ -10,8 +9,7 @@ import pytest
 import torch
 
 from segdecoder import MaskPrediction
-from segdecoder.masks import decode_masks
-from segdecoder.refine import band_pixels, check_mask_refine, refine_mask
+from segdecoder.refine import band_pixels, refine_mask
 
 def _scene(h=240, w=320, grey=False, colour=(200, 40, 40)):
     """A noisy two-tone background with a star (sharp corners, which a coarse grid rounds off) of ``colour``."""
@@ -87,9 +85,6 @@ def test_what_cannot_be_refined_is_returned_as_is():
 
 def test_the_band_is_one_and_a_half_cells_of_the_decoders_grid():
     assert band_pixels(256, 64) == 6 and band_pixels(1024, 256) == 6 and band_pixels(100, 64) == 2
-    assert check_mask_refine(None) is None and check_mask_refine("grabcut") == "grabcut"
-    with pytest.raises(ValueError, match="mask_refine"):
-        check_mask_refine("crf")
 
 
 class _CoarseDecoder:
@@ -104,25 +99,22 @@ class _CoarseDecoder:
                               torch.zeros(n, 40, 40))
 
 
-def test_decode_masks_refines_only_when_asked():
+def test_the_refine_add_on_refines_the_decoded_masks():
+    from grounding.addons import MaskContext, build_addons
+
     pixels, truth = _scene()
     dec = _CoarseDecoder(truth)
     box = torch.tensor([[0.0, 0.0, 320.0, 240.0]])
-    plain, _ = decode_masks(dec, None, pixels, boxes=box)
-    refined, _ = decode_masks(dec, None, pixels, refine="grabcut", boxes=box)
+    plain = dec.decode(None, boxes=box)
+    step, = build_addons({"mask_refine": {"method": "grabcut"}})
+    refined = step.refine(plain, MaskContext(dec, None, pixels, {"boxes": box}, "answer", {}))
     assert np.array_equal(plain.masks[0], _coarse(truth))
     assert _iou(refined.masks[0], truth) > 0.95
 
 
-def test_the_setting_is_checked_and_old_configs_load_without_it(tmp_path):
-    from grounding.config import GroundingConfig
+def test_the_setting_is_checked():
+    from grounding.addons import build_addons
+    from grounding.errors import CheckpointError
 
-    with pytest.raises(ValueError, match="mask_refine"):
-        GroundingConfig(mask_refine="sharpen")
-    GroundingConfig(mask_refine="grabcut").save(tmp_path)
-    assert GroundingConfig.load(tmp_path).mask_refine == "grabcut"
-    path = tmp_path / "groundseg.json"
-    saved = json.loads(path.read_text())
-    del saved["mask_refine"]  # as models saved before the setting existed
-    path.write_text(json.dumps(saved))
-    assert GroundingConfig.load(tmp_path).mask_refine is None
+    with pytest.raises(CheckpointError, match="mask_refine"):
+        build_addons({"mask_refine": {"method": "sharpen"}})

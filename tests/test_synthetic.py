@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
-from grounding.data import expressions as ex
+from shapes.scenes import expressions as ex
 from grounding.data.refer import ReferDataset
-from grounding.data.shapes import COLOURS, SHAPE_KINDS, iou, mask_to_polygons, polygons_to_mask, shape_mask, visible_masks
-from grounding.data.synthetic import (_scene_for_index, assign_splits, generate_dataset, generate_video,
+from shapes.scenes.figures import COLOURS, SHAPE_KINDS, iou, mask_to_polygons, polygons_to_mask, shape_mask, visible_masks
+from shapes.scenes.synthetic import (_scene_for_index, assign_splits, generate_dataset, generate_video,
                                       generate_video_dataset, scene_info_from_json)
 from grounding.errors import DatasetError
 

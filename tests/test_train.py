@@ -11,21 +11,21 @@ from safetensors.torch import load_file
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from grounding.data.synthetic import generate_dataset
+    from shapes.scenes.synthetic import generate_dataset
     return generate_dataset(tmp_path_factory.mktemp("synth") / "data", 16, seed=3, progress=False)
 
 
 def config(data_dir, out, **kw):
-    from grounding.train import TrainConfig
+    from grounding.trainer import TrainConfig
     base = dict(data=str(data_dir), out=str(out), vlm_preset="tiny", steps=4, batch_size=2, save_every=2,
                 warmup=1, vocab_size=400)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(base)
 
 
 @pytest.fixture(scope="module")
 def stage1(data_dir, tmp_path_factory):
-    from grounding.train import train
+    from grounding.trainer import train
     out = tmp_path_factory.mktemp("s1")
     return train(config(data_dir, out, stage=1), progress=False)
 
@@ -45,7 +45,7 @@ def test_stage1_writes_model_log_and_loss_curve(stage1):
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_resume_equals_uninterrupted(data_dir, stage1, tmp_path, stage):
-    from grounding.train import train
+    from grounding.trainer import train
     init = str(stage1) if stage == 2 else None
     full = train(config(data_dir, tmp_path / "full", stage=stage, init=init), progress=False)
     cut = config(data_dir, tmp_path / "cut", stage=stage, init=init, save_every=100)
@@ -62,7 +62,7 @@ def test_resume_equals_uninterrupted(data_dir, stage1, tmp_path, stage):
 
 
 def test_stage2_changes_only_its_trainable_parts(data_dir, stage1, tmp_path):
-    from grounding.train import train
+    from grounding.trainer import train
     final = train(config(data_dir, tmp_path / "s2", stage=2, init=str(stage1), merge_lora=False, lr=1e-2),
                   progress=False)
     before, after = weights(stage1), weights(final)
@@ -78,14 +78,14 @@ def test_stage2_changes_only_its_trainable_parts(data_dir, stage1, tmp_path):
 
 
 def test_stage1_with_masks_trains_the_seg_path_too(data_dir, tmp_path):
-    from grounding.train import train
+    from grounding.trainer import train
     final = train(config(data_dir, tmp_path / "s1m", stage=1, masks=True, steps=2), progress=False)
     records = [json.loads(l) for l in (final.parent / "log.jsonl").read_text().splitlines()]
     assert all(r["bce_loss"] > 0 and r["dice_loss"] > 0 and r["prompt_loss"] > 0 for r in records)
 
 
 def test_stage2_keeps_training_clicks_on_the_decoder_only(data_dir, stage1, tmp_path):
-    from grounding.train import train
+    from grounding.trainer import train
     final = train(config(data_dir, tmp_path / "s2p", stage=2, init=str(stage1), steps=2, merge_lora=False),
                   progress=False)
     records = [json.loads(l) for l in (final.parent / "log.jsonl").read_text().splitlines()]
@@ -96,9 +96,9 @@ def test_stage2_keeps_training_clicks_on_the_decoder_only(data_dir, stage1, tmp_
 
 def test_stage2_freeze_keeps_the_mask_path_and_trains_the_language_model(data_dir, stage1, tmp_path):
     """freeze: a stage 2 that teaches answers (e.g. the category task) leaves SAM and the [SEG] projection alone."""
-    from grounding.train import train
+    from grounding.trainer import train
     final = train(config(data_dir, tmp_path / "s2frozen", stage=2, init=str(stage1), steps=2, merge_lora=False,
-                         lr=1e-2, prompts=False, freeze=["mask_decoder", "seg_projection", "seg_locator"]),
+                         lr=1e-2, prompts=False, freeze=["mask_decoder", "seg_projection", "addons"]),
                   progress=False)
     before, after = weights(stage1), weights(final)
     mask_path = [k for k in before if k.startswith("seg_projection.") or ".mask_decoder." in k]
@@ -154,7 +154,7 @@ def test_seg_answers_carry_the_box_in_the_asked_fraction(data_dir, fraction):
 
 def test_patch_labels_name_the_object_covering_each_cell_and_mirror_with_the_image():
     import numpy as np
-    from grounding.data.patch_labels import ATTRIBUTES, patch_labels
+    from shapes.scenes.patch_labels import ATTRIBUTES, patch_labels
 
     h, w, grid = 40, 80, 4  # padded to 80 x 80 (20 rows on top), cells of 20 x 20
     left = np.zeros((h, w), bool)
@@ -178,7 +178,7 @@ def test_patch_labels_name_the_object_covering_each_cell_and_mirror_with_the_ima
 
 @pytest.fixture(scope="module")
 def stage0(data_dir, tmp_path_factory):
-    from grounding.train import train
+    from grounding.trainer import train
     out = tmp_path_factory.mktemp("s0")
     return train(config(data_dir, out, stage=0, vlm_preset="shapes", steps=3, lr=1e-2), progress=False)
 
@@ -188,14 +188,14 @@ def test_stage0_trains_the_tower_on_patch_labels_and_sam_on_prompts(data_dir, st
     assert len(records) == 3
     assert all(r["patch_ce"] > 0 and r["patch_box_l1"] > 0 and r["prompt_loss"] > 0 for r in records)
     assert "ce_loss" not in records[0]  # the language model does not train in stage 0
-    from grounding.patch_eval import evaluate_patches
+    from shapes.patch_eval import evaluate_patches
     scores = evaluate_patches(stage0.parent, data_dir, "train", limit=2)  # the heads were saved beside the model
     assert scores["images"] == 2 and all(0 <= scores[k] <= 1 for k in ("object", "colour", "kind", "box_l1"))
 
 
 def test_stage1_keeps_frozen_parts_of_stage0(data_dir, stage0, tmp_path):
     from grounding.checkpoint import load_checkpoint
-    from grounding.train import train
+    from grounding.trainer import train
     final = train(config(data_dir, tmp_path / "s1f", stage=1, init=str(stage0), steps=2, masks=True, prompts=False,
                          freeze=["vision_tower", "mask_decoder"], lr=1e-2), progress=False)
     before, after = weights(stage0), weights(final)
@@ -206,11 +206,11 @@ def test_stage1_keeps_frozen_parts_of_stage0(data_dir, stage0, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before if "language_model" in k)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("seg_projection."))
     model, _ = load_checkpoint(final)  # the conv stem is rebuilt from groundseg.json
-    assert model.config.vision_stem == "conv"
+    assert model.addons["vision_stem"].settings.kind == "conv"
 
 
 def test_stage1_with_stage0_heads_keeps_training_the_tower_on_patches(data_dir, stage0, tmp_path):
-    from grounding.train import train
+    from grounding.trainer import train
     final = train(config(data_dir, tmp_path / "s1p", stage=1, init=str(stage0), steps=2, masks=True, lr=1e-2,
                          patch_heads=str(stage0.parent / "patch_heads.safetensors"), freeze=["image_encoder"]),
                   progress=False)
@@ -222,7 +222,7 @@ def test_stage1_with_stage0_heads_keeps_training_the_tower_on_patches(data_dir, 
 
 
 def test_stage1_pointer_task_points_the_phrase_at_its_objects_tokens(data_dir, stage0, tmp_path):
-    from grounding.train import train
+    from grounding.trainer import train
     final = train(config(data_dir, tmp_path / "s1ptr", stage=1, init=str(stage0), steps=2, masks=True, batch_size=8,
                          pointer_loss=1.0, prompts=False), progress=False)
     records = [json.loads(l) for l in (final.parent / "log.jsonl").read_text().splitlines()]
@@ -232,17 +232,17 @@ def test_stage1_pointer_task_points_the_phrase_at_its_objects_tokens(data_dir, s
 
 def test_stage1_adds_a_seg_locator_that_pointer_and_seg_tasks_train_and_stage2_keeps(data_dir, stage0, tmp_path):
     from grounding.checkpoint import load_checkpoint
-    from grounding.train import train
+    from grounding.trainer import train
     final = train(config(data_dir, tmp_path / "s1loc", stage=1, init=str(stage0), steps=2, masks=True, batch_size=8,
-                         pointer_loss=1.0, seg_locator=True, prompts=False), progress=False)
+                         pointer_loss=1.0, addons={"locator": {"kind": "seg"}}, prompts=False), progress=False)
     records = [json.loads(l) for l in (final.parent / "log.jsonl").read_text().splitlines()]
-    assert all(0 < r["locate_loss"] < 6 and 0 < r["pointer_loss"] < 6 for r in records)
+    assert all(0 < r["locator_loss"] < 6 and 0 < r["pointer_loss"] < 6 for r in records)
     model, _ = load_checkpoint(final)
-    assert model.config.seg_locator and model.seg_locator is not None
+    assert model.addons["locator"].settings.kind == "seg"
     s2 = train(config(data_dir, tmp_path / "s2loc", stage=2, init=str(final), steps=2, masks=True, batch_size=4,
                       lr=1e-2), progress=False)
     before, after = weights(final), weights(s2)
-    locator = [k for k in after if k.startswith("seg_locator.")]
+    locator = [k for k in after if k.startswith("addons.locator.")]
     assert locator and all(not torch.equal(before[k], after[k]) for k in locator)  # stage 2 trains it too
 
 
@@ -250,20 +250,20 @@ def test_stage2_trains_a_fusion_locator_under_lora(data_dir, stage1, tmp_path):
     """A fusion locator (as train-locator gives a model) in LISA's stage 2: it reads the tower through the LoRA
     wrapper, its cell and box losses are logged and it trains."""
     from grounding.checkpoint import load_checkpoint
-    from grounding.seg_locator import FusionLocator
-    from grounding.train import train
+    from shapes.locator import FusionLocator
+    from grounding.trainer import train
     final = train(config(data_dir, tmp_path / "s2fusion", stage=2, init=str(stage1), steps=2, masks=True,
-                         batch_size=4, lr=1e-2, seg_locator_fusion=1), progress=False)
+                         batch_size=4, lr=1e-2, addons={"locator": {"kind": "fusion", "layers": 1}}), progress=False)
     records = [json.loads(l) for l in (final.parent / "log.jsonl").read_text().splitlines()]
-    assert all(0 < r["locate_loss"] < 20 for r in records)   # cells (~log 64) + DETR's box loss (< 5 + 4)
+    assert all(0 < r["locator_loss"] < 20 for r in records)   # cells (~log 64) + DETR's box loss (< 5 + 4)
     model, _ = load_checkpoint(final)
-    assert isinstance(model.seg_locator, FusionLocator) and model.config.seg_locator_fusion == 1
+    assert isinstance(model.addons["locator"].net, FusionLocator) and model.addons["locator"].settings.layers == 1
     after = weights(final)
-    assert any(k.startswith("seg_locator.box.") for k in after)
+    assert any(k.startswith("addons.locator.net.box.") for k in after)
 
 
 def test_stage1_phrase_words_task_and_unit_scale_language_model(data_dir, stage0, tmp_path):
-    from grounding.train import train
+    from grounding.trainer import train
     final = train(config(data_dir, tmp_path / "s1words", stage=1, init=str(stage0), steps=2, batch_size=8,
                          phrase_words_loss=0.125, reinit_language_model=True, prompts=False), progress=False)
     records = [json.loads(l) for l in (final.parent / "log.jsonl").read_text().splitlines()]
@@ -276,7 +276,7 @@ def test_stage1_phrase_words_task_and_unit_scale_language_model(data_dir, stage0
 
 def test_unit_scale_init_gives_unit_embeddings_and_fan_in_linears():
     from torch import nn
-    from grounding.text_init import unit_scale_init
+    from shapes.text_init import unit_scale_init
     lm = nn.ModuleDict({"embed_tokens": nn.Embedding(500, 64), "q_proj": nn.Linear(64, 64), "o_proj": nn.Linear(64, 64)})
     unit_scale_init(lm, residual_scale=0.5)
     assert abs(lm["embed_tokens"].weight.std().item() - 1.0) < 0.05

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+from apps.overlay import draw_overlay
 from grounding.errors import PromptError, VideoError
 from grounding.result import Prediction, Target, rle_decode
-from grounding.video import (FrameResult, _Carried, _Reasker, match_by_iou, mask_iou_matrix, predict_video,
-                             track)
+from grounding.video import (FrameObject, FrameResult, VideoRun, _Carried, _Reasker, match_by_iou, mask_iou_matrix,
+                             predict_video, track)
 from grounding.video_io import VideoReader, VideoWriter
 from segdecoder.video import ObjectPrompt, StreamingSam2Tracker
 
@@ -51,7 +52,7 @@ def lively_sam2(side: int):
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     """10 frames, 64x96, of the synthetic moving shapes: (frames, annotations, folder)."""
-    from grounding.data.synthetic_video import generate_video
+    from shapes.scenes.synthetic_video import generate_video
     folder = generate_video(tmp_path_factory.mktemp("clip") / "v", 10, seed=3, size=(64, 96))
     ann = json.loads((folder / "annotations.json").read_text())
     frames = [np.array(Image.open(folder / f["file_name"]).convert("RGB")) for f in ann["frames"]]
@@ -78,7 +79,7 @@ def test_streaming_tracker_equals_sam2_video_predictor(tmp_path):
     from sam2.sam2_video_predictor import SAM2VideoPredictor
     from segdecoder.sam2 import build_sam2_model
     from segdecoder.build import preset_spec
-    from grounding.data.synthetic_video import generate_video
+    from shapes.scenes.synthetic_video import generate_video
 
     folder = generate_video(tmp_path / "v", 40, seed=3, size=(64, 96))
     ann = json.loads((folder / "annotations.json").read_text())
@@ -249,7 +250,7 @@ def test_bad_videos_get_clear_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def sam2_grounder():
-    from grounding.predictor import Grounder
+    from grounding import Grounder
     from grounding.presets import build_random
     model, tok = build_random("tiny", {"backend": "sam2", "preset": "tiny", "image_size": 128}, seed=0)
     with torch.no_grad():
@@ -261,7 +262,7 @@ def sam2_grounder():
 
 @pytest.fixture(scope="module")
 def default_grounder():
-    from grounding.predictor import Grounder
+    from grounding import Grounder
     return Grounder.from_pretrained(DEFAULT_MODEL, device="cpu", max_new_tokens=24)
 
 
@@ -280,7 +281,7 @@ def test_predict_video_memory_mode_writes_frames_and_overlay(sam2_grounder, clip
     order = [fr.index for fr in run]
     assert order == [4, 5, 6, 7, 8, 9, 3, 2, 1, 0]
 
-    paths = run.save(tmp_path / "out")
+    paths = run.save(tmp_path / "out", draw=draw_overlay)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["frames.jsonl", "overlay.mp4", "video.json"]
     lines = [json.loads(line) for line in paths["frames"].read_text().splitlines()]
     assert [line["frame"] for line in lines] == list(range(n))
@@ -311,9 +312,39 @@ def test_nothing_half_written_when_a_job_fails(sam2_grounder, clip, tmp_path, mo
     monkeypatch.setattr(VideoWriter, "write", broken_write)
     run = track(sam2_grounder, frames, 0, box=[10, 10, 40, 40])
     with pytest.raises(OSError, match="disk full"):
-        run.save(out)
+        run.save(out, draw=draw_overlay)
     assert sorted(p.name for p in out.iterdir()) == ["frames.jsonl"]
     assert (out / "frames.jsonl").read_text() == "an earlier result\n"
+
+
+def test_save_draws_an_overlay_only_with_a_draw_function(clip, tmp_path):
+    frames, _, _ = clip
+    reader = VideoReader(frames)
+    mask = np.zeros(frames[0].shape[:2], bool)
+    mask[10:20, 30:50] = True
+
+    def results():   # backwards, as a job may yield them: saved in frame order all the same
+        for i in reversed(range(len(frames))):
+            yield FrameResult(i, reader.time_s(i), [FrameObject(1, "a box", mask, 0.5)])
+
+    run = VideoRun(reader, results, mode="fake", key_frame=0, objects={1: "a box"})
+    paths = run.save(tmp_path / "plain")
+    assert sorted(paths) == ["frames", "summary"]
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["frames.jsonl", "video.json"]
+    assert json.loads(paths["summary"].read_text())["files"] == {"frames": "frames.jsonl"}
+    lines = [json.loads(line) for line in paths["frames"].read_text().splitlines()]
+    assert [line["frame"] for line in lines] == list(range(len(frames)))
+
+    drawn = []
+
+    def draw(rgb, prediction):
+        drawn.append((rgb.shape, prediction.targets[0].box))
+        return draw_overlay(rgb, prediction)
+
+    paths = run.save(tmp_path / "drawn", draw=draw)
+    assert drawn == [(frames[0].shape, (30.0, 10.0, 50.0, 20.0))] * len(frames)
+    assert json.loads(paths["summary"].read_text())["files"] == {"frames": "frames.jsonl", "overlay": "overlay.mp4"}
+    assert VideoReader(paths["overlay"]).info.num_frames == len(frames)
 
 
 def test_click_to_track_iterates_every_frame_from_the_clicked_one(sam2_grounder, clip):
@@ -340,7 +371,7 @@ def default_model_stub():
 def test_fallback_carry_follows_shapes_from_their_first_box(default_grounder, tmp_path_factory):
     """The default model has no SAM2 memory: its decoder carries each shape from its first-frame box. J (mean
     IoU over frames) on two synthetic videos must stay well above chance."""
-    from grounding.data.synthetic_video import generate_video
+    from shapes.scenes.synthetic_video import generate_video
     from grounding.video_eval import iou
     scores = []
     for seed in (11, 12):
@@ -360,7 +391,7 @@ def test_reask_mode_relinks_and_adds_objects_the_vlm_names_later(default_grounde
     The two largest shapes of 120x160 frames, re-asked every 2 frames: carried further, or on the 64x96 clip's
     ~11-px shapes, the default decoder's mask can drift below the link threshold (IoU 0.3), which makes it a new
     object."""
-    from grounding.data.synthetic_video import generate_video
+    from shapes.scenes.synthetic_video import generate_video
     folder = generate_video(tmp_path / "v", 10, seed=3, size=(120, 160))
     ann = json.loads((folder / "annotations.json").read_text())
     frames = [np.array(Image.open(folder / f["file_name"]).convert("RGB")) for f in ann["frames"]]
@@ -389,7 +420,7 @@ def test_variable_frame_rate_file_keeps_its_timestamps_end_to_end(sam2_grounder,
     times = [0.0, 0.05, 0.3, 0.35, 0.4, 0.9, 0.95, 1.0, 1.6, 1.65]
     video = write_mp4(tmp_path / "vfr.mp4", frames, times=times)
     run = track(sam2_grounder, video, 7, box=[20, 10, 60, 50], chunk=3)   # backwards from 7 in chunks of 3
-    paths = run.save(tmp_path / "out")
+    paths = run.save(tmp_path / "out", draw=draw_overlay)
     lines = [json.loads(line) for line in paths["frames"].read_text().splitlines()]
     assert [line["time_s"] for line in lines] == times
     overlay = VideoReader(paths["overlay"])

@@ -2,7 +2,6 @@
 coordinates without a pixel's shift."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -72,15 +71,10 @@ def test_an_empty_first_mask_is_kept_without_encoding():
     assert out is first and crops == 0 and dec.encoded == []
 
 
-def test_the_setting_is_checked_and_old_configs_load_without_it(tmp_path):
-    from grounding.config import GroundingConfig
+def test_the_setting_is_checked():
+    from grounding.addons import build_addons
+    from grounding.errors import CheckpointError
 
-    with pytest.raises(ValueError, match="mask_zoom"):
-        GroundingConfig(mask_zoom=0.5)
-    GroundingConfig(mask_zoom=3.0).save(tmp_path)
-    assert GroundingConfig.load(tmp_path).mask_zoom == 3.0
-    path = tmp_path / "groundseg.json"
-    saved = json.loads(path.read_text())
-    del saved["mask_zoom"]  # as models saved before the setting existed
-    path.write_text(json.dumps(saved))
-    assert GroundingConfig.load(tmp_path).mask_zoom is None
+    with pytest.raises(CheckpointError, match="mask_zoom"):
+        build_addons({"mask_zoom": {"context": 0.5}})
+    assert build_addons({"mask_zoom": {"context": 3.0}})[0].settings.context == 3.0

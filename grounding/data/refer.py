@@ -10,7 +10,7 @@ Folder layouts accepted (``data_root`` is what the user passes):
       # or, as LISA lays it out (data_root = .../refer_seg):
       data_root/images/mscoco/images/train2014/COCO_train2014_000000xxxxxx.jpg
 
-* synthetic layout (``grounding.data.synthetic``): ``data_root`` itself holds ``instances.json``,
+* synthetic layout (``shapes.scenes.synthetic``): ``data_root`` itself holds ``instances.json``,
   ``refs(unc).p`` and ``images/``; the dataset name is then the folder's name.
 
 Conventions: boxes are float ``(x1, y1, x2, y2)`` in continuous pixels of the original image

@@ -1,0 +1,1 @@
+"""Answering questions: ``Grounder`` (predictor.py), ``PrefixEngine`` (engine.py) and the steps they share."""

@@ -1,0 +1,231 @@
+"""The default model's add-ons, registered for the core under the ``groundseg.addons`` entry point:
+
+  locator         each [SEG] also gives the mask decoder a click (and, for a ``FusionLocator``, a box) where its
+                  phrase's object is (shapes/locator.py); it also writes the box text of generated answers
+                  (shapes/box_writer.py) and can read the mirrored image too (shapes/locator_mirror.py);
+  ref_copy        generated ``<ref>`` phrases lean to the question's words (shapes/ref_copy.py);
+  vision_stem     the vision tower reads pixels through a convolutional stem (shapes/vision_stem.py);
+  projector_norm  a LayerNorm on the tower features before the projector (shapes/projector_norm.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from grounding.addons import AddOn, AnswerRows, DecoderPrompts, SegRead, register_addon
+from shapes.box_writer import BoxWriter
+from shapes.locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_centres, locator_loss, mask_cells,
+                            peak_cells, square_boxes, square_to_pixels)
+from shapes.locator_mirror import combine, mirror_ids, mirror_token_ids
+from shapes.projector_norm import install_projector_norm
+from shapes.ref_copy import RefCopy, TokenWords
+from shapes.vision_stem import install_vision_stem
+
+
+@dataclass
+class LocatorImage:
+    """What the locator reads of one image: ``keys [g*g, width]`` (a ``FusionLocator``: the tower's patch
+    features; a ``SegLocator``: the language model's image-token states), and ``mirrored`` the same of the image
+    flipped left-right (a ``FusionLocator`` with ``mirror``)."""
+    keys: torch.Tensor
+    mirrored: torch.Tensor | None = None
+
+
+@dataclass
+class Located:
+    """What the locator found for one image's n [SEG]s: ``scores [n, g*g]``; ``box_map [n, g*g, 4]`` (the box read
+    at each cell, fractions of the padded square; None for a ``SegLocator``); ``clicks [n, 1, 2]`` pixel xy and
+    ``boxes [n, 4]`` pixel xyxy (or None)."""
+    scores: torch.Tensor
+    box_map: torch.Tensor | None
+    clicks: torch.Tensor
+    boxes: torch.Tensor | None
+
+
+@register_addon
+class Locator(AddOn):
+    @dataclass
+    class Settings:
+        kind: str = "fusion"        # "fusion": FusionLocator (reads the phrase and the tower's features); "seg":
+                                    # SegLocator (scores the [SEG] state against the LM's image-token states)
+        layers: int = 4             # fusion: transformer layers
+        words: bool = False         # seg: the query also reads the phrase's mean word embedding
+        layer: int = -1             # seg: the LM layer whose image-token states it scores (0: its input)
+        click: bool = True          # the decoder gets the best cell's centre as a click (False: the box alone,
+                                    # where the locator reads one)
+        mirror: bool = False        # fusion: also read the mirrored image and phrase, and add both readings
+        write_boxes: bool = True    # fusion, Qwen-VL box text: a generated <ref> phrase is followed by its box
+        loss_weight: float = 1.0    # training: weight of the locator's loss
+
+        def __post_init__(self):
+            if self.kind not in ("fusion", "seg"):
+                raise ValueError(f"locator kind must be 'fusion' or 'seg', got {self.kind!r}")
+
+    name = "locator"
+
+    @property
+    def fusion(self) -> bool:
+        return self.settings.kind == "fusion"
+
+    @property
+    def reads_hidden_states(self) -> bool:   # a SegLocator scores the language model's image-token states
+        return not self.fusion
+
+    @property
+    def reads_phrases(self) -> bool:
+        return self.fusion or self.settings.words
+
+    # ---- building --------------------------------------------------------------------------------------------
+    def attach(self, model: Any, tokenizer: Any) -> None:
+        hidden = model.llava_config.text_config.hidden_size
+        if self.fusion:
+            self.net = FusionLocator(hidden, model.token_grid, layers=self.settings.layers,
+                                     image_size=model.llava_config.vision_config.hidden_size)
+        else:
+            self.net = SegLocator(hidden, words=self.settings.words)
+        self.mirror_table = mirror_token_ids(tokenizer)
+
+    def grown(self, model: Any, tokenizer: Any, values: dict[str, Any]) -> AddOn:
+        """The locator a training run asks for (``values``), keeping what this one learnt: a ``FusionLocator`` of
+        more layers grows new ones that start as the identity (``FusionLocator.deepened``); a ``SegLocator`` gains
+        its phrase-words query; another kind starts afresh."""
+        settings = self.parse_settings({**self.settings_dict(), **values})
+        if settings.kind != self.settings.kind or (self.fusion and settings.layers < self.settings.layers):
+            fresh = Locator(settings)
+            fresh.attach(model, tokenizer)
+            return fresh.to(model.seg_projection.net[0].weight)
+        twin = self.with_settings(values)
+        if self.fusion and settings.layers > self.settings.layers:
+            twin.net = self.net.deepened(settings.layers)
+        if not self.fusion and settings.words and not self.settings.words:
+            self.net.add_words()
+        return twin
+
+    # ---- reading images --------------------------------------------------------------------------------------
+    def read_image(self, model, images, hidden_states=None, input_ids=None) -> list[LocatorImage]:
+        if not self.fusion:
+            return [LocatorImage(k) for k in self.image_states(model, hidden_states, input_ids)]
+        mirror = self.settings.mirror
+        # the tower's features do not depend on the question: computed once per image (in one batch), kept with it
+        todo = list({id(p): p for p in images if "locator" not in p.extras or
+                     (mirror and p.extras["locator"].mirrored is None)}.values())
+        if todo:
+            like = model.seg_projection.net[0].weight
+            with torch.no_grad():
+                pixels = torch.stack([p.vision for p in todo]).to(like.device, like.dtype)
+                if mirror:   # the padded square flipped: its cells are the image's, mirrored
+                    pixels = torch.cat([pixels, pixels.flip(-1)])
+                features = model.vision_features(pixels)
+            for i, p in enumerate(todo):
+                p.extras["locator"] = LocatorImage(features[i], features[len(todo) + i] if mirror else None)
+        return [p.extras["locator"] for p in images]
+
+    def read_batch(self, model, pixel_values, hidden_states, input_ids) -> list[LocatorImage]:
+        if not self.fusion:
+            return [LocatorImage(k) for k in self.image_states(model, hidden_states, input_ids)]
+        return [LocatorImage(k) for k in model.vision_features(pixel_values)]
+
+    def image_states(self, model, hidden_states, input_ids) -> torch.Tensor:
+        """The states of the image's patch tokens at the language model's layer ``settings.layer`` of
+        ``hidden_states`` (each ``[B, T, h]``): ``[B, g*g, h]``, row-major over the token grid (a CLS token is
+        dropped)."""
+        states = hidden_states[self.settings.layer]
+        is_image = input_ids == model.llava_config.image_token_id
+        return torch.stack([states[b, is_image[b]] for b in range(len(input_ids))])[:, -model.token_grid ** 2:]
+
+    # ---- [SEG] prompts ---------------------------------------------------------------------------------------
+    def phrases(self, model, rows: list[torch.Tensor], mirrored: bool = False) -> Phrases:
+        """Token ids ``[L_i]`` per phrase -> ``Phrases`` of input embeddings (and their mirrored twins)."""
+        embed = model.vlm.get_input_embeddings()
+        out = Phrases.stack([embed(ids) for ids in rows], embed.weight.shape[1], embed.weight)
+        if mirrored:
+            out.mirrored = self.phrases(model, [mirror_ids(ids, self.mirror_table) for ids in rows])
+        return out
+
+    def seg_prompts(self, model, seg: SegRead, image: LocatorImage, size, targets=None) -> DecoderPrompts:
+        training = targets is not None
+        mirror = self.settings.mirror and self.fusion and not training
+        phrases = self.phrases(model, seg.phrase_ids, mirror) if self.reads_phrases else None
+        cells = mask_cells(targets.to(seg.states.device), model.token_grid) if training else None
+        ranks = phrases.repeats() if phrases is not None and not training else None
+        found = self.locate(model, seg.states, image if mirror else LocatorImage(image.keys), phrases, size,
+                            cells, ranks)
+        loss = None
+        if training and len(seg.states) and (term := locator_loss(found.scores, cells)) is not None:
+            if found.box_map is not None:
+                term = term + box_loss(found.box_map, square_boxes(targets.bool().cpu()), cells)
+            loss = term.reshape(1).expand(int(cells.any(-1).sum()))
+        clicks = found.clicks if self.settings.click or found.boxes is None else None
+        labels = None if clicks is None else torch.ones(clicks.shape[:2], dtype=torch.long, device=clicks.device)
+        return DecoderPrompts(clicks, labels, found.boxes, loss)
+
+    def locate(self, model, states: torch.Tensor, image: LocatorImage, phrases: Phrases | None,
+               size: tuple[int, int], targets: torch.Tensor | None = None,
+               ranks: torch.Tensor | None = None) -> Located:
+        """One image's [SEG]s (states ``[n, h]``) -> scores and prompts in the ``size = (H, W)`` image: a click at
+        the best cell's centre, and the box read there (a ``FusionLocator``). In training (``targets`` bool
+        ``[n, g*g]``) the best cell *on* the object, so the decoder learns to segment what is under a click that
+        is right. ``ranks [n]`` (``Phrases.repeats``): a [SEG] repeating an earlier one's phrase takes the next
+        peak. With ``image.mirrored`` and ``phrases.mirrored`` both readings are added (scores are then
+        log-probabilities)."""
+        grid = model.token_grid
+        if not len(states):
+            return Located(states.new_zeros((0, grid ** 2)), None, states.new_zeros((0, 1, 2)),
+                           states.new_zeros((0, 4)) if self.fusion else None)
+        scores, box_map = self.net.locate(states, image.keys, phrases)
+        if image.mirrored is not None and phrases is not None and phrases.mirrored is not None and self.fusion:
+            scores, box_map = combine(scores, box_map, *self.net.locate(states, image.mirrored, phrases.mirrored), grid)
+        pick = scores.detach()
+        if targets is not None:
+            pick = torch.where(targets.any(-1, keepdim=True) & ~targets, float("-inf"), pick)
+        cells = pick.argmax(-1) if ranks is None else peak_cells(pick, grid, ranks)
+        clicks = cell_centres(cells, grid, size)[:, None]
+        boxes = None if box_map is None else square_to_pixels(box_map.detach()[torch.arange(len(cells)), cells], size)
+        return Located(scores, box_map, clicks, boxes)
+
+    # ---- answering -------------------------------------------------------------------------------------------
+    def logits_rule(self, rows: AnswerRows) -> BoxWriter | None:
+        if not (self.fusion and self.settings.write_boxes and rows.model.config.box_format == "qwen"):
+            return None
+        self.read_image(rows.model, rows.images)
+        return BoxWriter(self, rows.model, rows.tokenizer, rows.images, rows.prefixes)
+
+
+@register_addon
+class RefCopyBias(AddOn):
+    @dataclass
+    class Settings:
+        bias: float = 3.0           # nats added to the logits of tokens that go on copying the question's words
+
+    name = "ref_copy"
+
+    def attach(self, model: Any, tokenizer: Any) -> None:
+        self.words = TokenWords.of(tokenizer)
+
+    def logits_rule(self, rows: AnswerRows) -> RefCopy | None:
+        if not self.settings.bias:
+            return None
+        questions = [rows.tokenizer(q, add_special_tokens=False)["input_ids"] for q in rows.questions]
+        return RefCopy(self.words, questions, rows.prefixes, self.settings.bias)
+
+
+@register_addon
+class VisionStem(AddOn):
+    @dataclass
+    class Settings:
+        kind: str = "conv"
+
+    name = "vision_stem"
+
+    def adapt_vlm(self, vlm) -> None:
+        install_vision_stem(vlm.model.vision_tower, self.settings.kind)
+
+
+@register_addon
+class ProjectorNorm(AddOn):
+    name = "projector_norm"
+
+    def adapt_vlm(self, vlm) -> None:
+        install_projector_norm(vlm.model.multi_modal_projector, vlm.config.vision_config.hidden_size)

@@ -1,0 +1,60 @@
+"""BoxWriter: the box an answer writes comes from the [SEG] locator, not from the language model's digits.
+
+A ``FusionLocator`` reads each phrase against the image and finds its object's box far better than a small
+language model writes box coordinates as text (weights/shapes-tiny/MODEL_CARD.md). So, while decoding greedily,
+every ``<ref>phrase</ref>`` an answer writes is followed by ``<box>`` and the tokens ``(x1,y1),(x2,y2)</box>`` of
+the locator's box for that phrase: the answer's box and its mask then come from the same place, and every object
+an answer names gets its box, as Qwen-VL's answers do. Qwen-VL box text only (``box_format="qwen"``).
+"""
+from __future__ import annotations
+
+import torch
+
+from grounding.boxes import format_box
+from grounding.tokens import BOX_START, REF_END, REF_START
+
+
+class BoxWriter:
+    """Per answer row: its image (a ``PreparedImage`` the ``locator`` add-on has read) and the ids of any answer
+    prefix given in the prompt. A logits rule: ``adjust(row, ids, scores)`` forces the next token where a box is
+    being written (``next_token``)."""
+
+    def __init__(self, locator, model, tokenizer, images: list, prefixes: list[list[int]]):
+        self.locator, self.model, self.tokenizer, self.images, self.prefixes = locator, model, tokenizer, images, prefixes
+        self.ref_start, self.ref_end, self.box_start = (tokenizer.convert_tokens_to_ids(t)
+                                                        for t in (REF_START, REF_END, BOX_START))
+        self.queue: list[list[int]] = [[] for _ in images]
+
+    def adjust(self, row: int, ids: list[int], scores: torch.Tensor) -> None:
+        token = self.next_token(row, ids)
+        if token is not None:
+            scores[:] = float("-inf")
+            scores[token] = 0.0
+
+    def next_token(self, row: int, ids: list[int]) -> int | None:
+        """The token to force after the generated ``ids`` so far (None: the model chooses). Call it once per
+        generated token."""
+        if self.queue[row]:
+            return self.queue[row].pop(0)
+        ids = self.prefixes[row] + ids
+        if ids and ids[-1] == self.ref_end:
+            return self.box_start
+        if len(ids) < 3 or ids[-1] != self.box_start or ids[-2] != self.ref_end:
+            return None
+        start = max((i for i, t in enumerate(ids[:-2]) if t == self.ref_start), default=None)
+        if start is None or start + 1 >= len(ids) - 2:
+            return None
+        box = self.box(row, ids[start + 1:len(ids) - 2])
+        text = format_box(box, self.images[row].size)[len(BOX_START):]        # "(x1,y1),(x2,y2)</box>"
+        self.queue[row] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.queue[row].pop(0)
+
+    @torch.no_grad()
+    def box(self, row: int, phrase_ids: list[int]) -> list[float]:
+        """Pixel xyxy box of the phrase's object: the locator's box at its best cell."""
+        m, image, locator = self.model, self.images[row], self.locator
+        like = m.vlm.get_input_embeddings().weight
+        phrases = locator.phrases(m, [torch.tensor(phrase_ids, device=like.device)], locator.settings.mirror)
+        found = locator.locate(m, like.new_zeros((1, m.llava_config.text_config.hidden_size)),
+                               image.extras["locator"], phrases, image.size)
+        return found.boxes[0].tolist()
