@@ -76,6 +76,7 @@ from apps.exporters import WRITERS, AnnotatedImage, frame_file
 from grounding.config import CONFIG_NAME
 from grounding.errors import CheckpointError, DatasetError, PromptError
 from grounding.images import list_images
+from grounding.progress import progress_bar
 from grounding.result import Prediction, atomic_write_text
 
 ERRORS_FILE = "errors.jsonl"
@@ -425,20 +426,10 @@ def _remove_temporaries(out: Path) -> None:
 
 @contextmanager
 def _progress_bar(total: int, completed: int, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr (images done / total, images/s of this run), or nothing."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+    """A progress bar on stderr (images done / total, images/s of this run), or nothing."""
     started, done = time.perf_counter(), [0]
-    bar = Progress("annotate", BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} images/s"),
-                   TimeRemainingColumn(), console=Console(stderr=True))
-    with bar:
-        task = bar.add_task("annotate", total=total, completed=completed, rate="-")
-
+    with progress_bar(total, "annotate", enabled=enabled, completed=completed, fields={"rate": "{} images/s"}) as step:
         def advance(n: int) -> None:
             done[0] += n
-            bar.update(task, advance=n, rate=f"{done[0] / max(time.perf_counter() - started, 1e-9):.2f}")
+            step(n, rate=f"{done[0] / max(time.perf_counter() - started, 1e-9):.2f}")
         yield advance

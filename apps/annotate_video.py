@@ -8,7 +8,7 @@ image test comes first, so anything Pillow reads is an image: an animated GIF (o
 annotated as one image, its first frame (convert it to .mp4 to annotate it as a video).
 
 The job. For each prompt, the video gets the same question on its frame 0 through ``grounder.predict_video``
-(grounding/video.py: the targets are carried through every frame, SAM2 memory or re-asking every
+(grounding/video/predict.py: the targets are carried through every frame, SAM2 memory or re-asking every
 ``--video-every`` frames), so every object keeps one id across frames. A video's result is one file
 (``results/a/clip.mp4.json``), so resume works per video.
 
@@ -29,7 +29,7 @@ from apps.exporters import AnnotatedImage, FrameOf, Instance, frame_file
 from apps.overlay import draw_overlay
 from grounding.errors import VideoError
 from grounding.result import Prediction, Target, box_from_mask, rle_decode
-from grounding.video_io import VideoReader, VideoWriter
+from grounding.video.io import VideoReader, VideoWriter
 
 # Names that promise a video: such a file that FFmpeg cannot read is reported, not skipped. (Not .ts / .mts,
 # which are TypeScript sources as often as MPEG transport streams; real ones are found by content.)

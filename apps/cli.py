@@ -39,7 +39,7 @@ def predict(
     image: Optional[Path] = typer.Option(None, help="Image file (any format Pillow reads; EXIF orientation is applied)."),
     video: Optional[Path] = typer.Option(None, help="Video file or folder of frames instead of --image: the question (or the clicks/box, on --key-frame) is tracked through every frame."),
     key_frame: int = typer.Option(0, min=0, help="Video: the frame the question is asked on (or the clicks/box are on)."),
-    video_mode: str = typer.Option("auto", help="Video: auto, memory (SAM2), reask or carry (see grounding/video.py)."),
+    video_mode: str = typer.Option("auto", help="Video: auto, memory (SAM2), reask or carry (see grounding/video/predict.py)."),
     every: int = typer.Option(8, min=0, help="Video, reask mode: ask the VLM again every N frames (0: never)."),
     question: Optional[str] = typer.Option(None, help="Question; without it, --points/--box go to the mask decoder alone."),
     points: list[str] = typer.Option([], "--points", help="Click x,y[,label] in pixels (label 1 object, 0 background); repeat."),
@@ -52,6 +52,7 @@ def predict(
     answer_prefix: Optional[str] = typer.Option(None, help=(
         "Image questions: the answer starts with this text and the model writes the rest; "
         "'<ref>the circle</ref>' asks for that phrase's mask whatever the model would have answered.")),
+    addon: Optional[list[str]] = typer.Option(None, "--addon", help=ADDON_HELP),
 ) -> None:
     """Answer a question about an image (or a video) with boxes and masks, or segment (track) clicks and boxes."""
     from apps.overlay import draw_overlay, save_image
@@ -66,7 +67,8 @@ def predict(
         raise PromptError("give exactly one of --image and --video")
     if answer_prefix is not None and (question is None or video is not None):
         raise PromptError("--answer-prefix goes with --question on an --image")
-    grounder = Grounder.from_pretrained(_model_dir(model), device=device, max_new_tokens=max_new_tokens)
+    grounder = Grounder.from_pretrained(_model_dir(model), device=device, max_new_tokens=max_new_tokens,
+                                        addons=parse_addon_options(addon))
     xy = [p[:2] for p in pts] or None
     if video is not None:
         from grounding.video import predict_video, track
@@ -188,18 +190,18 @@ def video_eval(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
     source: str = typer.Option("question", help="question (the VLM's answer, carried) or box (click-to-track from "
                                                 "the ground-truth box)."),
-    mode: str = typer.Option("auto", help="auto, memory, reask or carry (see grounding/video.py)."),
+    mode: str = typer.Option("auto", help="auto, memory, reask or carry (see grounding/video/predict.py)."),
     every: Optional[int] = typer.Option(None, min=0, help="reask: ask the VLM every N frames."),
     margin: Optional[float] = typer.Option(None, min=0.0, help="carry: box growth per side."),
     addon: Optional[list[str]] = typer.Option(None, "--addon", help=ADDON_HELP),
     out: Optional[Path] = typer.Option(None, help="Also write the full report (JSON) here."),
 ) -> None:
-    """Region similarity J of the video path on synthetic moving-shape videos (grounding/video_eval.py)."""
+    """Region similarity J of the video path on synthetic moving-shape videos (grounding/video/evaluate.py)."""
     import json
 
     from grounding import Grounder
     from grounding.result import atomic_write_text
-    from grounding.video_eval import evaluate_videos
+    from grounding.video.evaluate import evaluate_videos
     from shapes.scenes.synthetic_video import generate_video_dataset
 
     if source not in ("question", "box"):

@@ -10,7 +10,7 @@ take files and plain values:
     /ground_video (video, question, key_frame, max_new_tokens)              -> (overlay.mp4, video JSON)
     /track_video  (video, frame_index, points, point_labels, box)           -> (overlay.mp4, video JSON)
 
-(video JSON: ``{"video": video.json, "frames": [one frames.jsonl line per frame]}``, see grounding/video.py.)
+(video JSON: ``{"video": video.json, "frames": [one frames.jsonl line per frame]}``, see grounding/video/predict.py.)
 The API takes its image or video through a ``gr.File`` component, not ``gr.api``'s raw dicts: Gradio then checks
 that the uploaded path is one of its own uploads, so a client cannot name an arbitrary server file.
 

@@ -43,7 +43,7 @@ import gradio as gr
 import numpy as np
 
 from apps.overlay import draw_overlay, target_colour
-from grounding.boxes import parse_answer
+from grounding.text.boxes import parse_answer
 from grounding.errors import GroundsegError, ImageError, PromptError, QuestionError
 from grounding.images import load_image
 from grounding.result import Prediction, Target

@@ -13,7 +13,7 @@ lines]})``.
 
 A job (the VLM's answer, tracking, writing) runs whole under the model lock (``ModelService.run``): the tracker
 calls the mask decoder on every frame while the run is iterated. Frames done of the total go to ``gr.Progress``
-at most every 0.25 s. Videos are opened with grounding.video_io's checks; a missing, corrupt, truncated or
+at most every 0.25 s. Videos are opened with grounding.video.io's checks; a missing, corrupt, truncated or
 oversized video is a VideoError, shown as its one-line message with the server's path replaced by the file name.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from apps.overlay import draw_overlay
 from grounding.errors import PromptError, VideoError
 from grounding.result import Prediction
 from grounding.video import VideoRun, predict_video, track
-from grounding.video_io import DEFAULT_MAX_VIDEO_PIXELS, VideoInfo, VideoReader
+from grounding.video.io import DEFAULT_MAX_VIDEO_PIXELS, VideoInfo, VideoReader
 
 VIDEO_VIEW = ("session", "frame", "result", "answer", "status", "downloads")
 PROGRESS_EVERY_S = 0.25

@@ -49,12 +49,12 @@ import numpy as np
 from grounding.result import box_from_mask
 from eval.report import ProgressBar, print_table, write_report
 from eval.metrics import ResAccumulator, mask_iou_parts, rec_hit, sentence_iou, summarise
-from grounding.boxes import box_iou, parse_answer
+from grounding.text.boxes import box_iou, parse_answer
 from grounding.data.refer import ReferDataset, Sentence
 from grounding.data.tasks import REC_QUESTIONS, SEG_QUESTIONS
 from grounding.errors import GroundsegError
 from grounding.result import Prediction, atomic_write_text, rle_decode, rle_encode
-from grounding.tokens import SEG
+from grounding.text.tokens import SEG
 
 TASKS = ("res", "rec", "both")
 MODES = ("teacher-forced", "generate")

@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from grounding.boxes import box_iou
+from grounding.text.boxes import box_iou
 
 GIOU_EPS = 1e-5
 REC_THRESHOLD = 0.5

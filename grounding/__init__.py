@@ -6,7 +6,7 @@
 
 Public API: ``Grounder``, ``PrefixEngine``, ``Query``, ``Prediction``, ``Target``, ``load_checkpoint``,
 ``save_checkpoint``, ``GroundingConfig``, ``AddOn``, ``register_addon``, ``ModelFamily``, ``register_family``.
-Names are imported when first used, so ``import grounding.boxes`` stays light.
+Names are imported when first used, so ``import grounding.text.boxes`` stays light.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from grounding.config import LoraSettings
 from grounding.model import GroundingModel
-from grounding.tokens import SPECIAL_TOKENS
+from grounding.text.tokens import SPECIAL_TOKENS
 
 
 def lora_config(settings: LoraSettings, new_token_ids: list[int]) -> LoraConfig:

@@ -21,7 +21,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedT
 from grounding.addons import AddOn, DecoderPrompts, SegRead, addon_class, build_addons
 from grounding.config import GroundingConfig
 from grounding.errors import CheckpointError
-from grounding.tokens import IMAGE, REF_END, REF_START, SEG
+from grounding.text.tokens import IMAGE, REF_END, REF_START, SEG
 from segdecoder import ImageEmbedding, MaskDecoderBackend, build_decoder
 
 

@@ -9,7 +9,7 @@ import torch
 from grounding.checkpoint import save_checkpoint
 from grounding.config import GroundingConfig
 from grounding.model import GroundingModel
-from grounding.tokenizer import train_tokenizer
+from grounding.text.tokenizer import train_tokenizer
 
 _SMALL_TEXT = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
@@ -22,16 +22,18 @@ VLM_PRESETS: dict[str, dict[str, Any]] = {
                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False),
         "max_length": 512,
     },
-    # The first embedded default model (v0): ~6M parameters (~24 MB fp32), fast enough to train on a 2-core CPU.
+    # ~6M parameters (~24 MB fp32), fast enough to train on a 2-core CPU: the default model's first sizes, with
+    # CLIP's patch embedding at 128 px.
     "small": {
         "vision": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
                        image_size=128, patch_size=16, projection_dim=192),
         "text": _SMALL_TEXT,
         "max_length": 512,
     },
-    # The embedded default model since v1: ``small``'s language model; the tower reads 256 px through a
-    # convolutional stem (the ``vision_stem`` add-on, shapes/vision_stem.py) into the same 8x8 = 64 tokens, so that
-    # a 10-pixel star is still a star, and the language model reads its LAST layer (stage 0 trains it there).
+    # The embedded default model (weights/shapes-tiny): ``small``'s language model; the tower reads 256 px
+    # through a convolutional stem (the ``vision_stem`` add-on, shapes/vision_stem.py) into the same 8x8 = 64
+    # tokens, so that a 10-pixel star is still a star, and the language model reads its LAST layer (stage 0
+    # trains it there).
     "shapes": {
         "vision": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
                        image_size=256, patch_size=32, projection_dim=192),

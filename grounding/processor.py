@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from grounding.config import GroundingConfig
 from grounding.errors import QuestionError
-from grounding.tokens import IMAGE, SEG
+from grounding.text.tokens import IMAGE, SEG
 
 IGNORE_INDEX = -100
 

@@ -8,11 +8,11 @@ further than ``band`` inside the outline are object, further than ``band`` outsi
 between is re-decided, so the refinement can move the outline by at most ``band`` pixels and cannot add or drop an
 object. The band is 1.5 cells of the grid the mask was decoded on (``band_pixels``).
 
-It pays where the decoder's grid is coarse next to the object and objects differ from their surroundings in colour:
-on the default model's synthetic scenes SAM ``tiny``'s zoomed box masks go from mean IoU 0.855 to 0.923 (150 val
-objects; weights/shapes-tiny/MODEL_CARD.md, v9). It is a per-model setting (``GroundingConfig.mask_refine``), off
-unless a model turns it on: it is not measured with the official SAM / SAM2 checkpoints, whose 4-px cells on
-real photos leave little to gain and whose camouflaged or low-contrast objects give colour models little to hold.
+It pays where the decoder's grid is coarse next to the object and objects differ from their surroundings in colour,
+as with SAM ``tiny`` on the default model's synthetic scenes (measured in weights/shapes-tiny/MODEL_CARD.md). It
+is the ``mask_refine`` add-on (grounding/addons/masks.py), off unless a model's ``groundseg.json`` names it: it is
+not measured with the official SAM / SAM2 checkpoints, whose 4-px cells on real photos leave little to gain and
+whose camouflaged or low-contrast objects give colour models little to hold.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from .base import ImageEmbedding
 from .build import SamFamilyBackend, check_image
+from .sam_attention import use_sdpa_attention
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)   # on 0..255 pixels
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -35,7 +36,10 @@ def resized_shape(height: int, width: int, side: int) -> tuple[int, int]:
 
 
 def build_sam_model(spec: dict[str, Any], image_size: int | None = None) -> Sam:
-    """A ``segment_anything`` ``Sam`` with random weights, from a preset spec (see ``build.py``)."""
+    """A ``segment_anything`` ``Sam`` with random weights, from a preset spec (see ``build.py``).
+
+    Its image encoder keeps segment-anything's own attention; ``SamBackend`` swaps in SDPA.
+    """
     side = int(image_size or spec["image_size"])
     patch, dim = spec["patch_size"], spec["prompt_dim"]
     if side <= 0 or side % patch:
@@ -64,13 +68,19 @@ class SamBackend(SamFamilyBackend, nn.Module):
     """``MaskDecoderBackend`` over a ``segment_anything.modeling.Sam`` held as ``self.sam``.
 
     ``features`` are ``[1, prompt_dim, S/16, S/16]``; low-res logits ``[N, M, S/4, S/4]``.
+    With ``sdpa_attention`` (the default) the image encoder's attention runs through
+    ``scaled_dot_product_attention`` (``sam_attention.py``), in place on ``sam``: same parameters
+    and state-dict keys, so official checkpoints load before or after.
     """
 
     backend_name = "sam"
 
-    def __init__(self, sam: Sam, preset: str = "custom", spec: dict[str, Any] | None = None):
+    def __init__(self, sam: Sam, preset: str = "custom", spec: dict[str, Any] | None = None,
+                 sdpa_attention: bool = True):
         nn.Module.__init__(self)
         self.sam = sam
+        if sdpa_attention:
+            use_sdpa_attention(sam.image_encoder)
         self._describe(preset, spec, sam.image_encoder.img_size, sam.prompt_encoder.embed_dim)
 
     @classmethod

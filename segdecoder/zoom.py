@@ -6,9 +6,9 @@ through 16-px patches: a 1-3% object of a 480-px image spans 2-3 patches). Decod
 ``context`` times the object's box side, centred on the box, gives the object about ``1 / context`` of the
 decoder's input side whatever its size in the image. The price is one more image-encoder pass per object.
 
-On the default model (v5, when the context was chosen), SAM from 200 val objects' boxes: mean IoU 0.740 on the
-whole image, 0.811 zoomed with context 3 (1.5: 0.696, too little context; 2: 0.781; 4: 0.792; 6: 0.772, most crops
-are then the whole image); v8: 0.788 -> 0.842 (weights/shapes-tiny/MODEL_CARD.md).
+Too little context leaves the decoder too little of the object's surroundings to tell its outline; too much
+makes most crops the whole image again. The default model's ``mask_zoom`` add-on uses ``context`` 3, chosen on
+its val split (the measurements by context are in weights/shapes-tiny/MODEL_CARD.md).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from segdecoder.base import ImageEmbedding, MaskDecoderBackend, MaskPrediction
+from segdecoder.base import MaskDecoderBackend, MaskPrediction
 from segdecoder.boxes import box_from_mask
 
 # A window covering more than this share of the image is the image again: the first decode is kept.

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from grounding.boxes import format_box
-from grounding.tokens import BOX_START, REF_END, REF_START
+from grounding.text.boxes import format_box
+from grounding.text.tokens import BOX_START, REF_END, REF_START
 
 
 class BoxWriter:

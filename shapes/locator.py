@@ -1,18 +1,19 @@
 """SegLocator: the [SEG] state points at its object's image tokens; the peak becomes a click for the mask decoder.
 
 A [SEG] prompt alone asks SAM's decoder to match a language embedding against SAM's image features, which
-know edges but not words; a small model trained from scratch never learnt that (dice flat for 2,200 steps).
-The language model's own image-token states do know what each cell shows, so the [SEG] state is scored
-against them (scaled dot product, ``[n, g*g]``), and the centre of the best cell goes to the mask decoder as a
-positive click beside the [SEG] prompt: the decoder then segments the object under the click, which it
-already does well. SAM4MLLM (Chen et al., ECCV 2024) prompts SAM with points from the MLLM in the same spirit.
+know edges but not words; a small model trained from scratch did not learn that (its dice loss stayed flat;
+weights/shapes-tiny/MODEL_CARD.md). The language model's own image-token states do know what each cell shows,
+so the [SEG] state is scored against them (scaled dot product, ``[n, g*g]``), and the centre of the best cell
+goes to the mask decoder as a positive click beside the [SEG] prompt: the decoder then segments the object
+under the click, which it already does well. SAM4MLLM (Chen et al., ECCV 2024) prompts SAM with points from
+the MLLM in the same spirit.
 
 Two locators share that interface: ``SegLocator`` scores a linear map of the [SEG] state (plus, optionally, of
 the phrase's mean word embedding) against the language model's image-token states; ``FusionLocator`` reads the
 phrase's words and the vision tower's patch features together through a small transformer (as MDETR / GLIP
 fuse text and image) and scores its query token against the fused cells, which learns relations ("the circle
 above the star") that a mean of words cannot express, and learns from cached features in minutes
-(grounding/locator_train.py).
+(shapes/locator_train.py). Both are the ``locator`` add-on (shapes/addons.py; ``kind``: ``seg`` or ``fusion``).
 
 Geometry: the vision input is the image padded to a centred square and resized (``GroundingProcessor``);
 its ``g x g`` tokens are row-major cells of that square. Points are pixel xy in the original image.
@@ -30,7 +31,7 @@ from torch import nn
 class Phrases:
     """Each [SEG]'s ``<ref>`` phrase as input embeddings: ``embeds [n, L, h]`` (zero past each phrase's end) and
     ``mask`` bool ``[n, L]`` (True on its words); a [SEG] without a phrase has an all-False row. ``mirrored``: the
-    same phrases with left and right swapped, for reading the mirrored image (grounding/locator_mirror.py)."""
+    same phrases with left and right swapped, for reading the mirrored image (shapes/locator_mirror.py)."""
     embeds: torch.Tensor
     mask: torch.Tensor
     mirrored: "Phrases | None" = None
@@ -63,8 +64,9 @@ class Phrases:
 
 class SegLocator(nn.Module):
     """``scores[i, j] = <q(seg[i]), k(image[j])> / sqrt(dim)`` for [SEG] states ``[n, h]`` and image-token states
-    ``[g*g, h]`` (the language model's, at the last layer or ``seg_locator_layer``); batched ``[B, n, h]`` x
-    ``[B, g*g, h]`` too. Stage 1's pointer task trains it on the states at ``</ref>`` as well (train.py)."""
+    ``[g*g, h]`` (the language model's, at the layer the locator add-on's ``layer`` names: -1 the last, 0 its
+    input); batched ``[B, n, h]`` x ``[B, g*g, h]`` too. Stage 1's pointer task trains it on the states at
+    ``</ref>`` as well (``pointer_loss``, shapes/stages.py)."""
 
     def __init__(self, hidden_size: int, dim: int = 64, words: bool = False):
         super().__init__()
@@ -98,15 +100,15 @@ class SegLocator(nn.Module):
 
 class FusionLocator(nn.Module):
     """Phrase words ``[n, L, h]`` and image features ``[g*g, width]`` (or ``[n, g*g, width]``; the vision tower's
-    patch features, ``GroundingModel.locator_keys``) -> scores ``[n, g*g]`` and a box per cell.
+    patch features, ``GroundingModel.vision_features``) -> scores ``[n, g*g]`` and a box per cell.
 
     One sequence per [SEG]: a learnt query token, the phrase's words (+ learnt word positions) and the cells
     (+ learnt cell positions), each input through LayerNorm -> Linear to ``dim``; ``layers`` pre-norm
     transformer layers over it; then ``<q(query), k(cell)> / sqrt(dim)``, and from each fused cell the box of
-    the referred object (``box``: cx, cy, w, h through a sigmoid, as a fraction of the padded square; given to
-    the mask decoder with the click, it adds ~6 IoU points on found objects). It reads the phrase, not the [SEG]
-    state: the phrase is what the answer wrote, and so it trains on cached features without the language model.
-    Words past ``max_words`` are dropped."""
+    the referred object (``box``: cx, cy, w, h through a sigmoid, as a fraction of the padded square): given to
+    the mask decoder, a box tells it the object's extent, which a click does not (measured in the model card). It
+    reads the phrase, not the [SEG] state: the phrase is what the answer wrote, and so it trains on cached
+    features without the language model. Words past ``max_words`` are dropped."""
 
     def __init__(self, hidden_size: int, grid: int, layers: int = 2, dim: int = 128, heads: int = 4,
                  max_words: int = 48, image_size: int | None = None):
@@ -129,8 +131,8 @@ class FusionLocator(nn.Module):
     def deepened(self, layers: int) -> "FusionLocator":
         """A copy with ``layers`` (> this one's) layers: this one's weights, then new layers whose residual branches
         start at zero (attention out-projection, second MLP linear), so the copy scores exactly as this one does
-        until the new layers learn. Training it goes on from a trained locator instead of from scratch (a fresh
-        4-layer locator needed ~2,000 steps to reach 68% val top-1, where the 2-layer one it grows from is at 75%)."""
+        until the new layers learn. Training it goes on from a trained locator instead of from scratch, which
+        would first have to catch up with the shallower one (measured in the model card)."""
         old = len(self.encoder.layers)
         if layers <= old:
             raise ValueError(f"a locator of {old} layers cannot be deepened to {layers}")

@@ -4,16 +4,16 @@
 it names the same object there. So the locator also reads the flipped image's patch features with the phrase's
 left/right words swapped; that score map, flipped back, is added to the first as log-probabilities, and the
 boxes read at each cell (flipped back) are averaged. Two readings of one question disagree where the locator is
-unsure, and their sum settles most of those cases (default model, val: best cell on the referred object 87.3% ->
-88.8%, box Acc@0.5 at that cell 86.3% -> 87.3%; weights/shapes-tiny/MODEL_CARD.md, v10). It costs one more
-vision-tower pass per image and one more locator pass per phrase, both small beside the language model.
+unsure, and their sum settles many of those cases (measured in weights/shapes-tiny/MODEL_CARD.md). With both
+readings the locator is exactly mirror-symmetric. It costs one more vision-tower pass per image and one more
+locator pass per phrase, both small beside the language model.
 
 Only the left-right mirror: photographs are not up-down symmetric (gravity), and "on top of" names depth as
 often as height. The word swap works on token ids, so it needs no re-tokenising: a word-level vocabulary swaps
 ``left``/``leftmost`` whole; a BPE vocabulary that spells "leftmost" as ``▁left`` + ``most`` swaps the piece.
-A per-model setting (``GroundingConfig.locator_mirror``), on for the default model.
+The ``locator`` add-on's ``mirror`` setting (shapes/addons.py), on for the default model.
 
-Geometry: the locator's ``g x g`` cells are row-major over the padded square (seg_locator.py); flipping the
+Geometry: the locator's ``g x g`` cells are row-major over the padded square (shapes/locator.py); flipping the
 square's pixels flips its columns, so cell ``(r, c)`` of the mirror is cell ``(r, g - 1 - c)`` of the image and a
 box ``x1..x2`` (fractions of the square) is ``1 - x2 .. 1 - x1``.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from grounding.tokenizer import split_space_marker
+from grounding.text.tokenizer import split_space_marker
 
 # Words whose meaning flips with the image (lower case; a token keeps its own case and leading-space marker).
 MIRROR_WORDS = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}

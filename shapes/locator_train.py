@@ -2,13 +2,14 @@
 
 ``groundseg train-locator --model M --data D --out O`` keeps every weight of M and gives it a new [SEG] locator
 that reads each [SEG]'s phrase with the image. The locator reads the vision tower's patch features, which do not
-depend on the text: they are computed once per image, and then a step costs ~0.15 s on a 2-core CPU instead of
-a full forward pass, so thousands of steps fit in minutes. The cache holds images x g*g x width float32 values
-(2,700 x 64 x 192: 130 MB; v4's 17,100 images: 0.84 GB; a CLIP-L tower on RefCOCO's 17k images would need
-~40 GB: use ``limit``). Its targets are those of the locator loss in training: the token-grid cells each referred
-object covers (``mask_cells``), and on those cells the object's box (DETR's L1 + generalised IoU loss); a "multi"
-phrase ("all red shapes") targets the union of its objects' cells, with no box. ``extra_data`` folders add their
-train phrases (more scenes: the locator learns from phrases alone, and v3's had learnt its 25,681 by heart).
+depend on the text: they are computed once per image, and then a step costs a locator pass instead of a full
+forward pass, so thousands of steps fit in minutes on a CPU. The cache holds images x g*g x width float32 values
+(the default model's tower: 64 x 192 per image, 49 kB; a CLIP-L tower's 576 x 1024 on RefCOCO's 17k images
+would need ~40 GB: use ``limit``). Its targets are those of the locator loss in training: the token-grid cells
+each referred object covers (``mask_cells``), and on those cells the object's box (DETR's L1 + generalised IoU
+loss); a "multi" phrase ("all red shapes") targets the union of its objects' cells, with no box. ``extra_data``
+folders add their train phrases: the locator learns from phrases alone, and on a few thousand scenes it learns
+their phrases by heart (the model card measures what more scenes gave).
 
 Top-1 (the best cell lies on the referred object) is reported on the evaluation split, per expression category
 where the data has ``scenes.json`` (the synthetic sets); the last step's locator is kept (no selection on it).
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from grounding.checkpoint import load_checkpoint, save_checkpoint
 from grounding.data.refer import ReferDataset
@@ -31,7 +31,8 @@ from grounding.data.tasks import _no_article
 from grounding.images import load_image
 from grounding.model import GroundingModel
 from grounding.processor import GroundingProcessor
-from grounding.tokens import SEG
+from grounding.progress import progress_bar
+from grounding.text.tokens import SEG
 from grounding.trainer import batch_indices, plot_losses
 from shapes.locator import FusionLocator, Phrases, box_loss, box_iou_at, locator_loss, mask_cells, square_boxes
 
@@ -104,14 +105,20 @@ def build_samples(model: GroundingModel, processor: GroundingProcessor, ds: Refe
     items = items[:limit] if limit else items
     image_ids = sorted({i for i, *_ in items})
     row_of = {im: r for r, im in enumerate(image_ids)}
-    images = [load_image(ds.image_path(i)) for i in tqdm(image_ids, desc=f"{split} images", disable=not progress)]
+    images = []
+    with progress_bar(len(image_ids), f"{split} images", enabled=progress) as advance:
+        for i in image_ids:
+            images.append(load_image(ds.image_path(i)))
+            advance()
     states = locator_keys(model, processor, images)
     phrase_ids, targets, boxes = [], [], []
-    for _, text, ann_ids, _ in tqdm(items, desc=f"{split} phrases", disable=not progress):
-        phrase_ids.append(phrase_token_ids(model, processor, text))
-        masks = torch.from_numpy(np.stack([ds.mask(a) for a in ann_ids]))
-        targets.append(mask_cells(masks, grid).any(0))
-        boxes.append(square_boxes(masks)[0] if len(ann_ids) == 1 else torch.zeros(4))
+    with progress_bar(len(items), f"{split} phrases", enabled=progress) as advance:
+        for _, text, ann_ids, _ in items:
+            phrase_ids.append(phrase_token_ids(model, processor, text))
+            masks = torch.from_numpy(np.stack([ds.mask(a) for a in ann_ids]))
+            targets.append(mask_cells(masks, grid).any(0))
+            boxes.append(square_boxes(masks)[0] if len(ann_ids) == 1 else torch.zeros(4))
+            advance()
     return LocatorSamples(states, torch.tensor([row_of[i] for i, *_ in items]), phrase_ids, torch.stack(targets),
                           torch.stack(boxes), [c for *_, c in items])
 
@@ -174,29 +181,29 @@ def train_locator(model_dir: str | Path, data: str | Path, out: str | Path, step
     eval_path.write_text("")
     scores_now: dict[str, float] = {}
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc="locator", disable=not progress)
-    for step in bar:
-        index = batch_indices(step, len(train_set), batch_size, seed)
-        scores, boxes = locator.locate(None, train_set.image_states[train_set.rows[index]],
-                                       _phrases(train_set, index, embed))
-        targets = train_set.targets[index]
-        locate = locator_loss(scores, targets)
-        box = box_loss(boxes, train_set.boxes[index], targets & train_set.boxes[index].any(-1, keepdim=True))
-        loss = locate + (box if box is not None else 0)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(locator.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        record = {"step": step + 1, "locate_loss": locate.item(), "box_loss": box.item() if box is not None else 0.0,
-                  "time_s": time.perf_counter() - start}
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            scores_now = top1(locator, eval_set, embed)
-            bar.set_postfix(top1=f"{scores_now['top1']:.3f}")
-            with eval_path.open("a") as f:
-                f.write(json.dumps({"step": step + 1, **scores_now}) + "\n")
+    with progress_bar(steps, "locator", enabled=progress, fields={"top1": "top-1 {}"}) as advance:
+        for step in range(steps):
+            index = batch_indices(step, len(train_set), batch_size, seed)
+            scores, boxes = locator.locate(None, train_set.image_states[train_set.rows[index]],
+                                           _phrases(train_set, index, embed))
+            targets = train_set.targets[index]
+            locate = locator_loss(scores, targets)
+            box = box_loss(boxes, train_set.boxes[index], targets & train_set.boxes[index].any(-1, keepdim=True))
+            loss = locate + (box if box is not None else 0)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(locator.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            record = {"step": step + 1, "locate_loss": locate.item(),
+                      "box_loss": box.item() if box is not None else 0.0, "time_s": time.perf_counter() - start}
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if (step + 1) % eval_every == 0 or step + 1 == steps:
+                scores_now = top1(locator, eval_set, embed)
+                with eval_path.open("a") as f:
+                    f.write(json.dumps({"step": step + 1, **scores_now}) + "\n")
+            advance(top1=f"{scores_now['top1']:.3f}" if scores_now else "-")
     save_checkpoint(model, tokenizer, out / "model")
     plot_losses(log_path, out / "loss_locator.png")
     plot_scores(eval_path, out / "locator_top1.png", eval_split)

@@ -7,7 +7,6 @@ the accuracy of colour, kind, texture and size and the mean box L1 error (in uni
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -1,16 +1,16 @@
 """RefCopy: while an answer's ``<ref>`` phrase repeats words of the question, its next word leans to the question's.
 
-Asked "Where is the shape with five corners?", the default model answered "<ref>the shape with four corners</ref>"
-in 4% of val REC answers (118 of 2,847; 38% of those boxes were right against 86% of the rest): a small language
-model copies a phrase imperfectly, and the locator then finds the object of the words it wrote. The miscopied
-word was the model's choice by a small margin (median 1.2 nats over the question's word). So, while decoding:
-when the phrase written since ``<ref>`` so far is a run of the question's words, every token that continues such a
-run, and ``</ref>``, gets ``bias`` added to its logit. The model still picks among them, and it keeps any other
-word it prefers by more than ``bias`` (3 nats: 20 times); once the phrase leaves the question (a region's
+Asked "Where is the shape with five corners?", a small language model can answer "<ref>the shape with four
+corners</ref>": it copies a phrase imperfectly, and the locator then finds the object of the words it wrote. The
+miscopied word is typically the model's choice by a small margin over the question's word (measured on the
+default model in weights/shapes-tiny/MODEL_CARD.md). So, while decoding: when the phrase written since ``<ref>``
+so far is a run of the question's words, every token that continues such a run, and ``</ref>``, gets ``bias``
+added to its logit. The model still picks among them, and it keeps any other word it prefers by more than
+``bias`` nats (a factor of ``e ** bias`` in probability); once the phrase leaves the question (a region's
 description, an object the question does not name) nothing is pushed, and its first word never is.
 
 Words are compared as lower-case token texts without their leading-space marker (``Ġ``/``▁``), so "the" at the
-start of a phrase matches " the" inside the question. A per-model setting (``GroundingConfig.ref_copy_bias``).
+start of a phrase matches " the" inside the question. The ``ref_copy`` add-on (``bias``; shapes/addons.py).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from grounding.tokenizer import split_space_marker
-from grounding.tokens import REF_END, REF_START
+from grounding.text.tokenizer import split_space_marker
+from grounding.text.tokens import REF_END, REF_START
 
 
 @dataclass

@@ -25,7 +25,7 @@ from torch import nn
 
 from grounding.data.tasks import Conversation
 from grounding.lora import model_part
-from grounding.tokens import REF_END, REF_START
+from grounding.text.tokens import REF_END, REF_START
 from grounding.trainer.conversations import ConversationStage, prompt_loss
 from grounding.trainer.data import TrainData
 from grounding.trainer.stages import Stage, register_stage

@@ -1,12 +1,11 @@
 """Initialisation of a small language model trained from scratch (stage 1 of the default model).
 
 transformers initialises Llama with N(0, 0.02) everywhere, a scale made for 4096-wide models. At width 256 it
-leaves the word embeddings at norm ~0.3 against the image tokens' ~14 (after the projector norm) and every
-linear layer shrinking its input ~3x, and the model is slow to gather a phrase into one state. Measured on
-the binding diagnostic of 2026-11-23 (frozen stage-0 tower, the state at ``</ref>`` pointing at its object's
-image tokens, batches of 32): top-1 on attribute phrases 21-34% with the default init (250 to 1,250 steps), 29%
-with this one and 62% with this one plus ``TrainConfig.phrase_words_loss`` (500 steps); a bag-of-words query
-reaches 72% in 200 (model card, "v1").
+leaves the word embeddings at norm 0.02 * sqrt(256) ~ 0.3, far below the normed image tokens', and every linear
+layer shrinking its input ~3x, and the model is slow to gather a phrase into the one state that must look its
+object up. This init, with stage 1's phrase-words task (``phrase_words_loss``, shapes/stages.py), makes it learn
+that about as fast as a bag-of-words query does (the binding diagnostic in weights/shapes-tiny/MODEL_CARD.md).
+Stage 1 applies it with ``reinit_language_model``.
 """
 from __future__ import annotations
 

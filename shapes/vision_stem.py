@@ -6,13 +6,11 @@ pixels. Pretrained at CLIP's scale that is enough; a 4-layer tower trained from 
 learns colour and position quickly through it but the shape of an object (a triangle vs a star) very slowly.
 Here ``log2(patch)`` stages of two 3x3 convolutions (the first with stride 2; GroupNorm and GELU between) give
 the same ``[B, width, s/patch, s/patch]`` grid with local shape features, and CLIP's linear patch embedding is
-added to it: GroupNorm removes each image's mean colour, which the linear path keeps.
-
-Measured on the synthetic scenes (per-patch labels of grounding/data/patch_labels.py, 256 px, patch 32, batch
-64, same tower, 200 steps; weights/shapes-tiny/MODEL_CARD.md, v1): kind accuracy 11.5% with one conv per stage
-and no norm, 25.5% with this deep path alone (but colour 40%: GroupNorm), 20.8% / colour 85.5% with both paths
-(37% kind at 300 steps).
-Real LLaVA checkpoints keep CLIP's own embedding (``GroundingConfig.vision_stem`` is None).
+added to it: GroupNorm removes each image's mean colour, which the linear path keeps. The stems were compared
+on the per-patch labels of the synthetic scenes (shapes/scenes/patch_labels.py); the measurements are in
+weights/shapes-tiny/MODEL_CARD.md.
+It is the ``vision_stem`` add-on (``kind: conv``; shapes/addons.py); real LLaVA checkpoints keep CLIP's own
+embedding (they do not name the add-on).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ def test_a_checkpoints_addons_round_trip_and_bad_ones_name_what_is_wrong(tiny, t
     model, tok = tiny
     with pytest.raises(CheckpointError, match="unknown add-on 'sharpen'"):
         build_addons({"sharpen": {}})
-    with pytest.raises(CheckpointError, match="'box_clip' has no setting 'margn'"):
+    with pytest.raises(CheckpointError, match="add-on 'box_clip': no setting 'margn'"):
         build_addons({"box_clip": {"margn": 0.1}})
     model.addons.update({a.name: a for a in build_addons({"mask_zoom": {"context": 2.0}, "box_clip": {}})})
     try:

@@ -27,7 +27,7 @@ from apps.exporters import mask_polygons, sidecar_paths
 from grounding.errors import CheckpointError, DatasetError, PromptError
 from grounding.images import load_image
 from grounding.result import Prediction, Target, box_from_mask
-from grounding.video_io import VideoReader, VideoWriter
+from grounding.video.io import VideoReader, VideoWriter
 
 REPO = Path(__file__).resolve().parent.parent
 FORMATS = ["coco", "yolo", "labelme"]

@@ -1,4 +1,4 @@
-"""Tests of grounding.boxes: text <-> geometry round trips, the answer parser, IoU.
+"""Tests of grounding.text.boxes: text <-> geometry round trips, the answer parser, IoU.
 
 Sizes are (H, W); boxes are pixel xyxy in the original image.
 """
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from grounding import boxes as B
-from grounding.boxes import (
+from grounding.text import boxes as B
+from grounding.text.boxes import (
     DIVISOR,
     ParsedTarget,
     box_iou,
@@ -27,7 +27,7 @@ from grounding.boxes import (
     parse_shikra_points,
     qwen_eval_box,
 )
-from grounding.tokens import SEG, SPECIAL_TOKENS
+from grounding.text.tokens import SEG, SPECIAL_TOKENS
 
 # Encoding rounds x / size * 999 to an integer: an error of at most 0.5 units, i.e.
 # 0.5 / 999 * size pixels after decoding with value / 999 * size. That is < 1 px for every

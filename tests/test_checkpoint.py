@@ -80,7 +80,7 @@ def test_missing_weights_file_names_the_path(tiny_dir, tmp_path):
 def test_missing_llava_folder_names_the_path(tmp_path):
     from grounding.checkpoint import load_checkpoint
     from grounding.config import GroundingConfig
-    from grounding.tokenizer import train_tokenizer
+    from grounding.text.tokenizer import train_tokenizer
     d = tmp_path / "assembled"
     d.mkdir()
     GroundingConfig(vlm_path=str(tmp_path / "llava-1.5-7b-hf")).save(d)

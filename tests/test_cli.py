@@ -92,7 +92,7 @@ def test_a_bare_shape_name_gets_its_mask_with_or_without_an_answer_prefix(tmp_pa
     phrase (--answer-prefix) skips the language model's yes/no altogether."""
     from pathlib import Path
 
-    from grounding.boxes import box_iou
+    from grounding.text.boxes import box_iou
 
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "r.json"

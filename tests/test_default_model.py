@@ -32,7 +32,7 @@ def grounder():
 
 
 def test_referring_masks_on_unseen_scenes(grounder, unseen):
-    from grounding.boxes import box_iou
+    from grounding.text.boxes import box_iou
     from shapes.scenes.figures import mask_box_xyxy
     from grounding.images import load_image
     from grounding import Query

@@ -19,10 +19,10 @@ from apps.demo_handlers import (COLOR_MAP, GENERIC_ERROR, DemoHandlers, Download
                                 answer_pieces, masks_zip)
 from apps.demo_video import VideoHandlers
 from apps.overlay import target_colour
-from grounding.boxes import parse_answer
+from grounding.text.boxes import parse_answer
 from grounding import Grounder
 from grounding.result import Prediction, Target, box_from_mask, rle_decode
-from grounding.video_io import VideoReader, VideoWriter
+from grounding.video.io import VideoReader, VideoWriter
 from tests.conftest import draw_scene
 
 # gradio's queue calls pandas in a way pandas 3 deprecates: not ours, and not worth a warning per test.

@@ -103,7 +103,7 @@ def test_a_tiny_model_learns_to_click_on_its_object(scene, tmp_path, words, laye
     assert torch.allclose(calls[1][0], calls[0][0])
     assert boxes is None or torch.allclose(calls[1][1], boxes)
     if fusion:   # a generated answer's box numbers are the locator's box (shapes/box_writer.py)
-        from grounding.boxes import format_box
+        from grounding.text.boxes import format_box
         ask = Query(image, question, answer_prefix="<ref>the red circle</ref><box>")
         written = g.predict_batch([ask], max_new_tokens=40)[0].answer
         assert written.startswith("<ref>the red circle</ref>" + format_box(boxes[0].tolist(), image.shape[:2])), written

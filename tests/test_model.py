@@ -78,7 +78,7 @@ def test_gradients_reach_every_trainable_part_and_frozen_parts_stay(overfit):
 
 
 def test_seg_state_before_reads_the_token_preceding_seg(tiny):
-    from grounding.tokens import SEG
+    from grounding.text.tokens import SEG
     model, tok = tiny
     seg_id = tok.convert_tokens_to_ids(SEG)
     ids = torch.tensor([[5, 6, seg_id, 7, seg_id]])

@@ -161,7 +161,7 @@ def test_questions_empty_long_and_non_english(grounder, scene):
 
 
 def test_clicks_go_into_the_question_as_text(grounder, scene):
-    from grounding.prompts import build_prompt, visual_prompt_text
+    from grounding.text.prompts import build_prompt, visual_prompt_text
     image = scene[0]
     h, w = image.shape[:2]
     text = visual_prompt_text((h, w), points=[[48, 36]], point_labels=[1], boxes=[[0, 0, w, h]])

@@ -17,9 +17,9 @@ from PIL import Image
 from apps.overlay import draw_overlay
 from grounding.errors import PromptError, VideoError
 from grounding.result import Prediction, Target, rle_decode
-from grounding.video import (FrameObject, FrameResult, VideoRun, _Carried, _Reasker, match_by_iou, mask_iou_matrix,
-                             predict_video, track)
-from grounding.video_io import VideoReader, VideoWriter
+from grounding.video import FrameObject, FrameResult, VideoRun, predict_video, track
+from grounding.video.carry import _Carried, _Reasker, match_by_iou, mask_iou_matrix
+from grounding.video.io import VideoReader, VideoWriter
 from segdecoder.video import ObjectPrompt, StreamingSam2Tracker
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "shapes-tiny"
@@ -372,7 +372,7 @@ def test_fallback_carry_follows_shapes_from_their_first_box(default_grounder, tm
     """The default model has no SAM2 memory: its decoder carries each shape from its first-frame box. J (mean
     IoU over frames) on two synthetic videos must stay well above chance."""
     from shapes.scenes.synthetic_video import generate_video
-    from grounding.video_eval import iou
+    from grounding.video.evaluate import iou
     scores = []
     for seed in (11, 12):
         folder = generate_video(tmp_path_factory.mktemp("carry") / "v", 8, seed=seed, size=(120, 160))

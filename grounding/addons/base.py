@@ -129,8 +129,8 @@ class AddOn(nn.Module):
         known = {f.name for f in dataclasses.fields(cls.Settings)}
         unknown = sorted(set(values or {}) - known)
         if unknown:
-            raise ValueError(f"add-on {cls.name!r} has no setting {', '.join(map(repr, unknown))}; "
-                             f"its settings: {', '.join(sorted(known)) or 'none'}")
+            raise ValueError(f"no setting {', '.join(map(repr, unknown))} (its settings: "
+                             f"{', '.join(sorted(known)) or 'none'})")
         return cls.Settings(**(values or {}))
 
     @property

@@ -9,7 +9,7 @@ import torch
 
 from grounding.model import GroundingModel
 from grounding.processor import EncodedText, GroundingProcessor
-from grounding.prompts import build_prompt
+from grounding.text.prompts import build_prompt
 
 
 @dataclass

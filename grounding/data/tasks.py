@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from grounding.boxes import format_box, format_point
+from grounding.text.boxes import format_box, format_point
 from grounding.data.refer import ReferDataset
-from grounding.tokens import SEG
+from grounding.text.tokens import SEG
 
 SEG_QUESTIONS = ("Please segment {s}.", "Can you segment {s} in this image?", "Where is {s}? Please give its mask.",
                  "Find {s}.", "Show me {s}.")
@@ -119,8 +119,8 @@ def _category_conversations(ds: ReferDataset, split: str, rng: np.random.Generat
 
     Why: referring expressions name an object with as many words as make it unique, so "the circle" rarely occurs
     as a positive, while the no-target phrases often are bare names; a model trained on those alone learns to
-    deny short questions (model card, v6). A category with several instances has no single answer and is left
-    out."""
+    deny short questions (weights/shapes-tiny/MODEL_CARD.md). A category with several instances has no single
+    answer and is left out."""
     anns_by_image = ds.annotations_by_image()
     names = sorted(set(ds.categories.values()))
     out: list[Conversation] = []
@@ -140,8 +140,8 @@ def _category_conversations(ds: ReferDataset, split: str, rng: np.random.Generat
                 answer, question = _ref(phrase, box, size, False), _pick(rng, REC_QUESTIONS)
             out.append(Conversation(image_id, question.format(s=phrase), answer, "category",
                                     tuple(ids) if with_masks else ()))
-        # one denial per image: as many denials as answers (tried for v7) made the model deny present categories
-        # more often (67% instead of 55%), not absent ones more reliably (model card, v7)
+        # one denial per image: as many denials as answers made the model deny present categories more often, not
+        # absent ones more reliably (measured in weights/shapes-tiny/MODEL_CARD.md)
         absent = [n for n in names if n not in by_name]
         if absent:
             name = absent[int(rng.integers(len(absent)))]

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from grounding.boxes import ParsedTarget, parse_answer
+from grounding.text.boxes import ParsedTarget, parse_answer
 from grounding.errors import CheckpointError
 
 ENTRY_POINT_GROUP = "groundseg.families"

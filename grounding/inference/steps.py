@@ -14,9 +14,9 @@ from grounding.addons import AddOn, AnswerRows, DecoderPrompts, LogitsRule, Mask
 from grounding.errors import CheckpointError, QuestionError
 from grounding.inference.prepared import PreparedImage, Query, check_prompts
 from grounding.processor import EncodedText, GroundingProcessor
-from grounding.prompts import build_prompt, visual_prompt_text
+from grounding.text.prompts import build_prompt, visual_prompt_text
 from grounding.result import Prediction, Target, box_from_mask
-from grounding.tokens import IMAGE, SEG
+from grounding.text.tokens import IMAGE, SEG
 from segdecoder import ImageEmbedding, MaskPrediction
 
 
@@ -30,11 +30,14 @@ def active_addons(model, overrides: Mapping[str, Any] | None, tokenizer) -> list
             addons.pop(name, None)
             continue
         values = value if isinstance(value, Mapping) else {}
-        if name in addons:
-            addons[name] = addons[name].with_settings(values) if values else addons[name]
-            continue
-        cls = addon_class(name)
-        addon = cls(cls.parse_settings(values))
+        try:
+            if name in addons:
+                addons[name] = addons[name].with_settings(values) if values else addons[name]
+                continue
+            cls = addon_class(name)
+            addon = cls(cls.parse_settings(values))
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"add-on {name!r}: {exc}") from exc
         addon.attach(model, tokenizer)
         if any(True for _ in addon.parameters()):
             raise CheckpointError(f"add-on {name!r} has trained weights and this model has none: it cannot be "

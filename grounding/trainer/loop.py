@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from tqdm import tqdm
 
 from grounding.checkpoint import load_checkpoint, save_checkpoint
 from grounding.presets import build_random
+from grounding.progress import progress_bar
 from grounding.trainer.config import TrainConfig
 from grounding.trainer.data import TrainData
 from grounding.trainer.stages import stage_class
@@ -103,40 +103,42 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         log_path.write_text("".join(l + "\n" for l in kept))
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * cfg.grad_accum
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (progress and accelerator.is_main_process),
-               desc=f"stage {cfg.stage}", unit="step")
+    bar = progress_bar(cfg.steps, f"stage {cfg.stage}", enabled=progress and accelerator.is_main_process,
+                       completed=start, fields={"loss": "loss {}"})
     t0 = time.time()
-    for step in bar:
-        model.train()
-        idx = batch_indices(step, task.size, per_step * world, cfg.seed)
-        idx = idx[rank * per_step:(rank + 1) * per_step]
-        rng = np.random.default_rng([cfg.seed, step, rank, 7])
-        parts: dict[str, float] = {"loss": 0.0}
-        for micro in range(cfg.grad_accum):
-            with accelerator.autocast():
-                loss, micro_parts = task.loss(model, raw, idx[micro * cfg.batch_size:(micro + 1) * cfg.batch_size], rng)
-            accelerator.backward(loss / cfg.grad_accum)
-            for k, v in {"loss": loss.item(), **micro_parts}.items():
-                parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
-        accelerator.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if accelerator.is_main_process:
-            record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "time_s": round(time.time() - t0, 2),
-                      **{k: round(v, 5) for k, v in parts.items()}}
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{parts['loss']:.3f}")
-        stopping = stop_after is not None and step + 1 >= stop_after and step + 1 < cfg.steps
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stopping:
-            _save_state(accelerator, out, step + 1, cfg.keep_checkpoints)
-            if accelerator.is_main_process:  # a usable model of the run so far, and its curve
-                save_checkpoint(raw, tokenizer, out / "model", merge_lora=cfg.merge_lora)
-                task.save(out)
-                plot_losses(log_path, out / "loss.png")
-        if stopping:
-            return None
+    with bar as advance:
+        for step in range(start, cfg.steps):
+            model.train()
+            idx = batch_indices(step, task.size, per_step * world, cfg.seed)
+            idx = idx[rank * per_step:(rank + 1) * per_step]
+            rng = np.random.default_rng([cfg.seed, step, rank, 7])
+            parts: dict[str, float] = {"loss": 0.0}
+            for micro in range(cfg.grad_accum):
+                micro_idx = idx[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]
+                with accelerator.autocast():
+                    loss, micro_parts = task.loss(model, raw, micro_idx, rng)
+                accelerator.backward(loss / cfg.grad_accum)
+                for k, v in {"loss": loss.item(), **micro_parts}.items():
+                    parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
+            accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if accelerator.is_main_process:
+                record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "time_s": round(time.time() - t0, 2),
+                          **{k: round(v, 5) for k, v in parts.items()}}
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                advance(loss=f"{parts['loss']:.3f}")
+            stopping = stop_after is not None and step + 1 >= stop_after and step + 1 < cfg.steps
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stopping:
+                _save_state(accelerator, out, step + 1, cfg.keep_checkpoints)
+                if accelerator.is_main_process:  # a usable model of the run so far, and its curve
+                    save_checkpoint(raw, tokenizer, out / "model", merge_lora=cfg.merge_lora)
+                    task.save(out)
+                    plot_losses(log_path, out / "loss.png")
+            if stopping:
+                return None
     accelerator.wait_for_everyone()
     return out / "model"  # written with the last step's state
 

@@ -1,7 +1,7 @@
 """Per-patch labels of the synthetic scenes, for stage 0: the vision tower's dense pretraining.
 
 A pretrained CLIP tower already tells the language model what is where; a tower trained from scratch through
-text alone does not (the v0 default model's image tokens carried no colour or kind: a linear probe named neither).
+text alone does not (a linear probe on such a tower's image tokens named neither colour nor kind; model card).
 Stage 0 stands in for CLIP's pretraining with labels the generator knows: for each cell of the tower's
 ``grid x grid`` patch grid, the object covering most of the cell (background when none covers 5% of it), its
 colour, kind, texture and size class, and its box.

@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from grounding.errors import DatasetError
+from grounding.progress import progress_bar
 from . import expressions as ex
 from ._io import write_bytes_atomic, write_json_atomic, write_pickle_atomic
 from .figures import (COLOURS, SHAPE_KINDS, SIZE_RANGES, ShapeSpec, contrasting_colours, iou,
@@ -177,21 +177,6 @@ def assign_splits(num_images: int, splits: Sequence[tuple[str, float]], seed: in
     return [labels[i] for i in order]
 
 
-@contextmanager
-def _progress(total: int, label: str, enabled: bool) -> Iterator:
-    """A rich progress bar on stderr (rich is a project dependency), or a no-op."""
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda: bar.advance(task)
-
-
 def _check_size_range(size_range) -> tuple[tuple[int, int], tuple[int, int]]:
     try:
         (h_lo, h_hi), (w_lo, w_hi) = size_range
@@ -226,7 +211,7 @@ def generate_dataset(out_dir: str | Path, num_images: int, seed: int,
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         results = pool.map(_scene_for_index, jobs, chunksize=4) if pool else map(_scene_for_index, jobs)
-        with _progress(len(jobs), "synthetic scenes", progress) as advance:
+        with progress_bar(len(jobs), "synthetic scenes", enabled=progress) as advance:
             for i, res in enumerate(results):
                 image_id, split = i + 1, split_of[i]
                 file_name = f"synth_{image_id:06d}.png"

@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
-from grounding.tokens import BOX_END, BOX_START, POINT_END, POINT_START, REF_END, REF_START, SEG
+from grounding.text.tokens import BOX_END, BOX_START, POINT_END, POINT_START, REF_END, REF_START, SEG
 
 Box = tuple[float, float, float, float]
 Point = tuple[float, float]

@@ -10,7 +10,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from grounding.tokens import SPECIAL_TOKENS, add_special_tokens
+from grounding.text.tokens import SPECIAL_TOKENS, add_special_tokens
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 # How a vocabulary piece marks the start of a word: byte-level BPE (GPT-2, this project's) and SentencePiece

@@ -1,6 +1,6 @@
 """Special tokens of the grounding vocabulary and how they get into a tokenizer.
 
-The answer grammar (see ``grounding.boxes``) is written with these strings; each must be
+The answer grammar (see ``grounding.text.boxes``) is written with these strings; each must be
 one token id so that the model can emit it in one step and [SEG] positions can be found by id.
 """
 from __future__ import annotations

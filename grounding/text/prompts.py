@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from grounding.boxes import format_box, format_point
-from grounding.tokens import IMAGE
+from grounding.text.boxes import format_box, format_point
+from grounding.text.tokens import IMAGE
 
 ANSWER_PREFIX = " ASSISTANT:"
 
