@@ -3,11 +3,11 @@ registered is looked up in the installed packages' ``groundseg.addons`` entry po
 registers its add-ons), so the core never imports the packages that define them."""
 from __future__ import annotations
 
-from importlib.metadata import entry_points
 from typing import Any, Mapping
 
 from grounding.addons.base import AddOn
 from grounding.errors import CheckpointError
+from grounding.plugins import registered
 
 ENTRY_POINT_GROUP = "groundseg.addons"
 _REGISTRY: dict[str, type[AddOn]] = {}
@@ -23,22 +23,15 @@ def register_addon(cls: type[AddOn]) -> type[AddOn]:
     return cls
 
 
-def _load_entry_points() -> None:
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        point.load()
-
-
 def addon_class(name: str) -> type[AddOn]:
-    if name not in _REGISTRY:
-        _load_entry_points()
-    if name not in _REGISTRY:
+    if registered(_REGISTRY, name, ENTRY_POINT_GROUP) is None:
         raise CheckpointError(f"unknown add-on {name!r}; known: {', '.join(sorted(_REGISTRY)) or 'none'} "
                               f"(an add-on comes from a package that registers it under '{ENTRY_POINT_GROUP}')")
     return _REGISTRY[name]
 
 
 def known_addons() -> list[str]:
-    _load_entry_points()
+    registered(_REGISTRY, None, ENTRY_POINT_GROUP)   # loads every package's add-ons
     return sorted(_REGISTRY)
 
 

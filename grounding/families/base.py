@@ -12,7 +12,6 @@ with ``@register_family``, or from another package under the ``groundseg.familie
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,6 +19,7 @@ import torch
 
 from grounding.text.boxes import ParsedTarget, parse_answer
 from grounding.errors import CheckpointError
+from grounding.plugins import registered
 
 ENTRY_POINT_GROUP = "groundseg.families"
 _FAMILIES: dict[str, "ModelFamily"] = {}
@@ -56,9 +56,6 @@ def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
 
 
 def get_family(name: str) -> ModelFamily:
-    if name not in _FAMILIES:
-        for point in entry_points(group=ENTRY_POINT_GROUP):
-            point.load()
-    if name not in _FAMILIES:
+    if registered(_FAMILIES, name, ENTRY_POINT_GROUP) is None:
         raise CheckpointError(f"unknown model family {name!r}; known: {', '.join(sorted(_FAMILIES))}")
     return _FAMILIES[name]

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
+
+from grounding.plugins import registered
 
 ENTRY_POINT_GROUP = "groundseg.stages"
 _STAGES: dict[int, type["Stage"]] = {}
@@ -66,9 +67,6 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
 
 
 def stage_class(number: int) -> type[Stage]:
-    if number not in _STAGES:
-        for point in entry_points(group=ENTRY_POINT_GROUP):
-            point.load()
-    if number not in _STAGES:
+    if registered(_STAGES, number, ENTRY_POINT_GROUP) is None:
         raise ValueError(f"unknown training stage {number}; known: {', '.join(map(str, sorted(_STAGES)))}")
     return _STAGES[number]
