@@ -48,7 +48,7 @@ def decode_zoomed(backend: MaskDecoderBackend, pixels: np.ndarray, first: MaskPr
     ``pixels``: the uint8 ``H x W x 3`` image; ``first``: ``backend.decode`` of the same prompts on the whole image.
     The prompts are as in ``MaskDecoderBackend.decode`` (pixel coordinates of the whole image, leading dim N).
     The window comes from the prompt's box when it has one, else from the box of its first mask (a click names a
-    point, not an extent). A prompt whose first mask is empty, or whose window is nearly the whole image, keeps
+    point, not an extent), grown to hold the prompt's clicks. A prompt whose first mask is empty, or whose window is nearly the whole image, keeps
     its first result. Returns (masks ``[N, H, W]`` with the zoomed decodes' predicted IoU, and ``low_res_logits``
     those of the whole-image decode, as the crops' are in other coordinates; how many crops were encoded).
     """
@@ -56,6 +56,9 @@ def decode_zoomed(backend: MaskDecoderBackend, pixels: np.ndarray, first: MaskPr
     windows = []
     for i in range(len(first.masks)):
         box = boxes[i].tolist() if boxes is not None else box_from_mask(first.masks[i])
+        if box is not None and points is not None:   # the crop must hold every click (a click off the mask too)
+            xs, ys = [box[0], box[2], *points[i, :, 0].tolist()], [box[1], box[3], *points[i, :, 1].tolist()]
+            box = [min(xs), min(ys), max(xs), max(ys)]
         windows.append(None if box is None else zoom_window(box, (H, W), context))
     todo = [i for i, w in enumerate(windows) if w is not None]
     if not todo:

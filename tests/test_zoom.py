@@ -63,6 +63,19 @@ def test_box_and_click_masks_land_on_the_same_pixels_as_without_zoom():
     assert np.array_equal(zoomed.masks, first.masks)
 
 
+def test_a_click_off_its_first_mask_stays_inside_the_crop():
+    """A background click far from the mask (the default model's demo clicks did this) widens the window instead of
+    falling outside the crop ("a point lies outside the image" before)."""
+    pixels = np.zeros((300, 400, 3), np.uint8)
+    dec = _RectDecoder()
+    first = MaskPrediction(np.zeros((1, 300, 400), bool), np.ones(1, np.float32), torch.zeros(1, 4, 4))
+    first.masks[0, 100:109, 100:109] = True                       # the mask lies away from the click at (160, 130)
+    points = torch.tensor([[[160.0, 130.0]]])
+    zoomed, crops = decode_zoomed(dec, pixels, first, 3.0, points=points, point_labels=torch.ones(1, 1, dtype=torch.long))
+    assert crops == 1 and dec.encoded[-1] == (180, 180)           # box (100, 100, 160, 130) grown: side 3 x 60
+    assert zoomed.masks[0, 126:135, 156:165].all() and zoomed.masks[0].sum() == 81   # the click's square, pasted back
+
+
 def test_an_empty_first_mask_is_kept_without_encoding():
     pixels = np.zeros((300, 400, 3), np.uint8)
     dec = _RectDecoder()
