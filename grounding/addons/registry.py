@@ -30,11 +30,6 @@ def addon_class(name: str) -> type[AddOn]:
     return _REGISTRY[name]
 
 
-def known_addons() -> list[str]:
-    registered(_REGISTRY, None, ENTRY_POINT_GROUP)   # loads every package's add-ons
-    return sorted(_REGISTRY)
-
-
 def build_addons(settings: Mapping[str, Mapping[str, Any] | None]) -> list[AddOn]:
     """``{name: settings}`` (a checkpoint's ``addons``) -> add-on instances, in that order."""
     out = []
