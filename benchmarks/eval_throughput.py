@@ -105,7 +105,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="rounds of each way (best kept)")
     ap.add_argument("--batch-size", type=int, default=32, help="questions per batch (across images)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's choice; 1 on a CPU other work shares: two threads "
+                         "wait on each other when a core is busy elsewhere, slowing small operations many times)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     grounder = build_grounder(args.size, args.decoder, args.device, args.max_new_tokens)
     device = grounder.device

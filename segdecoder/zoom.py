@@ -4,7 +4,9 @@ A SAM-style decoder sees the whole image resized to its input side, so an object
 covers few of the encoder's patches and its outline comes back coarse (the default model's SAM ``tiny`` reads 256 px
 through 16-px patches: a 1-3% object of a 480-px image spans 2-3 patches). Decoding the same prompt on a square of
 ``context`` times the object's box side, centred on the box, gives the object about ``1 / context`` of the
-decoder's input side whatever its size in the image. The price is one more image-encoder pass per object.
+decoder's input side whatever its size in the image. The price is one more image-encoder pass per object: the
+crops of one call are encoded in one batch, and the prompts that share a crop (an image's [SEG]s on the same
+object) are decoded in one decoder call.
 
 Too little context leaves the decoder too little of the object's surroundings to tell its outline; too much
 makes most crops the whole image again. The default model's ``mask_zoom`` add-on uses ``context`` 3, chosen on
@@ -48,8 +50,8 @@ def decode_zoomed(backend: MaskDecoderBackend, pixels: np.ndarray, first: MaskPr
     ``pixels``: the uint8 ``H x W x 3`` image; ``first``: ``backend.decode`` of the same prompts on the whole image.
     The prompts are as in ``MaskDecoderBackend.decode`` (pixel coordinates of the whole image, leading dim N).
     The window comes from the prompt's box when it has one, else from the box of its first mask (a click names a
-    point, not an extent), grown to hold the prompt's clicks. A prompt whose first mask is empty, or whose window is nearly the whole image, keeps
-    its first result. Returns (masks ``[N, H, W]`` with the zoomed decodes' predicted IoU, and ``low_res_logits``
+    point, not an extent), grown to hold the prompt's clicks. A prompt whose first mask is empty, or whose window is
+    nearly the whole image, keeps its first result. Returns (masks ``[N, H, W]`` with the zoomed decodes' predicted IoU, and ``low_res_logits``
     those of the whole-image decode, as the crops' are in other coordinates; how many crops were encoded).
     """
     H, W = pixels.shape[:2]
@@ -69,17 +71,20 @@ def decode_zoomed(backend: MaskDecoderBackend, pixels: np.ndarray, first: MaskPr
             [np.ascontiguousarray(pixels[t:b, l:r]) for l, t, r, b in unique])))
     masks, scores = first.masks.copy(), first.scores.copy()
     sides = np.full(len(masks), float(max(H, W)))
-    for i in todo:
-        l, t, r, b = windows[i]
-        shift = lambda xy, n: None if xy is None else xy[i:i + 1] - xy.new_tensor([l, t] * n)
-        crop = backend.decode(embeddings[windows[i]],
-                              seg_embeddings=None if seg_embeddings is None else seg_embeddings[i:i + 1],
-                              points=shift(points, 1), point_labels=None if point_labels is None else point_labels[i:i + 1],
-                              boxes=shift(boxes, 2), multimask=multimask, threshold=threshold)
-        masks[i] = False
-        masks[i, t:b, l:r] = crop.masks[0]
-        scores[i] = crop.scores[0]
-        sides[i] = max(r - l, b - t)
+    for window in unique:
+        # the prompts that share a crop are decoded in one call (the decoder repeats the crop's embedding per prompt)
+        rows = [i for i in todo if windows[i] == window]
+        pick = torch.tensor(rows, dtype=torch.long)
+        l, t, r, b = window
+        shift = lambda xy, n: None if xy is None else xy[pick.to(xy.device)] - xy.new_tensor([l, t] * n)
+        take = lambda x: None if x is None else x[pick.to(x.device)]
+        crop = backend.decode(embeddings[window], seg_embeddings=take(seg_embeddings), points=shift(points, 1),
+                              point_labels=take(point_labels), boxes=shift(boxes, 2), multimask=multimask,
+                              threshold=threshold)
+        masks[rows] = False
+        masks[rows, t:b, l:r] = crop.masks
+        scores[rows] = crop.scores
+        sides[rows] = max(r - l, b - t)
     return MaskPrediction(masks=masks, scores=scores, low_res_logits=first.low_res_logits,
                           region_sides=sides), len(unique)
 

@@ -76,3 +76,26 @@ def test_imports_flow_one_way(package, forbidden):
     """apps -> eval -> grounding -> segdecoder; the default model's package plugs in from outside."""
     bad = {str(p.relative_to(ROOT)): sorted(_imports(p) & forbidden) for p in (ROOT / package).rglob("*.py")}
     assert not {k: v for k, v in bad.items() if v}
+
+
+def test_the_locators_two_readings_in_one_pass_equal_two_passes():
+    """The mirrored reading (shapes/locator_mirror.py) runs with the image's reading as one batch of 2n phrases
+    (phrases of different lengths among them): the same scores and boxes as two separate passes."""
+    import torch
+
+    from shapes.locator import FusionLocator, Phrases
+    from shapes.locator_mirror import combine, locate_both
+
+    torch.manual_seed(0)
+    grid, n = 4, 3
+    net = FusionLocator(hidden_size=16, grid=grid, layers=2, dim=32, image_size=8).eval()
+    keys, mirrored = torch.randn(grid * grid, 8), torch.randn(grid * grid, 8)
+    words = torch.randn(n, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    phrases = Phrases(words, mask, mirrored=Phrases(torch.randn(n, 5, 16), mask))
+    states = torch.zeros(n, 16)
+    with torch.no_grad():
+        one = locate_both(net, states, keys, mirrored, phrases, grid)
+        two = combine(*net.locate(states, keys, phrases), *net.locate(states, mirrored, phrases.mirrored), grid)
+    for a, b in zip(one, two):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)

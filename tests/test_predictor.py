@@ -233,3 +233,38 @@ def test_click_tuning_runs_only_for_checkpoints_that_ask_for_it(tiny, scene):
     assert steps[0].refine(pred, ctx("prompt")).masks.sum() == 400
     assert steps[0].refine(pred, ctx("answer")).masks.sum() == 625          # answers' masks are not touched
     assert steps[0].refine(pred, ctx("prompt", torch.ones(1, 4))).masks.sum() == 625   # nor box prompts
+
+
+def test_the_grouped_engine_gives_the_naive_masks_with_the_default_models_mask_steps():
+    """The shipped model with its mask steps (zoom: one crop per object, prompts sharing it decoded together;
+    GrabCut on a thread pool): the grouped engine (each image's [SEG]s post-processed in one call) writes the same
+    answers and masks as one question at a time, and the steps did change masks."""
+    from pathlib import Path
+
+    import cv2
+
+    from grounding import Grounder, PrefixEngine, Query
+    from shapes.scenes.synthetic import compose_scene
+
+    scene = compose_scene(np.random.default_rng(7), 300, 400)
+    images = [cv2.imdecode(np.frombuffer(scene.png, np.uint8), cv2.IMREAD_COLOR)[..., ::-1].copy()]
+    asks = ["the circle", "the square", "the circle", "the largest shape", "the triangle"]
+    queries = [[Query(im, f"Please segment {a}.", answer="[SEG].") for a in asks] for im in images]
+    model = Path(__file__).resolve().parent.parent / "weights" / "shapes-tiny"
+    g = Grounder.from_pretrained(model, device="cpu")
+    grouped = [p for per_image in PrefixEngine(g).predict_groups([(q[0].image, q) for q in queries])
+               for p in per_image]
+    naive = []
+    for q in (q for per_image in queries for q in per_image):
+        g.clear_cache()
+        naive += g.predict_batch([q], batch_size=1)
+    assert g.zoom_crops > 0
+    plain = Grounder.from_pretrained(model, device="cpu", addons={"mask_refine": None, "mask_zoom": None})
+    unrefined = [p for per_image in PrefixEngine(plain).predict_groups([(q[0].image, q) for q in queries])
+                 for p in per_image]
+    changed = 0
+    for a, b, c in zip(naive, grouped, unrefined):
+        assert a.answer == b.answer and len(a.targets) == len(b.targets) == 1
+        assert np.array_equal(a.targets[0].mask, b.targets[0].mask)
+        changed += not np.array_equal(b.targets[0].mask, c.targets[0].mask)
+    assert changed >= len(grouped) // 2

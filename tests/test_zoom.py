@@ -17,6 +17,7 @@ class _RectDecoder:
 
     def __init__(self):
         self.encoded: list[tuple[int, int]] = []
+        self.decoded: list[int] = []    # prompts per decode call
 
     def encode(self, images):
         self.encoded += [im.shape[:2] for im in images]
@@ -26,6 +27,7 @@ class _RectDecoder:
                threshold=0.0):
         H, W = embedding.original_size
         n = len(boxes) if boxes is not None else len(points)
+        self.decoded.append(n)
         masks = np.zeros((n, H, W), bool)
         for i in range(n):
             if boxes is not None:
@@ -74,6 +76,21 @@ def test_a_click_off_its_first_mask_stays_inside_the_crop():
     zoomed, crops = decode_zoomed(dec, pixels, first, 3.0, points=points, point_labels=torch.ones(1, 1, dtype=torch.long))
     assert crops == 1 and dec.encoded[-1] == (180, 180)           # box (100, 100, 160, 130) grown: side 3 x 60
     assert zoomed.masks[0, 126:135, 156:165].all() and zoomed.masks[0].sum() == 81   # the click's square, pasted back
+
+
+def test_prompts_that_share_a_crop_are_decoded_together():
+    """Several [SEG]s of one image on the same object (one window): one crop encoded, one decoder call for all of
+    them, each mask pasted where it belongs; a prompt on another object gets its own crop and call."""
+    pixels = np.zeros((300, 400, 3), np.uint8)
+    dec = _RectDecoder()
+    whole = dec.encode([pixels])[0]
+    boxes = torch.tensor([[100.0, 120.0, 130.0, 140.0], [250.0, 30.0, 270.0, 60.0], [100.0, 120.0, 130.0, 140.0]])
+    first = dec.decode(whole, boxes=boxes)
+    dec.decoded.clear()
+    zoomed, crops = decode_zoomed(dec, pixels, first, 3.0, boxes=boxes)
+    assert crops == 2 and sorted(dec.decoded) == [1, 2]
+    assert np.array_equal(zoomed.masks, first.masks)
+    assert zoomed.region_sides.tolist() == [90, 90, 90]
 
 
 def test_an_empty_first_mask_is_kept_without_encoding():
