@@ -129,6 +129,7 @@ def build_decoder(
     preset: str,
     checkpoint: str | Path | None = None,
     image_size: int | None = None,
+    compile_encoder: bool = False,
 ) -> MaskDecoderBackend:
     """Build a backend (``"sam"`` or ``"sam2"``) of a preset size, in eval mode on the CPU.
 
@@ -136,7 +137,8 @@ def build_decoder(
     with the state dict under ``"model"``); ``None`` keeps random weights (tests, or weights that
     a parent model's state dict will bring). ``image_size`` overrides the preset's square input
     side (SAM: changes position-embedding shapes, so official weights need 1024; SAM2: any
-    multiple of 32 works with the same weights). Raises ``CheckpointError`` for a missing or
+    multiple of 32 works with the same weights). ``compile_encoder`` wraps the image encoder in
+    ``torch.compile`` (compiled on the first ``encode``; off by default). Raises ``CheckpointError`` for a missing or
     mismatching file, ``ValueError`` for an unknown backend/preset or a bad ``image_size``.
     """
     spec = preset_spec(backend, preset)
@@ -148,7 +150,7 @@ def build_decoder(
         from .sam import SamBackend as cls
     else:
         from .sam2 import Sam2Backend as cls
-    model = cls.from_spec(spec, preset=preset, image_size=image_size)
+    model = cls.from_spec(spec, preset=preset, image_size=image_size, compile_encoder=compile_encoder)
     if checkpoint is not None:
         model.load_checkpoint(checkpoint)
     return model.eval()

@@ -23,7 +23,7 @@ from torch import nn
 
 from .base import ImageEmbedding
 from .build import SamFamilyBackend, check_image
-from .sam_attention import use_sdpa_attention
+from .sam_attention import compile_image_encoder, keep_fp32_islands, use_sdpa_attention
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)   # on 0..255 pixels
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -70,23 +70,31 @@ class SamBackend(SamFamilyBackend, nn.Module):
     ``features`` are ``[1, prompt_dim, S/16, S/16]``; low-res logits ``[N, M, S/4, S/4]``.
     With ``sdpa_attention`` (the default) the image encoder's attention runs through
     ``scaled_dot_product_attention`` (``sam_attention.py``), in place on ``sam``: same parameters
-    and state-dict keys, so official checkpoints load before or after.
+    and state-dict keys, so official checkpoints load before or after. ``fp32_islands`` (default on;
+    a no-op in float32) keeps the layer norms of the neck / upscaler and the positional encodings in
+    float32 under bf16 weights (``keep_fp32_islands``). ``compile_encoder`` (off by default) wraps the
+    image encoder in ``torch.compile`` (``compile_image_encoder``): compiled on the first ``encode``,
+    again for each new batch size / dtype.
     """
 
     backend_name = "sam"
 
     def __init__(self, sam: Sam, preset: str = "custom", spec: dict[str, Any] | None = None,
-                 sdpa_attention: bool = True):
+                 sdpa_attention: bool = True, fp32_islands: bool = True, compile_encoder: bool = False):
         nn.Module.__init__(self)
         self.sam = sam
         if sdpa_attention:
             use_sdpa_attention(sam.image_encoder)
+        if fp32_islands:
+            keep_fp32_islands(sam)
+        if compile_encoder:
+            compile_image_encoder(sam.image_encoder)
         self._describe(preset, spec, sam.image_encoder.img_size, sam.prompt_encoder.embed_dim)
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any], preset: str = "custom",
-                  image_size: int | None = None) -> "SamBackend":
-        return cls(build_sam_model(spec, image_size), preset=preset, spec=spec)
+    def from_spec(cls, spec: dict[str, Any], preset: str = "custom", image_size: int | None = None,
+                  compile_encoder: bool = False) -> "SamBackend":
+        return cls(build_sam_model(spec, image_size), preset=preset, spec=spec, compile_encoder=compile_encoder)
 
     def official_model(self) -> nn.Module:
         return self.sam
@@ -194,8 +202,9 @@ class SamBackend(SamFamilyBackend, nn.Module):
             )
 
     def upscale(self, low_res_logits: torch.Tensor, embedding: ImageEmbedding) -> torch.Tensor:
-        """Differentiable: ``[N, M, S/4, S/4]`` -> ``[N, M, H, W]`` (upsample, crop padding, resize)."""
-        x = F.interpolate(low_res_logits, (self.image_size, self.image_size), mode="bilinear",
+        """Differentiable: ``[N, M, S/4, S/4]`` -> float32 ``[N, M, H, W]`` (upsample, crop padding, resize).
+        bf16 logits are upcast first (as LISA does): the 4x-16x upsampling then adds no bf16 rounding."""
+        x = F.interpolate(low_res_logits.float(), (self.image_size, self.image_size), mode="bilinear",
                           align_corners=False)
         h, w = embedding.input_size
         return F.interpolate(x[..., :h, :w], embedding.original_size, mode="bilinear",

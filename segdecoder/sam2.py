@@ -32,6 +32,7 @@ from torch import nn
 
 from .base import ImageEmbedding
 from .build import SamFamilyBackend, check_image
+from .sam_attention import compile_image_encoder, keep_fp32_islands
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # on 0..1 pixels
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -100,19 +101,31 @@ class Sam2Backend(SamFamilyBackend, nn.Module):
     """``MaskDecoderBackend`` over a ``sam2.modeling.sam2_base.SAM2Base`` held as ``self.sam2``.
 
     ``features`` are ``[1, prompt_dim, S/16, S/16]``; low-res logits ``[N, M, S/4, S/4]``.
+
+    Hiera's ``MultiScaleAttention`` already calls ``scaled_dot_product_attention`` in sam2 1.1.0 (it
+    has no relative-position bias), so nothing is swapped there. ``fp32_islands`` (default on; a no-op
+    in float32) keeps ``LayerNorm2d`` and the random positional encodings in float32 under bf16
+    weights (``sam_attention.keep_fp32_islands``); ``compile_encoder`` (off by default) wraps the image
+    encoder (trunk + FPN neck) in ``torch.compile``, default mode, compiled on first use (sam2's own
+    ``compile_image_encoder`` flag does the same with ``max-autotune`` at model build time).
     """
 
     backend_name = "sam2"
 
-    def __init__(self, sam2: SAM2Base, preset: str = "custom", spec: dict[str, Any] | None = None):
+    def __init__(self, sam2: SAM2Base, preset: str = "custom", spec: dict[str, Any] | None = None,
+                 fp32_islands: bool = True, compile_encoder: bool = False):
         nn.Module.__init__(self)
         self.sam2 = sam2
+        if fp32_islands:
+            keep_fp32_islands(sam2)
+        if compile_encoder:
+            compile_image_encoder(sam2.image_encoder)
         self._describe(preset, spec, sam2.image_size, sam2.sam_prompt_embed_dim)
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any], preset: str = "custom",
-                  image_size: int | None = None) -> "Sam2Backend":
-        return cls(build_sam2_model(spec, image_size), preset=preset, spec=spec)
+    def from_spec(cls, spec: dict[str, Any], preset: str = "custom", image_size: int | None = None,
+                  compile_encoder: bool = False) -> "Sam2Backend":
+        return cls(build_sam2_model(spec, image_size), preset=preset, spec=spec, compile_encoder=compile_encoder)
 
     def official_model(self) -> nn.Module:
         return self.sam2
@@ -245,8 +258,9 @@ class Sam2Backend(SamFamilyBackend, nn.Module):
         return low, iou
 
     def upscale(self, low_res_logits: torch.Tensor, embedding: ImageEmbedding) -> torch.Tensor:
-        """Differentiable: ``[N, M, S/4, S/4]`` -> ``[N, M, H, W]`` (one bilinear resize)."""
-        return F.interpolate(low_res_logits, embedding.original_size, mode="bilinear",
+        """Differentiable: ``[N, M, S/4, S/4]`` -> float32 ``[N, M, H, W]`` (one bilinear resize of the
+        logits upcast to float32, as ``SamBackend.upscale``)."""
+        return F.interpolate(low_res_logits.float(), embedding.original_size, mode="bilinear",
                              align_corners=False)
 
     def clamp_low_res(self, low: torch.Tensor) -> torch.Tensor:

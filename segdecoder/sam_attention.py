@@ -34,16 +34,34 @@ than bfloat16 *original* vs float32 original (max 0.038, mean 0.0067); test boun
 ``qkv``/``proj`` Linear modules and ``rel_pos_h``/``rel_pos_w`` Parameters under the same attribute
 names, so ``state_dict`` keys, shapes and already-loaded weights are unchanged, and checkpoints load
 before or after the swap. ``compile_image_encoder(encoder)`` adds ``torch.compile`` (default mode)
-in place, on request only.
+in place, on request only (``build_decoder(..., compile_encoder=True)``).
+
+bf16 / fp16 weights: ``keep_fp32_islands(model)`` (SAM and SAM2 alike; the backends call it) keeps the
+few places that lose most in half precision in float32, by swapping the class of the modules in place
+(same parameters, buffers and state-dict keys; in float32 the maths is unchanged, op for op):
+
+- ``LayerNorm2d`` (the encoder neck, the mask decoder's upscaling; SAM2's too) computes its mean and
+  variance by hand in the input's dtype: done in float32, the result cast back to the input's dtype;
+- ``PositionEmbeddingRandom`` (point / box / dense positional encodings: ``sin(2 pi x G)`` with
+  arguments up to ~20 rad, where bf16's 8-bit mantissa is off by ~0.1 rad) keeps its Gaussian matrix in
+  float32 through ``.to(bfloat16)`` and encodes in float32 with autocast off; callers cast the
+  encodings to the decoder's dtype where they meet bf16 tensors (``SamBackend.mask_logits`` does).
+
+``nn.LayerNorm`` needs nothing: its bf16 kernels accumulate in float32. The attention bias is built in
+float32 (above) and the SDPA kernels accumulate the softmax in float32. The backends upcast the low-res
+mask logits to float32 before upscaling them, as LISA does, so thresholds see no bf16 rounding.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, get_rel_pos
 from torch import nn
 
-__all__ = ["SdpaAttention", "rel_pos_bias", "use_sdpa_attention", "compile_image_encoder"]
+__all__ = ["SdpaAttention", "rel_pos_bias", "use_sdpa_attention", "compile_image_encoder",
+           "keep_fp32_islands"]
 
 
 def rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
@@ -133,3 +151,76 @@ def compile_image_encoder(encoder: nn.Module) -> nn.Module:
     """
     encoder.compile()
     return encoder
+
+
+# ---- float32 islands for bf16 / fp16 weights ------------------------------------------------------------
+
+class _Fp32LayerNorm2d:
+    """Mixin for a ``LayerNorm2d`` (``[B, C, H, W]``, normalised over C): the original's formula in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return super().forward(x)
+        x32 = x.float()
+        u = x32.mean(1, keepdim=True)
+        s = (x32 - u).pow(2).mean(1, keepdim=True)
+        y = (x32 - u) / torch.sqrt(s + self.eps)
+        y = self.weight.float()[:, None, None] * y + self.bias.float()[:, None, None]
+        return y.to(x.dtype)
+
+
+class _Fp32PositionEmbedding:
+    """Mixin for a ``PositionEmbeddingRandom``: the Gaussian matrix stays float32 through dtype casts (device
+    moves still apply) and the encoding runs in float32 with autocast off; outputs are float32."""
+
+    def _apply(self, fn, recurse=True):
+        keep = self.positional_encoding_gaussian_matrix
+        out = super()._apply(fn, recurse)
+        moved = self.positional_encoding_gaussian_matrix
+        if keep.is_floating_point() and moved.dtype != keep.dtype:
+            self.positional_encoding_gaussian_matrix = keep.to(device=moved.device, dtype=torch.float32)
+        return out
+
+    def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(coords.device.type, enabled=False):
+            coords = 2 * coords.float() - 1
+            coords = coords @ self.positional_encoding_gaussian_matrix.float()
+            coords = 2 * math.pi * coords
+            return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
+
+
+_SWAPPED: dict[type, type] = {}
+
+
+def _swap(module: nn.Module, mixin: type) -> bool:
+    cls = type(module)
+    if issubclass(cls, mixin):
+        return False
+    if cls not in _SWAPPED:
+        _SWAPPED[cls] = type(f"Fp32{cls.__name__}", (mixin, cls), {"__module__": __name__})
+    module.__class__ = _SWAPPED[cls]
+    return True
+
+
+def keep_fp32_islands(model: nn.Module) -> int:
+    """Swap every ``LayerNorm2d`` and ``PositionEmbeddingRandom`` of a segment_anything / sam2 model for their
+    float32-computing versions, in place (see the module docstring). Returns how many changed (0 the second time).
+    Call it before casting the model to bf16 so that the positional Gaussian matrix is never rounded."""
+    from segment_anything.modeling.common import LayerNorm2d as SamLayerNorm2d
+    from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom as SamPE
+
+    norms, encodings = [SamLayerNorm2d], [SamPE]
+    try:   # sam2 is optional here: SAM alone does not need it
+        from sam2.modeling.position_encoding import PositionEmbeddingRandom as Sam2PE
+        from sam2.modeling.sam2_utils import LayerNorm2d as Sam2LayerNorm2d
+        norms.append(Sam2LayerNorm2d)
+        encodings.append(Sam2PE)
+    except ImportError:
+        pass
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, tuple(norms)):
+            changed += _swap(module, _Fp32LayerNorm2d)
+        elif isinstance(module, tuple(encodings)):
+            changed += _swap(module, _Fp32PositionEmbedding)
+    return changed

@@ -22,9 +22,29 @@ Results equal ``Grounder.predict_batch`` up to float rounding (the test compares
 A question may carry a whole answer (teacher forcing: nothing is generated) or an answer prefix (the model
 writes the rest), as :class:`~grounding.inference.prepared.Query` says. Both paths take the same steps
 (grounding/inference/steps.py): question encoding, the add-ons' logits rules, [SEG] prompts, mask decoding.
+
+KV cache of a batch (``cache=``):
+  ``"dynamic"`` (default): transformers' ``DynamicCache``; every decode step concatenates one column to every
+      layer's keys/values and to the attention mask, so each step has new shapes.
+  ``"static"``: after the prefix ran, its rows are copied into a ``StaticCache`` preallocated for the whole batch
+      (prefix + suffix width + ``max_new_tokens``, rounded up to ``STATIC_ROUND`` slots so that batches of similar
+      prompts reuse one cache) and the attention mask is ``[rows, max_cache_len]`` from the start (unwritten slots
+      masked); a decode step then has fixed shapes (``input_ids [n, 1]``, ``position_ids [n, 1]``, the same mask
+      tensor updated in place), which is what CUDA graphs need. ``compile_decode=True`` (static only) runs the
+      decode step through ``torch.compile(fullgraph=True)``, mode ``"reduce-overhead"`` (CUDA graphs) on CUDA, the
+      default mode elsewhere; the suffix step stays eager.
+  Checked with transformers 5.25.0 / torch 2.14.1 (tests/test_static_cache.py): the static cache gives the same
+  greedy ids and hidden states within 1e-5 (fp32) as the dynamic one, and the compiled step traces as one graph
+  on CPU. What broke on the way, and is handled here: with ``fullgraph=True`` the FIRST forward call that asks
+  for ``output_hidden_states`` installs transformers' output-capturing hooks under a ``threading.Lock``, which
+  dynamo cannot trace (``torch._dynamo.exc.Unsupported`` inside ``maybe_install_capturing_hooks``); the eager
+  suffix step asks for hidden states first, so the hooks exist before the compiled step runs. In 5.25
+  ``StaticLayer.update`` writes at its own ``cumulative_length`` (no ``cache_position``), so the prefix is
+  copied in with ``update`` and the masks follow the cache slots, not ``position_ids``.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import torch
@@ -36,13 +56,25 @@ from grounding.inference.steps import cut_at
 from grounding.processor import IGNORE_INDEX, EncodedText
 from grounding.result import Prediction
 
+CACHES = ("dynamic", "static")
+STATIC_ROUND = 32   # a static cache's length is rounded up to a multiple of this many slots
+
 
 class PrefixEngine:
     """Answers questions grouped by image with a shared, cached image prefix. Wraps a :class:`Grounder`
-    (same model, tokenizer, caches and settings)."""
+    (same model, tokenizer, caches and settings). ``cache``: ``"dynamic"`` or ``"static"`` KV cache for the
+    decode steps, ``compile_decode``: compile the (static) decode step; see the module docstring."""
 
-    def __init__(self, grounder: Grounder):
+    def __init__(self, grounder: Grounder, cache: str = "dynamic", compile_decode: bool = False):
+        if cache not in CACHES:
+            raise ValueError(f"unknown cache {cache!r}; choose one of {', '.join(CACHES)}")
+        if compile_decode and cache != "static":
+            raise ValueError("compile_decode needs cache='static' (a dynamic cache changes shape every step)")
         self.grounder = grounder
+        self.cache = cache
+        self.compile_decode = compile_decode
+        self._static = None      # (rows, length, StaticCache): the last batch's, reused (reset) by the next
+        self._compiled = None    # the compiled decode step, made on first use
 
     def predict_group(self, image: Any, queries: Sequence[Query | tuple], batch_size: int = 16,
                       max_new_tokens: int | None = None) -> list[Prediction]:
@@ -55,6 +87,8 @@ class PrefixEngine:
         are batched ``batch_size`` at a time across groups, so small groups (RefCOCO: ~7 questions per image)
         still fill a batch: every image in a batch gets its own prefix row, shared by its questions."""
         max_new = max_new_tokens or self.grounder.max_new_tokens
+        if not self.grounder.model.family.llava_inputs:
+            return self._per_question(groups, batch_size, max_new)
         preps = self.grounder.prepare([image for image, _ in groups])  # distinct images encoded in one batch
         rows = [(gi, preps[gi], q if isinstance(q, Query) else Query(*q))
                 for gi, (_, queries) in enumerate(groups) for q in queries]
@@ -63,6 +97,17 @@ class PrefixEngine:
             chunk = rows[start:start + batch_size]
             for (gi, _, _), pred in zip(chunk, self._batch([(p, q) for _, p, q in chunk], max_new)):
                 out[gi].append(pred)
+        return out
+
+    def _per_question(self, groups, batch_size: int, max_new_tokens: int) -> list[list[Prediction]]:
+        """A family whose VLM is not LLaVA-shaped (``ModelFamily.llava_inputs``): no shared prefix; the questions go
+        through ``Grounder.predict_batch`` (batched, each with its whole prompt; images still encoded once)."""
+        rows = [(gi, dataclasses.replace(q if isinstance(q, Query) else Query(*q), image=image))
+                for gi, (image, queries) in enumerate(groups) for q in queries]
+        preds = self.grounder.predict_batch([q for _, q in rows], batch_size=batch_size, max_new_tokens=max_new_tokens)
+        out: list[list[Prediction]] = [[] for _ in groups]
+        for (gi, _), pred in zip(rows, preds):
+            out[gi].append(pred)
         return out
 
     # ---------------------------------------------------------------------------------------------------
@@ -103,6 +148,8 @@ class PrefixEngine:
                 mask[i, prefix_len + width - len(s):] = 1
                 positions[i, width - len(s):] = torch.arange(prefix_len, prefix_len + len(s))
             ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
+            if self.cache == "static":   # fixed shapes from here on: the whole batch's cache and mask preallocated
+                cache, mask = self._static_cache(cache, mask, max_new_tokens if any(f is None for f in forced) else 0)
             # rows end in the same column: only the last column's logits are needed
             step = vlm(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                        use_cache=True, output_hidden_states=True, logits_to_keep=1)
@@ -154,6 +201,7 @@ class PrefixEngine:
         done = [not a for a in active]
         n_fed = [0] * n
         logits, positions = step.logits[:, -1], last_positions
+        slot = int(cache.get_seq_length()) if self.cache == "static" else None   # static: next unwritten slot
         while True:
             for i in range(n):
                 if not done[i]:
@@ -172,17 +220,62 @@ class PrefixEngine:
             # every row takes a column (finished rows a pad) so shapes stay rectangular; their outputs are unused
             feed = torch.tensor([new[i][-1] if fed[i] else stop[1] for i in range(n)], device=mask.device)[:, None]
             positions = positions + 1
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=mask.device)], dim=1)
-            step = g.model.vlm(input_ids=feed, attention_mask=mask, position_ids=positions[:, None],
-                               past_key_values=cache, use_cache=True, output_hidden_states=True)
-            logits = step.logits[:, -1]
+            if self.cache == "static":   # the next free slot of the preallocated mask (same tensor, same shape)
+                mask[:, slot] = 1
+                slot += 1
+            else:
+                mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=mask.device)], dim=1)
+            logits, last = self._step(feed, positions[:, None], mask, cache)
             for i in range(n):
                 if fed[i]:
-                    hidden[i].append(step.hidden_states[-1][i, -1:])
+                    hidden[i].append(last[i:i + 1])
                     row_ids[i].append(new[i][-1])
                     is_answer[i].append(1)
                     n_fed[i] += 1
         return [cut_at(ids, *stop) for ids in new]
+
+    def _static_cache(self, cache, mask: torch.Tensor, room: int):
+        """The prefix rows of ``cache`` (a ``DynamicCache``, ``[n, heads, prefix, d]`` per layer) copied into a
+        ``StaticCache`` of ``mask``'s width (prefix + suffix) + ``room`` slots, rounded up to ``STATIC_ROUND``;
+        returns it and ``mask`` ``[n, width]`` widened with zeros to ``[n, max_cache_len]``."""
+        from transformers import StaticCache
+
+        n, width = mask.shape
+        length = -(-(width + room) // STATIC_ROUND) * STATIC_ROUND
+        if self._static is not None and self._static[:2] == (n, length):
+            static = self._static[2]
+            static.reset()
+        else:
+            self._static = None   # free the last one first: a 7B batch's cache is gigabytes
+            static = StaticCache(config=self.grounder.model.vlm.config, max_cache_len=length)
+            self._static = (n, length, static)
+        done = cache.get_seq_length()
+        slots = {"cache_position": torch.arange(done, device=mask.device)}   # transformers < 5.25 read it
+        for idx, layer in enumerate(cache.layers):
+            static.update(layer.keys, layer.values, idx, slots)
+        full = mask.new_zeros((n, length))
+        full[:, :width] = mask
+        return static, full
+
+    def _step(self, feed: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache):
+        """One decode step: feed ``[n, 1]`` at ``positions`` ``[n, 1]`` -> (last logits ``[n, V]``, last-layer
+        hidden state ``[n, h]``); compiled when ``compile_decode``."""
+        if not self.compile_decode:
+            return _decode_step(self.grounder.model.vlm, feed, positions, mask, cache)
+        if self._compiled is None:
+            cuda = mask.device.type == "cuda"
+            self._compiled = torch.compile(_decode_step, fullgraph=True, dynamic=False,
+                                           mode="reduce-overhead" if cuda else None)
+        if mask.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        logits, last = self._compiled(self.grounder.model.vlm, feed, positions, mask, cache)
+        return logits.clone(), last.clone()   # a CUDA graph's outputs are overwritten by its next replay
+
+
+def _decode_step(vlm, feed: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache):
+    out = vlm(input_ids=feed, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+              output_hidden_states=True)
+    return out.logits[:, -1], out.hidden_states[-1][:, -1]
 
 
 def _shared_prefix_length(prompts: Sequence[EncodedText], image_token_id: int) -> int:
