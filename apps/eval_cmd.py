@@ -35,6 +35,14 @@ def eval_command(
     num_procs: Annotated[int, typer.Option(min=1, help="Processes sharing the run by image (one per GPU; on CPU "
                                                        "they share the cores). Under torchrun, leave it at 1.")] = 1,
     addon: Annotated[Optional[list[str]], typer.Option("--addon", help=ADDON_HELP)] = None,
+    protocol: Annotated[str, typer.Option(help="groundseg (this project's questions and --mode), or a published "
+                                               "model's: qwen-vl, shikra, llava-1.5, qwen2-vl, qwen2.5-vl, lisa "
+                                               "(its question, forced or generated answer, box reader, hit rule; "
+                                               "--mode is then ignored).")] = "groundseg",
+    mask_threshold: Annotated[float, typer.Option(help="Mask = decoder logit above this (0: probability 0.5, "
+                                                       "LISA's and GLaMM's).")] = 0.0,
+    quantize: Annotated[Optional[str], typer.Option(help="4bit or 8bit: the language model through bitsandbytes "
+                                                         "(CUDA only).")] = None,
 ) -> None:
     """Evaluate REC (Acc@0.5) and/or RES (cIoU, gIoU) on one split; resumable."""
     from apps.cli import DEFAULT_MODEL
@@ -46,6 +54,11 @@ def eval_command(
         raise EvalError(f"unknown --task {task!r}; choose one of {', '.join(TASKS)}")
     if mode not in MODES:
         raise EvalError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
+    from eval.protocols import PROTOCOLS
+    if protocol not in PROTOCOLS:
+        raise EvalError(f"unknown --protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if PROTOCOLS[protocol] is not None and task not in PROTOCOLS[protocol].tasks:
+        raise EvalError(f"--protocol {protocol} scores {'/'.join(PROTOCOLS[protocol].tasks)}, not --task {task}")
     from eval.harness import ENGINES
     from eval.distributed import init_from_env, launched_by_torchrun, shutdown, spawn
 
@@ -57,7 +70,8 @@ def eval_command(
     model_dir = Path(model) if model is not None else DEFAULT_MODEL
     options = dict(data_root=data_root, dataset=dataset, split_by=split_by, split=split, model_dir=model_dir,
                    device=device, task=task, mode=mode, out=out, limit=limit, batch_size=batch_size,
-                   rec_box=rec_box, engine=engine, max_new_tokens=max_new_tokens, addons=addons)
+                   rec_box=rec_box, engine=engine, max_new_tokens=max_new_tokens, addons=addons,
+                   protocol=protocol, mask_threshold=mask_threshold, quantize=quantize)
     if num_procs > 1 and not launched_by_torchrun():
         spawn(run_shard, num_procs, options)
     else:
@@ -75,7 +89,8 @@ def run_shard(shard, options: dict) -> dict:
     o = options
     data = ReferDataset(o["data_root"], o["dataset"], o["split_by"])
     grounder = Grounder.from_pretrained(o["model_dir"], device=shard.device(o["device"]),
-                                        max_new_tokens=o.get("max_new_tokens", 128), addons=o.get("addons"))
+                                        max_new_tokens=o.get("max_new_tokens", 128), addons=o.get("addons"),
+                                        mask_threshold=o.get("mask_threshold", 0.0), quantize=o.get("quantize"))
     return evaluate(grounder, data, o["split"], task=o["task"], mode=o["mode"], out_dir=o["out"], limit=o["limit"],
                     batch_size=o["batch_size"], progress=True, model_name=str(Path(o["model_dir"]).resolve()),
-                    rec_box=o["rec_box"], engine=o["engine"], shard=shard)
+                    rec_box=o["rec_box"], engine=o["engine"], shard=shard, protocol=o.get("protocol", "groundseg"))

@@ -27,6 +27,11 @@ Modes (reference.md section 5):
     text. REC: the REC question's answer starts with the given ``<ref>{sent}</ref><box>``
     (``Query.answer_prefix``) and the model writes the box.
 
+Protocols (``eval.protocols``, ``protocol=``): ``groundseg`` is what this docstring describes; the others ask
+and score as a published model's own evaluation does (its question, generated or forced answer, box reader and
+hit rule). Under a protocol one answer per sentence gives both the REC box (read by the protocol's reader) and
+the RES mask (the first target's: a box-speaking family's mask is its box decoded by the mask decoder).
+
 Engine: sentences are grouped by image and each image's group goes through
 :class:`~grounding.PrefixEngine` (the image prefix's KV cache shared by its sentences), or, with
 ``engine="naive"``, one sentence at a time through the whole model. Both give the same lines (tested).
@@ -49,6 +54,7 @@ import numpy as np
 from grounding.result import box_from_mask
 from eval.report import ProgressBar, print_table, write_report
 from eval.metrics import ResAccumulator, mask_iou_parts, rec_hit, sentence_iou, summarise
+from eval.protocols import Protocol, get_protocol
 from grounding.text.boxes import box_iou, parse_answer
 from grounding.data.refer import ReferDataset, Sentence
 from grounding.data.tasks import REC_QUESTIONS, SEG_QUESTIONS
@@ -72,7 +78,8 @@ RUN = "run.json"
 
 # What identifies a run: a resume must match all of these.
 _RUN_KEYS = ("task", "mode", "model", "dataset", "split_by", "split", "teacher_answer", "rec_mode", "rec_question",
-             "rec_answer_prefix", "rec_box", "addons")
+             "rec_answer_prefix", "rec_box", "addons", "protocol", "mask_threshold")
+_RUN_DEFAULTS = {"protocol": "groundseg", "mask_threshold": 0.0}   # what a run.json written before a key existed meant
 
 
 class EvalError(GroundsegError):
@@ -126,10 +133,13 @@ def metrics_from_lines(lines: Sequence[dict], task: str) -> dict:
 
 
 def recompute_metrics(predictions_jsonl: str | os.PathLike, dataset: ReferDataset, split: str,
-                      task: str | None = None) -> dict:
+                      task: str | None = None, protocol: str = "groundseg") -> dict:
     """Scores recomputed from scratch: predicted masks decoded from their RLE and boxes read from
     the lines, ground truth taken from ``dataset`` (nothing stored by the harness but the
-    predictions themselves is trusted). ``task`` defaults to the one the lines record."""
+    predictions themselves is trusted). ``task`` defaults to the one the lines record; ``protocol``
+    gives the REC hit rule."""
+    proto = get_protocol(protocol)
+    hit = proto.hit if proto is not None else rec_hit
     lines = read_predictions(predictions_jsonl)
     if task is None:
         tasks = {line.get("task") for line in lines}
@@ -147,7 +157,7 @@ def recompute_metrics(predictions_jsonl: str | os.PathLike, dataset: ReferDatase
             pred = None if line.get("mask") is None else rle_decode(line["mask"])
             res.add(pred, dataset.mask(sent.ann_id))
         if hits is not None:
-            hits.append(rec_hit(line.get("box"), dataset.box_xyxy(sent.ann_id)))
+            hits.append(hit(line.get("box"), dataset.box_xyxy(sent.ann_id)))
     return _score_dict(summarise(res, hits), lines)
 
 
@@ -192,7 +202,7 @@ def first_text_box(pred: Prediction) -> tuple | None:
 
 
 def _line(sent: Sentence, task: str, mode: str, question: str, out: _Outcome,
-          gt_mask: np.ndarray | None, gt_box: tuple) -> dict:
+          gt_mask: np.ndarray | None, gt_box: tuple, hit=rec_hit) -> dict:
     """One ``predictions.jsonl`` record. RES fields (``mask``, ``intersection``, ``union``,
     ``mask_iou``) are null when RES is not scored; ``rec_hit`` is null when REC is not scored;
     ``box``/``box_iou`` are filled whenever the answer wrote a box (``box_iou`` 0.0 without one)."""
@@ -203,7 +213,7 @@ def _line(sent: Sentence, task: str, mode: str, question: str, out: _Outcome,
         "box": None if out.box is None else [float(v) for v in out.box],
         "mask": None, "intersection": None, "union": None, "mask_iou": None,
         "box_iou": 0.0 if out.box is None else float(box_iou(out.box, gt_box)),
-        "rec_hit": rec_hit(out.box, gt_box) if task in ("rec", "both") else None,
+        "rec_hit": hit(out.box, gt_box) if task in ("rec", "both") else None,
         "notes": list(out.notes),
     }
     if gt_mask is not None:
@@ -245,6 +255,7 @@ def _run_info(grounder, dataset: ReferDataset, split: str, task: str, mode: str,
         "rec_question": None if task == "res" else (SEG_QUESTION if task == "both" and not forced else REC_QUESTION),
         "seg_question": SEG_QUESTION if task != "rec" else None,
         "addons": getattr(grounder, "addon_settings", None),   # the add-ons the answers went through
+        "mask_threshold": float(getattr(grounder, "mask_threshold", 0.0)),
     }
 
 
@@ -255,10 +266,10 @@ def _check_resume(out: Path, info: dict) -> None:
             old = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             raise EvalError(f"{path} is not readable JSON; remove it or use another --out folder") from None
-        diff = [k for k in _RUN_KEYS if old.get(k) != info.get(k)]
+        diff = [k for k in _RUN_KEYS if old.get(k, _RUN_DEFAULTS.get(k)) != info.get(k)]
         if diff:
             k = diff[0]
-            raise EvalError(f"{out} holds a run with {k}={old.get(k)!r}, not {info.get(k)!r}: "
+            raise EvalError(f"{out} holds a run with {k}={old.get(k, _RUN_DEFAULTS.get(k))!r}, not {info.get(k)!r}: "
                             "use another --out folder (or delete it) instead of mixing runs")
     elif (out / PREDICTIONS).is_file() and (out / PREDICTIONS).stat().st_size:
         raise EvalError(f"{out / PREDICTIONS} exists without {RUN}: cannot tell which run it belongs to")
@@ -269,7 +280,7 @@ def evaluate(grounder, dataset: ReferDataset, split: str, task: str = "both", mo
              out_dir: str | os.PathLike = "out/eval", limit: int | None = None, batch_size: int = 8,
              progress: bool = True, *, teacher_answer: str = DEFAULT_TEACHER_ANSWER,
              max_new_tokens: int | None = None, model_name: str | None = None, rec_box: str = "text",
-             engine: str = "grouped", shard=None) -> dict:
+             engine: str = "grouped", shard=None, protocol: str = "groundseg") -> dict:
     """Score ``grounder`` on ``split`` of ``dataset``; returns (and writes) ``metrics.json``'s dict.
 
     task: ``"res"`` (masks: cIoU, gIoU), ``"rec"`` (boxes: Acc@0.5) or ``"both"``.
@@ -284,6 +295,8 @@ def evaluate(grounder, dataset: ReferDataset, split: str, task: str = "both", mo
         tight box of the predicted mask, GLaMM's practice for [SEG] models); recorded in ``metrics.json``.
     engine: ``"grouped"`` (default: shared image prefix, see :mod:`grounding.inference.engine`) or ``"naive"`` (one
         sentence at a time, the whole model each time, as LISA and GLaMM run).
+    protocol: ``groundseg`` (default: the above) or a published model's protocol (``eval.protocols``); it
+        sets the questions, the mode (``mode`` is then ignored), the forced answer, the REC reader and hit rule.
     shard: an :class:`eval.distributed.Shard` when several processes share the run (each takes every
         ``world``-th image and writes ``predictions.rank{r}.jsonl``; rank 0 merges them into
         ``predictions.jsonl`` and writes the metrics; the other ranks return ``{}``).
@@ -292,9 +305,25 @@ def evaluate(grounder, dataset: ReferDataset, split: str, task: str = "both", mo
         raise EvalError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if rec_box not in ("text", "mask"):
         raise EvalError(f"rec_box must be 'text' or 'mask', got {rec_box!r}")
+    try:
+        proto = get_protocol(protocol)
+    except ValueError as err:
+        raise EvalError(str(err)) from None
+    if proto is not None:
+        if task not in proto.tasks:
+            raise EvalError(f"protocol {protocol!r} scores {'/'.join(proto.tasks)}, not task {task!r}")
+        if rec_box != "text":
+            raise EvalError(f"protocol {protocol!r} reads the REC box from the answer's text: rec_box must be 'text'")
+        mode, teacher_answer = proto.mode, proto.teacher_answer or DEFAULT_TEACHER_ANSWER
     _check_options(task, mode, batch_size, limit, teacher_answer)
     started = time.perf_counter()
     info = _run_info(grounder, dataset, split, task, mode, teacher_answer, model_name)
+    info["protocol"] = protocol
+    if proto is not None:
+        info.update(seg_question=proto.question if task != "rec" else None,
+                    rec_question=proto.question if task != "res" else None,
+                    rec_answer_prefix=proto.answer_prefix if task != "res" else None,
+                    teacher_answer=proto.teacher_answer if task != "rec" else None)
     if task != "res":
         info["rec_box"] = rec_box
         if rec_box == "mask":
@@ -334,15 +363,18 @@ def evaluate(grounder, dataset: ReferDataset, split: str, task: str = "both", mo
             open(pred_path, "a", encoding="utf-8") as handle:
         for pack in todo:
             t0 = time.perf_counter()
-            outcomes = _predict_pack(predict, pack, [images(g[0].image_id) for g in pack], task, mode,
-                                     teacher_answer, rec_box)
+            pixels = [images(g[0].image_id) for g in pack]
+            outcomes = (_predict_pack(predict, pack, pixels, task, mode, teacher_answer, rec_box) if proto is None
+                        else _predict_protocol_pack(predict, pack, pixels, proto, _input_size(grounder)))
             predict_time += time.perf_counter() - t0
             for sent, outcome in zip([s for g in pack for s in g], outcomes):
                 if sent.sent_id in done:
                     continue
-                question = (REC_QUESTION if task == "rec" else SEG_QUESTION).format(s=sent.text)
+                question = ((REC_QUESTION if task == "rec" else SEG_QUESTION).format(s=sent.text) if proto is None
+                            else proto.question_for(sent.text))
                 gt_mask = dataset.mask(sent.ann_id) if task != "rec" else None
-                line = _line(sent, task, mode, question, outcome, gt_mask, dataset.box_xyxy(sent.ann_id))
+                line = _line(sent, task, mode, question, outcome, gt_mask, dataset.box_xyxy(sent.ann_id),
+                             hit=proto.hit if proto is not None else rec_hit)
                 # one write per complete line, then flush: a crash leaves at most a cut last line
                 handle.write(json.dumps(line) + "\n")  # ASCII: any text the model wrote survives
                 handle.flush()
@@ -528,3 +560,29 @@ def _predict_pack(predict, pack: Sequence[list[Sentence]], pixels: Sequence[np.n
     rec_preds = ask(rec_query)
     return [_Outcome(sp.answer, first_mask(sp), first_text_box(rp), rec_answer=rp.answer,
                      notes=tuple(sp.notes) + tuple(rp.notes)) for sp, rp in zip(seg_preds, rec_preds)]
+
+
+def _input_size(grounder):
+    """``(H, W) -> (H', W')``: the size at which the grounder's VLM sees an image (``ModelFamily.input_size``)."""
+    family = getattr(getattr(grounder, "model", None), "family", None)
+    return family.input_size if family is not None else (lambda size: size)
+
+
+def _predict_protocol_pack(predict, pack: Sequence[list[Sentence]], pixels: Sequence[np.ndarray], proto: Protocol,
+                           input_size) -> list[_Outcome]:
+    """The outcomes of a pack's sentences under ``proto``: one question per sentence; its answer gives the REC box
+    (the protocol's reader, on what the model generated) and the RES mask (the first target's)."""
+    from grounding import Query
+
+    forced = proto.mode == "teacher-forced"
+    answers = predict([(px, [Query(px, proto.question_for(s.text), answer=proto.answer_for(s.text) if forced else None,
+                                   answer_prefix=None if forced else proto.prefix_for(s.text)) for s in group])
+                       for group, px in zip(pack, pixels)])
+    out = []
+    for group, per_image in zip(pack, answers):
+        for s, p in zip(group, per_image):
+            box, why = (None, None) if proto.reader is None else proto.read_box(
+                p.answer, p.image_size, input_size(p.image_size), proto.prefix_for(s.text))
+            notes = tuple(p.notes) + ((f"REC: {why}",) if why and proto.reader is not None else ())
+            out.append(_Outcome(p.answer, first_mask(p), box, notes=notes))
+    return out

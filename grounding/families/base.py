@@ -30,6 +30,12 @@ class ModelFamily(ABC):
 
     name: ClassVar[str] = ""
     masks_from_boxes: ClassVar[bool] = False   # answers carry boxes, no [SEG]: each box is decoded into its mask
+    # The VLM takes LLaVA-style inputs: a stack of ``[3, s, s]`` images, the prompt's ids with its image tokens
+    # expanded, 2-D position ids and a KV cache that ``PrefixEngine`` shares between the questions of one image.
+    # A family whose VLM takes other inputs (Qwen2-VL: image patches of varying number, 3-D rotary positions)
+    # sets False and answers batches itself in ``answer_ids``; ``PrefixEngine`` then falls back to
+    # ``Grounder.predict_batch`` (the image prefix is not shared).
+    llava_inputs: ClassVar[bool] = True
 
     @abstractmethod
     def build(self, config, tokenizer, dtype: torch.dtype = torch.float32):
@@ -46,6 +52,17 @@ class ModelFamily(ABC):
     def parse_answer(self, text: str, size: tuple[int, int], config) -> list[ParsedTarget]:
         """An answer's text -> its targets (phrase, box in original pixels, [SEG] index), in order."""
         return parse_answer(text, size)
+
+    def input_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The ``(H, W)`` at which the VLM sees an image of ``size``; boxes that a model writes in pixels of its
+        resized input (Qwen2.5-VL) map back through it. Default: the image's own size."""
+        return size
+
+    def answer_ids(self, steps, queries: list, preps: list, max_new_tokens: int) -> list[list[int]]:
+        """For a family with ``llava_inputs = False``: each query's answer ids (a given answer's, or the answer
+        prefix's followed by the generated ones; greedy, EOS cut), about ``preps[i]`` (``AnswerSteps`` ``steps``
+        gives the model, its processor and the add-ons' rules)."""
+        raise NotImplementedError(f"family {self.name!r} takes LLaVA-style inputs: the Grounder answers for it")
 
 
 def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:

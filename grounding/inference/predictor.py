@@ -16,6 +16,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
@@ -48,9 +49,16 @@ class Grounder:
         self.encoder_calls = 0  # images run through the decoder's image encoder (the expensive part)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str = "auto", dtype: str = "auto", **kwargs) -> "Grounder":
+    def from_pretrained(cls, directory: str | Path, device: str = "auto", dtype: str = "auto",
+                        quantize: str | None = None, **kwargs) -> "Grounder":
+        """``quantize``: ``"4bit"`` / ``"8bit"`` loads the language model through bitsandbytes (CUDA only)."""
         dev, dt = resolve_device(device, dtype)
-        model, tokenizer = load_checkpoint(directory, device=dev, dtype=dt)
+        if quantize is not None:
+            from grounding.quantize import check_quantize, quantize_language_model
+            check_quantize(quantize, dev)   # before loading gigabytes
+        model, tokenizer = load_checkpoint(directory, device="cpu" if quantize else dev, dtype=dt)
+        if quantize is not None:
+            quantize_language_model(model, quantize, dev)
         return cls(model, tokenizer, dev, dt, **kwargs)
 
     @property
@@ -150,6 +158,12 @@ class Grounder:
     def _predict_chunk(self, queries: list[Query], max_new_tokens: int) -> list[Prediction]:
         steps = self.steps
         preps = self.prepare([q.image for q in queries])
+        family = self.model.family
+        if not family.llava_inputs:
+            # the family drives its own VLM; its answers carry boxes (no [SEG] states to read): masks come from them
+            answers = family.answer_ids(steps, queries, preps, max_new_tokens)
+            return [steps.prediction(q, p, a, np.zeros((0, *p.size), bool), np.zeros((0,), np.float32))
+                    for q, p, a in zip(queries, preps, answers)]
         prompts = [steps.encode_question(q, p, max_new_tokens) for q, p in zip(queries, preps)]
         pixel_values = torch.stack([p.vision for p in preps]).to(self.device, self.dtype)
         generated = self._answers(queries, prompts, pixel_values, preps, max_new_tokens)

@@ -66,12 +66,14 @@ class ParsedTarget:
         (the i-th [SEG] hidden state belongs to the target with ``seg_index == i``).
     span: ``(start, end)`` character span of the target's markup in the text (from ``<ref>``
         or the bare tag to the last tag read); targets of one phrase with several boxes share it.
+    note: what was wrong with the target's text (a box clipped to the image, unreadable JSON...), or None.
     """
 
     phrase: str | None
     box: Box | None
     seg_index: int | None
     span: tuple[int, int]
+    note: str | None = None
 
 
 class QuestionPrompts(NamedTuple):
@@ -144,7 +146,8 @@ def _shikra_frame(h: float, w: float) -> tuple[float, float, float]:
 def format_box(box: Sequence[float], image_size: tuple[int, int], fmt: str = "qwen") -> str:
     """Pixel xyxy box -> text: ``<box>(x1,y1),(x2,y2)</box>`` (qwen) or ``[x1,y1,x2,y2]`` (shikra).
 
-    The box is clamped to the image and its corners ordered first.
+    The box is clamped to the image and its corners ordered first. The formats of box-speaking VLMs
+    (``llava``, ``qwen2-vl``, ``qwen2.5-vl``; ``grounding.text.box_formats``) are written there.
     """
     h, w = _size(image_size)
     x1, y1, x2, y2 = _pixel_box(box, h, w)
@@ -153,7 +156,8 @@ def format_box(box: Sequence[float], image_size: tuple[int, int], fmt: str = "qw
         return f"{BOX_START}({q[0]},{q[1]}),({q[2]},{q[3]}){BOX_END}"
     if fmt == "shikra":
         return format_shikra_boxes([(x1, y1, x2, y2)], image_size)
-    raise ValueError(f"unknown box format {fmt!r}; use 'qwen' or 'shikra'")
+    from grounding.text.box_formats import format_box_as
+    return format_box_as((x1, y1, x2, y2), image_size, fmt)
 
 
 def format_point(point: Sequence[float], image_size: tuple[int, int], fmt: str = "qwen") -> str:
@@ -165,7 +169,8 @@ def format_point(point: Sequence[float], image_size: tuple[int, int], fmt: str =
     if fmt == "shikra":
         side, dx, dy = _shikra_frame(h, w)
         return "[" + _shikra_numbers(((x + dx) / side, (y + dy) / side)) + "]"
-    raise ValueError(f"unknown point format {fmt!r}; use 'qwen' or 'shikra'")
+    from grounding.text.box_formats import format_point_as
+    return format_point_as((x, y), image_size, fmt)
 
 
 def format_ref(
@@ -404,8 +409,13 @@ class _AnswerParser:
         return self.targets
 
 
-def parse_answer(text: str, image_size: tuple[int, int]) -> list[ParsedTarget]:
+def parse_answer(text: str, image_size: tuple[int, int], box_format: str = "qwen",
+                 input_size: tuple[int, int] | None = None) -> list[ParsedTarget]:
     """Targets of a model answer in order of appearance (see the module docstring's grammar).
+
+    ``box_format`` names the answer's format: ``"qwen"`` (the grammar below, the default) or one of the
+    box-speaking VLMs' formats read by ``grounding.text.box_formats`` (``shikra``, ``llava``, ``qwen2-vl``,
+    ``qwen2.5-vl``; the last writes pixels of the model's resized input, ``input_size`` ``(h', w')``).
 
     Boxes are Qwen-VL ``(x1,y1),(x2,y2)`` in 0..999 (spaces allowed; values outside 0..999
     clamped), returned in pixel xyxy of the ``(H, W)`` image. Several pairs in one ``<box>``,
@@ -417,6 +427,9 @@ def parse_answer(text: str, image_size: tuple[int, int]) -> list[ParsedTarget]:
     if not isinstance(text, str):
         raise TypeError(f"text must be str, got {type(text).__name__}")
     h, w = _size(image_size)
+    if box_format != "qwen":
+        from grounding.text.box_formats import parse_answer_as
+        return parse_answer_as(text, image_size, box_format, input_size)
     return _AnswerParser(text, h, w).run()
 
 
