@@ -108,6 +108,7 @@ def annotate_command(
     batch_size: Annotated[int, typer.Option(min=1, help="Questions per forward pass.")] = 8,
     video_every: Annotated[int, typer.Option(min=0, help="Videos, checkpoints without SAM2 memory: ask the model "
                                              "again every N frames (0: only on frame 0).")] = DEFAULT_VIDEO_EVERY,
+    mask_threshold: Annotated[float, typer.Option(help="Mask = decoder logit above this (0: probability 0.5).")] = 0.0,
 ) -> None:
     """Annotate every image and video of a folder with a mask per object each prompt names (COCO / YOLO-seg /
     LabelMe); video objects keep one track id across frames."""
@@ -115,7 +116,8 @@ def annotate_command(
 
     summary = annotate_folder(input_dir, read_prompts(prompts, prompts_file), out, formats=parse_formats(format),
                               overlays=overlays, num_procs=num_procs, model_dir=model or DEFAULT_MODEL,
-                              device=device, batch_size=batch_size, progress=True, video_every=video_every)
+                              device=device, batch_size=batch_size, progress=True, video_every=video_every,
+                              mask_threshold=mask_threshold)
     typer.echo(summary.text())
 
 
@@ -184,14 +186,15 @@ def annotate_folder(input_dir: str | os.PathLike, prompts: Sequence[str], out_di
                     formats: Sequence[str] = ("coco",), overlays: bool = False, num_procs: int = 1,
                     model_dir: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 8,
                     progress: bool = False, grounder_factory: GrounderFactory | None = None,
-                    video_every: int = DEFAULT_VIDEO_EVERY) -> Summary:
+                    video_every: int = DEFAULT_VIDEO_EVERY, mask_threshold: float = 0.0) -> Summary:
     """Annotate ``input_dir`` into ``out_dir`` (see the module doc); returns what was done.
 
     grounder_factory(model_dir, device) -> an object with ``predict_batch(queries, batch_size)`` and, for
     videos, ``predict_video(reader, question, key_frame, every=...)`` returning a ``grounding.video.VideoRun``
     (default: :func:`load_grounder`); it must be picklable (a module-level function) for ``num_procs > 1``. The
     model fingerprint in the signature is always taken from ``model_dir``. ``video_every``: re-ask period in
-    frames for videos on checkpoints without SAM2 memory (0: only the key frame).
+    frames for videos on checkpoints without SAM2 memory (0: only the key frame). ``mask_threshold``: mask = decoder
+    logit above it (part of the signature when not 0: changing it redoes the masks).
     """
     from apps.cli import DEFAULT_MODEL
 
@@ -210,10 +213,11 @@ def annotate_folder(input_dir: str | os.PathLike, prompts: Sequence[str], out_di
     if not isinstance(video_every, int) or video_every < 0:
         raise PromptError(f"--video-every must be 0 (never re-ask) or more, got {video_every!r}")
     model = Path(model_dir) if model_dir is not None else DEFAULT_MODEL
-    signature = run_signature(prompts, model)
+    signature = run_signature(prompts, model, mask_threshold)
     video_options = {"signature": signature, "key_frame": VIDEO_KEY_FRAME, "every": video_every}
     settings = Settings(str(root), str(out), prompts, signature, overlays, str(model), device, batch_size,
-                        video_every, hashlib.sha256(json.dumps(video_options, sort_keys=True).encode()).hexdigest())
+                        video_every, hashlib.sha256(json.dumps(video_options, sort_keys=True).encode()).hexdigest(),
+                        float(mask_threshold))
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
         _remove_temporaries(out)
@@ -273,11 +277,13 @@ def find_media(root: Path, exclude: Path | None = None) -> list[tuple[str, str]]
     return [(p.as_posix(), kind) for p, kind in sorted(found, key=lambda f: f[0].parts)]
 
 
-def run_signature(prompts: Sequence[str], model_dir: Path) -> str:
-    """Hash of what decides a per-image result: record format, question template, prompts, model files.
-    (Device, precision and batch size are not in it: they do not change what is asked.)"""
+def run_signature(prompts: Sequence[str], model_dir: Path, mask_threshold: float = 0.0) -> str:
+    """Hash of what decides a per-image result: record format, question template, prompts, model files, a mask
+    threshold other than 0. (Device, precision and batch size are not in it: they do not change what is asked.)"""
     data = {"version": RECORD_VERSION, "question": QUESTION, "prompts": list(prompts),
             "model": model_fingerprint(model_dir)}
+    if mask_threshold:   # absent at 0, so runs made before the option existed resume
+        data["mask_threshold"] = float(mask_threshold)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -38,6 +38,7 @@ class Settings:
     batch_size: int
     video_every: int = DEFAULT_VIDEO_EVERY
     video_signature: str = ""   # a video result's signature: the run's plus the video options
+    mask_threshold: float = 0.0  # mask = decoder logit above this
 
     def signature_for(self, kind: str) -> str:
         return self.video_signature if kind == VIDEO else self.signature

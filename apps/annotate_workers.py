@@ -29,6 +29,8 @@ from grounding.result import Prediction, Target
 def annotate_items(settings: Settings, items: Sequence[Item], grounder, on_done: Callable[[int], None] | None = None,
                    stop: Callable[[], bool] | None = None) -> None:
     """Annotate ``items`` in order with ``grounder``, writing each result; ``stop()`` is asked between images."""
+    if settings.mask_threshold:
+        grounder.mask_threshold = settings.mask_threshold
     for item in items:
         if stop is not None and stop():
             return

@@ -52,6 +52,12 @@ def predict(
     answer_prefix: Optional[str] = typer.Option(None, help=(
         "Image questions: the answer starts with this text and the model writes the rest; "
         "'<ref>the circle</ref>' asks for that phrase's mask whatever the model would have answered.")),
+    answer: Optional[str] = typer.Option(None, help=(
+        "Image questions: the whole answer is given (teacher forcing, as LISA's evaluation does): nothing is "
+        "generated and each [SEG] in it becomes a mask, e.g. '[SEG].'")),
+    mask_threshold: float = typer.Option(0.0, help="Mask = decoder logit above this (0: probability 0.5)."),
+    quantize: Optional[str] = typer.Option(None, help="4bit or 8bit: load the language model through bitsandbytes "
+                                                      "(CUDA only; the mask decoder stays in bf16)."),
     addon: Optional[list[str]] = typer.Option(None, "--addon", help=ADDON_HELP),
 ) -> None:
     """Answer a question about an image (or a video) with boxes and masks, or segment (track) clicks and boxes."""
@@ -65,10 +71,12 @@ def predict(
         raise PromptError("give --question, or --points / --box for the click path")
     if (image is None) == (video is None):
         raise PromptError("give exactly one of --image and --video")
-    if answer_prefix is not None and (question is None or video is not None):
-        raise PromptError("--answer-prefix goes with --question on an --image")
+    for name, value in (("--answer-prefix", answer_prefix), ("--answer", answer)):
+        if value is not None and (question is None or video is not None):
+            raise PromptError(f"{name} goes with --question on an --image")
     grounder = Grounder.from_pretrained(_model_dir(model), device=device, max_new_tokens=max_new_tokens,
-                                        addons=parse_addon_options(addon))
+                                        addons=parse_addon_options(addon), mask_threshold=mask_threshold,
+                                        quantize=quantize)
     xy = [p[:2] for p in pts] or None
     if video is not None:
         from grounding.video import predict_video, track
@@ -91,7 +99,7 @@ def predict(
         result = grounder.segment(image, points=xy, point_labels=labels or None, boxes=boxes or None)
     else:
         result = grounder.predict(image, question, points=xy, point_labels=labels or None, boxes=boxes or None,
-                                  answer_prefix=answer_prefix)
+                                  answer=answer, answer_prefix=answer_prefix)
     result.save_json(out)
     if overlay is not None:
         pixels = grounder.prepare([image])[0].pixels
@@ -261,14 +269,24 @@ def _register_demo() -> None:
         device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
         max_new_tokens: int = typer.Option(128, min=1, max=1024, help="Default longest answer (the page has a slider)."),
         max_file_size: str = typer.Option("25mb", help="Largest upload, e.g. 25mb, 1gb."),
+        quantize: Optional[str] = typer.Option(None, help="4bit or 8bit: the language model through bitsandbytes "
+                                                          "(CUDA only)."),
     ) -> None:
         """Web app: questions, clicks and boxes on an image; API endpoints /segment, /click, /ground."""
         from apps.demo import serve
         serve(_model_dir(model), host=host, port=port, device=device, max_new_tokens=max_new_tokens,
-              max_file_size=max_file_size)
+              max_file_size=max_file_size, quantize=quantize)
 
 
 _register_demo()
+
+
+def _register_convert() -> None:
+    from apps.convert_cmd import convert_app
+    app.add_typer(convert_app, name="convert")
+
+
+_register_convert()
 
 
 def _print_video(run, paths) -> None:

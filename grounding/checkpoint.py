@@ -133,6 +133,10 @@ def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu",
     if not (directory / CONFIG_NAME).is_file():
         raise CheckpointError(f"not a groundseg checkpoint: {directory / CONFIG_NAME} does not exist")
     config = GroundingConfig.load(directory)
+    for field in ("vlm_path", "vision_path", "decoder_checkpoint"):   # relative paths: from the model directory
+        value = getattr(config, field)
+        if value and not Path(value).expanduser().is_absolute():
+            setattr(config, field, str(directory / value))
     lora, config.lora = config.lora, None
     family = get_family(config.family)
     tokenizer = family.load_tokenizer(directory, config)

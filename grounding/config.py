@@ -36,7 +36,9 @@ class LoraSettings:
 class GroundingConfig:
     """family:            the model family that builds, prompts and reads this checkpoint (grounding/families/).
     vlm:               ``LlavaConfig.to_dict()`` of the vision-language model (None when ``vlm_path`` is used).
-    vlm_path:          a local transformers LLaVA folder (e.g. llava-1.5-7b-hf) to load instead.
+    vlm_path:          a local transformers LLaVA folder (e.g. llava-1.5-7b-hf) to load instead, or the
+                       family's own checkpoint folder (LISA, GLaMM). Relative paths: from the model directory.
+    vision_path:       a local CLIP folder, for families whose checkpoints hold no vision tower (LISA, GLaMM).
     decoder:           ``segdecoder.build_decoder`` arguments: backend, preset (and image_size).
     decoder_checkpoint: an official SAM ``.pth`` / SAM2 ``.pt`` to load (when not inside model.safetensors).
     seg_state:         which last-layer hidden state feeds the [SEG] projection: ``"seg"`` = the [SEG]
@@ -50,6 +52,7 @@ class GroundingConfig:
     family: str = "groundseg"
     vlm: dict[str, Any] | None = None
     vlm_path: str | None = None
+    vision_path: str | None = None
     decoder: dict[str, Any] = field(default_factory=lambda: {"backend": "sam", "preset": "tiny"})
     decoder_checkpoint: str | None = None
     seg_state: Literal["seg", "before"] = "seg"
