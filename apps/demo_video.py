@@ -32,52 +32,51 @@ from typing import Any, Iterator
 import gradio as gr
 import numpy as np
 
-from apps.demo_handlers import (MODES, DownloadFolder, ModelService, _click_xy, _json_list, answer_pieces,
-                                check_max_new_tokens, check_question, user_errors)
-from apps.overlay import draw_overlay
+from apps.demo_handlers import (MODES, DownloadFolder, ModelService, _api_objects, _click_xy, _json_list,
+                                answer_pieces, check_max_new_tokens, check_question, object_choices, user_errors)
+from apps.demo_objects import Objects, colour_of
+from apps.overlay import draw_masks, draw_overlay
 from grounding.errors import PromptError, VideoError
 from grounding.result import Prediction
-from grounding.video import VideoRun, predict_video, track
+from grounding.video import VideoRun, predict_video, track_objects
 from grounding.video.io import DEFAULT_MAX_VIDEO_PIXELS, VideoInfo, VideoReader
+from segdecoder.video import ObjectPrompt
 
-VIDEO_VIEW = ("session", "frame", "result", "answer", "status", "downloads")
+VIDEO_VIEW = ("session", "frame", "result", "answer", "status", "downloads", "objects")
 PROGRESS_EVERY_S = 0.25
 _KEEP = object()  # "leave this output as it is" in _view
 
 
 @dataclass
 class VideoSession:
-    """One browser tab's video, shown frame, clicks on it and last answer (kept in a ``gr.State``)."""
+    """One browser tab's video, shown frame, the objects clicked on it and the last answer (kept in a
+    ``gr.State``; replaced, never changed in place). Objects' clicks and masks are in the frame's pixels."""
 
     path: str | None = None
     info: VideoInfo | None = None
     index: int = 0                              # the shown frame: the key frame of the next job
     frame: np.ndarray | None = None             # its pixels, RGB H x W x 3
-    points: list[list[float]] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    preview: Prediction | None = None           # the clicks' mask on the shown frame (decoder only)
+    objects: Objects = field(default_factory=Objects)  # each object's clicks and mask (decoder only) on it
     answer: Prediction | None = None            # the last question's answer, on frame answer_frame
     answer_frame: int | None = None
     status: str = ""
 
-    def prompt_text(self) -> str:
-        pos = sum(1 for v in self.labels if v == 1)
-        neg = len(self.labels) - pos
-        parts = ([f"{pos} object point{'s' * (pos != 1)}"] if pos else []) + (
-            [f"{neg} background point{'s' * (neg != 1)}"] if neg else [])
-        return " and ".join(parts) or "no clicks"
+    @property
+    def prompted(self) -> list[int]:
+        """Indices of the objects with clicks (the ones Track follows)."""
+        return [i for i, o in enumerate(self.objects.items) if o.points]
 
 
 def render_frame(session: VideoSession) -> np.ndarray | None:
     """The shown frame with the clicks and their mask, or (on the key frame of the last answer) the answer's."""
     if session.frame is None:
         return None
-    prediction = session.preview
-    if prediction is None and session.answer is not None and session.answer_frame == session.index:
-        prediction = session.answer
-    prediction = prediction or Prediction("", [], session.frame.shape[:2])
-    return draw_overlay(session.frame, prediction, points=session.points or None,
-                        point_labels=session.labels or None)
+    if not session.prompted and session.answer is not None and session.answer_frame == session.index:
+        return draw_overlay(session.frame, session.answer)
+    objs = session.objects
+    return draw_masks(session.frame, [o.mask for o in objs.items], [colour_of(o, i) for i, o in enumerate(objs.items)],
+                      points=objs.current.points, point_labels=objs.current.labels,
+                      emphasis=objs.active if len(objs.items) > 1 else None)
 
 
 class VideoHandlers:
@@ -119,32 +118,57 @@ class VideoHandlers:
             return (session, *(gr.update() for _ in VIDEO_VIEW[1:]))
         with _named(session.path):
             frame = self._reader(session.path).read(i)
-        session = dataclasses.replace(session, index=i, frame=frame, points=[], labels=[], preview=None, status=(
+        session = dataclasses.replace(session, index=i, frame=frame, objects=Objects(), status=(
             f"Frame {i} of {session.info.num_frames} ({self._time(session, i):.2f} s): ask about it, or click on "
             "it and press Track."))
         return self._view(session)
 
     @user_errors
     def on_click(self, session: VideoSession | None, mode: str, evt: gr.SelectData):
-        """A click on the shown frame adds an object / background point; its mask (decoder only) is shown."""
+        """A click on the shown frame adds an object / background point to the current object; its mask (decoder
+        only) is shown."""
         session = self._need_video(session)
         if mode not in MODES:
             raise PromptError(f"unknown click mode {mode!r}; choose one of {', '.join(MODES)}")
         x, y = _click_xy(evt, session.info.size)
-        session.points.append([x, y])
-        session.labels.append(1 if mode == "positive" else 0)
-        session.preview = self.service.segment(session.frame, session.points, session.labels)
-        area = sum(int(t.mask.sum()) for t in session.preview.targets if t.mask is not None)
-        session.status = (f"Frame {session.index}: {session.prompt_text()}, mask {area} px. Press Track to follow "
-                          "it through the video.")
-        return self._view(session)
+        objects = session.objects.add_click(x, y, 1 if mode == "positive" else 0)
+        obj, i = objects.current, objects.active
+        preview = self.service.segment(session.frame, [list(p) for p in obj.points], list(obj.labels), click=True)
+        target = preview.targets[0] if preview.targets else None
+        objects = objects.with_mask(i, None if target is None else target.mask,
+                                    None if target is None else target.score, obj.key, session.frame)
+        return self._view(dataclasses.replace(session, objects=objects, status=(
+            f"Frame {session.index}, object {i + 1}: {obj.prompt_text()}, mask {objects.current.area:,} px. "
+            "New object for another one; Track follows them all through the video.")))
+
+    @user_errors
+    def on_new_object(self, session: VideoSession | None):
+        session = self._need_video(session)
+        objects = session.objects.new_object()
+        return self._view(dataclasses.replace(session, objects=objects, status=(
+            f"Object {objects.active + 1}: click on it.")))
+
+    @user_errors
+    def on_select(self, session: VideoSession | None, index: Any):
+        session = self._need_video(session)
+        try:
+            objects = session.objects.select(int(index))
+        except (TypeError, ValueError):
+            raise PromptError(f"choose an object from the list, got {index!r}") from None
+        return self._view(dataclasses.replace(session, objects=objects, status=(
+            f"Object {objects.active + 1} chosen: new clicks go to it.")))
+
+    @user_errors
+    def on_undo(self, session: VideoSession | None):
+        session = self._need_video(session)
+        return self._view(dataclasses.replace(session, objects=session.objects.undo(), status="Undone."))
 
     @user_errors
     def on_clear(self, session: VideoSession | None):
-        """Forget the clicks on the shown frame."""
+        """Forget every object clicked on the shown frame."""
         session = self._need_video(session)
-        session = dataclasses.replace(session, points=[], labels=[], preview=None, status="Clicks cleared.")
-        return self._view(session)
+        return self._view(dataclasses.replace(session, objects=session.objects.clear_all(),
+                                              status="Objects cleared (Undo brings them back)."))
 
     @user_errors
     def on_ask(self, session: VideoSession | None, question: str, max_new_tokens: float,
@@ -165,24 +189,31 @@ class VideoHandlers:
                   "frames." for i, phrase in sorted(run.objects.items())]
         lines.append(f"Model output: `{raw}`" if raw.strip() else "Model output: (empty)")
         lines += [f"Note: {n}" for n in run.notes]
-        session = dataclasses.replace(session, points=[], labels=[], preview=None, answer=prediction,
-                                      answer_frame=key, status="  \n".join(lines))
+        session = dataclasses.replace(session, objects=Objects(), answer=prediction, answer_frame=key,
+                                      status="  \n".join(lines))
         return self._view(session, result=str(files["overlay"]), answer=answer_pieces(prediction) or None,
                           downloads=[str(files["frames"]), str(files["summary"])])
 
     @user_errors
     def on_track(self, session: VideoSession | None, progress=gr.Progress()):
-        """Track the clicked object from the shown frame through the whole video (no language model)."""
+        """Track every clicked object from the shown frame through the whole video, one track each (object i of
+        the list is track id i + 1; no language model)."""
         session = self._need_video(session)
-        if not session.points:
+        todo = session.prompted
+        if not todo:
             raise PromptError("click on the object in the frame first: there is nothing to track")
         reader = self._reader(session.path)
-        points, labels, key = session.points, session.labels, session.index
-        run, files, seen, seconds = self._job(session.path, lambda g: track(
-            g, reader, key, points=points, point_labels=labels), progress, "Tracking the clicked object")
-        session = dataclasses.replace(session, status=(
-            f"Tracked the object of {session.prompt_text()} on frame {key} through {run.info.num_frames} frames in "
-            f"{seconds:.1f} s ({run.mode} mode): visible on {seen.get(1, 0)} of {run.info.num_frames} frames."))
+        key = session.index
+        prompts = [ObjectPrompt(i + 1, points=[list(p) for p in o.points], point_labels=list(o.labels))
+                   for i, o in ((i, session.objects.items[i]) for i in todo)]
+        run, files, seen, seconds = self._job(session.path, lambda g: track_objects(g, reader, key, prompts),
+                                              progress, "Tracking the clicked objects")
+        n = run.info.num_frames
+        lines = [f"Tracked {len(todo)} object(s) from frame {key} through {n} frames in {seconds:.1f} s "
+                 f"({run.mode} mode)."]
+        lines += [f"Object {i + 1} ({session.objects.items[i].prompt_text()}): visible on {seen.get(i + 1, 0)} of "
+                  f"{n} frames." for i in todo]
+        session = dataclasses.replace(session, status="  \n".join(lines))
         return self._view(session, result=str(files["overlay"]), answer=None,
                           downloads=[str(files["frames"]), str(files["summary"])])
 
@@ -201,17 +232,25 @@ class VideoHandlers:
 
     @user_errors
     def api_track_video(self, video: str | None, frame_index: float | None = 0, points: Any = None,
-                        point_labels: Any = None, box: Any = None) -> tuple[str, dict]:
+                        point_labels: Any = None, box: Any = None, objects: Any = None) -> tuple[str, dict]:
         """Clicks (pixel ``[[x, y], ...]``, labels ``[1/0, ...]``) and/or a box ``[x1, y1, x2, y2]`` on frame
-        ``frame_index`` -> one object tracked through the video: (overlay.mp4, {"video": ..., "frames": [...]})."""
+        ``frame_index`` -> one object (id 1) tracked through the video; or ``objects``, a list of ``{"points",
+        "point_labels", "box"}``: object i is track id i + 1. -> (overlay.mp4, {"video": ..., "frames": [...]})."""
         reader = self._api_reader(video)
         key = _frame_number(0 if frame_index is None else frame_index, reader.info)
-        points, labels, box = _json_list(points, "points"), _json_list(point_labels, "point_labels"), _json_list(
-            box, "box")
-        if points is None and box is None:
-            raise PromptError("give points and/or a box on the frame: there is nothing to track")
-        _, files, _, _ = self._job(video, lambda g: track(g, reader, key, points=points, point_labels=labels,
-                                                          box=box))
+        many = _json_list(objects, "objects")
+        if many is not None:
+            if any(v not in (None, "", []) for v in (points, point_labels, box)):
+                raise PromptError("give points / point_labels / box for one object, or objects, not both")
+            prompts = [ObjectPrompt(i + 1, points=p, point_labels=lab, box=b)
+                       for i, (p, lab, b) in enumerate(_api_objects(many))]
+        else:
+            points, labels, box = _json_list(points, "points"), _json_list(point_labels, "point_labels"), _json_list(
+                box, "box")
+            if points is None and box is None:
+                raise PromptError("give points and/or a box on the frame: there is nothing to track")
+            prompts = [ObjectPrompt(1, points=points, point_labels=labels, box=box)]
+        _, files, _, _ = self._job(video, lambda g: track_objects(g, reader, key, prompts))
         return _api_result(files)
 
     # ---- helpers -------------------------------------------------------------------------------------
@@ -255,7 +294,7 @@ class VideoHandlers:
         """A copy of the session to change (a failed action leaves the stored one as it was)."""
         if session is None or session.path is None or session.frame is None:
             raise VideoError("upload a video or pick an example first")
-        return dataclasses.replace(session, points=[list(p) for p in session.points], labels=list(session.labels))
+        return session
 
     def _time(self, session: VideoSession, index: int) -> float:
         return self._reader(session.path).time_s(index)
@@ -263,7 +302,9 @@ class VideoHandlers:
     @staticmethod
     def _view(session: VideoSession, result: Any = _KEEP, answer: Any = _KEEP, downloads: Any = _KEEP) -> tuple:
         keep = lambda v: gr.update() if v is _KEEP else v
-        return session, render_frame(session), keep(result), keep(answer), session.status, keep(downloads)
+        objects = object_choices(session.objects) if session.frame is not None else gr.update(choices=[], value=None)
+        return (session, render_frame(session), keep(result), keep(answer), session.status, keep(downloads),
+                objects)
 
 
 def _reporting(run: VideoRun, progress, desc: str, seen: dict[int, int]) -> VideoRun:

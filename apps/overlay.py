@@ -80,7 +80,7 @@ class _Style:
 def draw_overlay(
     image: np.ndarray,
     prediction: Prediction,
-    alpha: float = 0.45,
+    alpha: float = 0.55,
     *,
     points: np.ndarray | Sequence[Sequence[float]] | None = None,
     point_labels: np.ndarray | Sequence[int] | None = None,
@@ -168,7 +168,49 @@ def _draw_mask(canvas: np.ndarray, mask: np.ndarray, colour, alpha: float, style
     region = canvas[inside].astype(np.float32)
     canvas[inside] = np.rint((1.0 - alpha) * region + alpha * np.asarray(colour, np.float32)).astype(np.uint8)
     contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    # A dark halo under the coloured line: the outline shows on an object of the mask's own colour too.
+    cv2.drawContours(canvas, contours, -1, OUTLINE_COLOUR, style.line + 2, cv2.LINE_AA)
     cv2.drawContours(canvas, contours, -1, colour, style.line, cv2.LINE_AA)
+
+
+def contrasting_colour(pixels: np.ndarray, mask: np.ndarray, taken: Sequence[int] = (), alpha: float = 0.6) -> int:
+    """Index into :data:`PALETTE` of the colour that, blended over the mean colour of ``pixels`` (RGB
+    ``H x W x 3``) under the bool ``mask`` with weight ``alpha``, moves it farthest *and* stays vivid (RGB
+    distance times the blend's chroma), among the colours not ``taken`` (all, once every one is): a mask on a
+    red object is not red, and one on a cyan object is not red either (red over cyan blends to grey)."""
+    free = [i for i in range(len(PALETTE)) if i not in set(taken)] or list(range(len(PALETTE)))
+    if not mask.any():
+        return free[0]
+    mean = pixels[mask.astype(bool)].reshape(-1, 3).mean(0)
+
+    def score(i: int) -> float:
+        blend = (1 - alpha) * mean + alpha * np.asarray(PALETTE[i], np.float64)
+        return float(np.linalg.norm(blend - mean) * (blend.max() - blend.min()))
+
+    return max(free, key=score)
+
+
+def draw_masks(image: np.ndarray, masks: Sequence[np.ndarray | None], colours: Sequence[tuple[int, int, int]],
+               alpha: float = 0.6, *, points: Sequence[Sequence[float]] = (), point_labels: Sequence[int] = (),
+               boxes: Sequence[Sequence[float]] = (), emphasis: int | None = None) -> np.ndarray:
+    """The web app's view: each bool ``H x W`` mask (None: skipped) filled in its RGB colour with weight
+    ``alpha`` and outlined (dark halo + colour); prompt boxes white with a black outline; clicks as in
+    :func:`draw_overlay`. ``emphasis``: the index of the object being edited, outlined twice as thick.
+    ``image`` RGB ``uint8 H x W x 3``; returns a new array."""
+    canvas = np.array(image, order="C", copy=True)
+    style = _Style.for_size(*canvas.shape[:2])
+    for index, (mask, colour) in enumerate(zip(masks, colours)):
+        if mask is not None and mask.any():
+            bold = _Style(style.line * 2, style.font_scale, style.text_thickness, style.marker)
+            _draw_mask(canvas, mask, colour, alpha, bold if index == emphasis else style)
+    for box in _as_prompt_boxes(boxes if len(boxes) else np.zeros((0, 4))):
+        _draw_box(canvas, tuple(box), OUTLINE_COLOUR, style.line + 2)
+        _draw_box(canvas, tuple(box), PROMPT_BOX_COLOUR, style.line)
+    if len(points):
+        xy, labels = _as_points(points, point_labels)
+        for (x, y), label in zip(xy, labels):
+            _draw_point(canvas, x, y, bool(label), style)
+    return canvas
 
 
 def _pixel_corners(box) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -27,3 +27,17 @@ def clicked_parts(mask: np.ndarray, points: np.ndarray, labels: np.ndarray) -> n
            if label == 1}
     hit.discard(0)
     return np.isin(parts, list(hit)) if hit else mask
+
+
+def within_reach(mask: np.ndarray, reference: np.ndarray, margin: float = 0.05) -> np.ndarray:
+    """Bool ``[H, W]`` ``mask`` cut to ``reference`` grown by ``margin`` times its box's longer side (at least
+    2 px): what background clicks may leave of the mask their positive clicks alone give. (A small decoder
+    trained mostly on single clicks can answer "object click + background click" with a mask that spreads onto
+    like-coloured neighbours; a background click must only take pixels away.)"""
+    ys, xs = np.nonzero(reference)
+    if not len(ys):
+        return np.zeros_like(mask)
+    side = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
+    grow = max(2, int(round(margin * side)))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
+    return mask & cv2.dilate(reference.astype(np.uint8), kernel).astype(bool)

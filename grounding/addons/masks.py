@@ -8,7 +8,8 @@
                  that reads a [SEG] prompt beside a box can spill onto a like-coloured neighbour beyond it;
   clicked_parts  a mask from clicks alone keeps only its parts that hold a positive click: a small decoder's
                  mask can spill onto a like-coloured shape elsewhere (box prompts keep every part: an occluded
-                 object can be in pieces inside its box).
+                 object can be in pieces inside its box); and background clicks only take pixels away: the mask
+                 is cut to the mask of the same prompt without them, grown a little (segdecoder.masks.within_reach).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 from grounding.addons.base import AddOn, MaskContext
 from grounding.addons.registry import register_addon
 from segdecoder import MaskPrediction
-from segdecoder.masks import clicked_parts, clip_to_boxes
+from segdecoder.masks import clicked_parts, clip_to_boxes, within_reach
 from segdecoder.refine import MASK_REFINERS, refine_masks
 from segdecoder.zoom import decode_zoomed
 
@@ -87,9 +88,34 @@ class ClickedParts(AddOn):
 
     def refine(self, pred: MaskPrediction, ctx: MaskContext) -> MaskPrediction:
         points, labels = ctx.prompts.get("points"), ctx.prompts.get("point_labels")
-        if ctx.source != "prompt" or points is None or ctx.prompts.get("boxes") is not None:
+        if ctx.source != "prompt" or points is None:
+            return pred
+        pred = _negatives_only_remove(pred, ctx)
+        if ctx.prompts.get("boxes") is not None:
             return pred
         masks = np.stack([clicked_parts(m, p.cpu().numpy(), lab.cpu().numpy())
                           for m, p, lab in zip(pred.masks, points, labels)]) if len(pred.masks) else pred.masks
         return dataclasses.replace(pred, masks=masks)
 
+
+def _negatives_only_remove(pred: MaskPrediction, ctx: MaskContext) -> MaskPrediction:
+    """Prompts with background clicks: each mask cut to the reach of the same prompt's mask without them (one more
+    decoder call on the cached embedding; a prompt with no positive click and no box is left as it is)."""
+    points, labels, boxes = ctx.prompts["points"], ctx.prompts["point_labels"], ctx.prompts.get("boxes")
+    if not bool((labels == 0).any()):
+        return pred
+    masks = pred.masks.copy()
+    for i in range(len(masks)):
+        keep = labels[i] == 1
+        box = None if boxes is None else boxes[i:i + 1]
+        if not bool((labels[i] == 0).any()) or (not bool(keep.any()) and box is None):
+            continue
+        pos = points[i:i + 1, keep] if bool(keep.any()) else None
+        pos_labels = labels[i:i + 1, keep] if pos is not None else None
+        reference = ctx.backend.decode(ctx.embedding, points=pos, point_labels=pos_labels, boxes=box,
+                                       multimask=box is None and int(keep.sum()) == 1,
+                                       threshold=ctx.prompts.get("threshold", 0.0)).masks[0]
+        if box is None:  # the positive clicks' own parts (a stray part elsewhere is no part of the object)
+            reference = clicked_parts(reference, pos[0].cpu().numpy(), pos_labels[0].cpu().numpy())
+        masks[i] = within_reach(masks[i], reference)
+    return dataclasses.replace(pred, masks=masks)
