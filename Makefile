@@ -25,6 +25,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/groundseg predict --model $(DEMO_MODEL) --image examples/shapes.png \
 		--question "Please segment the circle below the cyan shape." \
 		--out $(OUT)/demo/result.json --overlay $(OUT)/demo/overlay.png
+	$(VENV)/bin/groundseg predict --model $(DEMO_MODEL) --image examples/shapes.png \
+		--question "Please segment all yellow shapes." --out $(OUT)/demo/all.json --overlay $(OUT)/demo/all.png
 	$(VENV)/bin/groundseg predict --model $(DEMO_MODEL) --image examples/shapes.png --points 140,80,1 \
 		--out $(OUT)/demo/click.json --overlay $(OUT)/demo/click.png
 
@@ -82,10 +84,14 @@ default-model: $(VENV)/.installed
 	# its add-ons: SAM decodes each mask again on a crop of 3 times the object's box side (mask_zoom), GrabCut
 	# re-decides the outline's pixels (mask_refine); the decoder gets the locator's box without its click, and
 	# masks are cut to that box grown by 5% (box_clip); the locator also reads the mirrored image; <ref> phrases
-	# lean to the question's words (ref_copy); a mask from clicks keeps the parts under them (clicked_parts)
+	# lean to the question's words (ref_copy); a mask from clicks keeps the parts under them (clicked_parts); a
+	# question mostly in words the model was never trained on (another language) gets a note (question_language)
 	$(PY) -c "from grounding.config import GroundingConfig as C; c = C.load('$(DEFAULT_MODEL)'); \
+		from shapes.question_language import training_words; \
 		c.addons['locator'].update(click=False, mirror=True); c.addons.update(ref_copy={'bias': 3.0}, \
-		mask_zoom={'context': 3.0}, mask_refine={'method': 'grabcut'}, box_clip={'margin': 0.05}, clicked_parts={}); \
+		mask_zoom={'context': 3.0}, mask_refine={'method': 'grabcut'}, box_clip={'margin': 0.05}, clicked_parts={}, \
+		question_language={'language': 'English', 'words': training_words('data/synth', \
+		('seg', 'rec', 'no_target', 'multi', 'region', 'category'))}); \
 		c.save('$(DEFAULT_MODEL)')"
 
 clean:

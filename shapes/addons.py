@@ -5,7 +5,9 @@
                   (shapes/box_writer.py) and can read the mirrored image too (shapes/locator_mirror.py);
   ref_copy        generated ``<ref>`` phrases lean to the question's words (shapes/ref_copy.py);
   vision_stem     the vision tower reads pixels through a convolutional stem (shapes/vision_stem.py);
-  projector_norm  a LayerNorm on the tower features before the projector (shapes/projector_norm.py).
+  projector_norm  a LayerNorm on the tower features before the projector (shapes/projector_norm.py);
+  question_language  a note on the Prediction when the question is mostly in words the model was not trained on,
+                  as another language is (shapes/question_language.py).
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from grounding.addons import AddOn, AnswerRows, DecoderPrompts, SegRead, registe
 from shapes.box_writer import BoxWriter
 from shapes.locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_centres, locator_loss, mask_cells,
                             peak_cells, square_boxes, square_to_pixels)
-from shapes.locator_mirror import combine, mirror_ids, mirror_token_ids
+from shapes.locator_mirror import locate_both, mirror_ids, mirror_token_ids
 from shapes.projector_norm import install_projector_norm
+from shapes.question_language import language_note
 from shapes.ref_copy import RefCopy, TokenWords
 from shapes.vision_stem import install_vision_stem
 
@@ -174,9 +177,10 @@ class Locator(AddOn):
         if not len(states):
             return Located(states.new_zeros((0, grid ** 2)), None, states.new_zeros((0, 1, 2)),
                            states.new_zeros((0, 4)) if self.fusion else None)
-        scores, box_map = self.net.locate(states, image.keys, phrases)
         if image.mirrored is not None and phrases is not None and phrases.mirrored is not None and self.fusion:
-            scores, box_map = combine(scores, box_map, *self.net.locate(states, image.mirrored, phrases.mirrored), grid)
+            scores, box_map = locate_both(self.net, states, image.keys, image.mirrored, phrases, grid)
+        else:
+            scores, box_map = self.net.locate(states, image.keys, phrases)
         pick = scores.detach()
         if targets is not None:
             pick = torch.where(targets.any(-1, keepdim=True) & ~targets, float("-inf"), pick)
@@ -209,6 +213,26 @@ class RefCopyBias(AddOn):
             return None
         questions = [rows.tokenizer(q, add_special_tokens=False)["input_ids"] for q in rows.questions]
         return RefCopy(self.words, questions, rows.prefixes, self.settings.bias)
+
+
+@register_addon
+class QuestionLanguage(AddOn):
+    @dataclass
+    class Settings:
+        language: str = "English"   # the language of the training questions
+        words: tuple[str, ...] = ()  # every word of the training questions (question_language.training_words)
+        share: float = 0.5          # note a question when more than this share of its words are not among them
+
+    name = "question_language"
+
+    def attach(self, model: Any, tokenizer: Any) -> None:
+        self.known = set(self.settings.words)
+
+    def notes(self, question: str, answer: str) -> list[str]:
+        if not self.known:
+            return []
+        note = language_note(question, self.known, self.settings.language, self.settings.share)
+        return [] if note is None else [note]
 
 
 @register_addon

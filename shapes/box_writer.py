@@ -44,17 +44,32 @@ class BoxWriter:
         start = max((i for i, t in enumerate(ids[:-2]) if t == self.ref_start), default=None)
         if start is None or start + 1 >= len(ids) - 2:
             return None
-        box = self.box(row, ids[start + 1:len(ids) - 2])
+        phrase = ids[start + 1:len(ids) - 2]
+        box = self.box(row, phrase, self.repeats(ids[:start], phrase))
         text = format_box(box, self.images[row].size)[len(BOX_START):]        # "(x1,y1),(x2,y2)</box>"
         self.queue[row] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self.queue[row].pop(0)
 
+    def repeats(self, ids: list[int], phrase: list[int]) -> int:
+        """How many ``<ref>..</ref>`` spans of ``ids`` hold exactly ``phrase``: the [SEG]s of "all red shapes" each
+        repeat it, and the k-th repeat must name the k-th object, as its mask does (``Phrases.repeats``)."""
+        count, start = 0, None
+        for i, t in enumerate(ids):
+            if t == self.ref_start:
+                start = i
+            elif t == self.ref_end and start is not None:
+                count += int(ids[start + 1:i] == phrase)
+                start = None
+        return count
+
     @torch.no_grad()
-    def box(self, row: int, phrase_ids: list[int]) -> list[float]:
-        """Pixel xyxy box of the phrase's object: the locator's box at its best cell."""
+    def box(self, row: int, phrase_ids: list[int], rank: int = 0) -> list[float]:
+        """Pixel xyxy box of the phrase's object: the locator's box at its best cell (``rank`` k > 0: at its score
+        map's k-th peak, ``peak_cells``)."""
         m, image, locator = self.model, self.images[row], self.locator
         like = m.vlm.get_input_embeddings().weight
         phrases = locator.phrases(m, [torch.tensor(phrase_ids, device=like.device)], locator.settings.mirror)
         found = locator.locate(m, like.new_zeros((1, m.llava_config.text_config.hidden_size)),
-                               image.extras["locator"], phrases, image.size)
+                               image.extras["locator"], phrases, image.size,
+                               ranks=torch.tensor([rank]) if rank else None)
         return found.boxes[0].tolist()

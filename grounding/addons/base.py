@@ -10,6 +10,7 @@ An add-on is an ``nn.Module`` (so one with trained weights saves and loads them 
                  ``attach``     creates the add-on's own weights once the model's sizes are known;
                  ``grown``      the add-on with new settings, for a training run that changes them.
   answering:     ``logits_rule`` a rule that adjusts next-token logits while an answer is generated;
+                 ``notes``      notes the add-on adds to a Prediction (e.g. the question's language is not read);
   [SEG] prompts: ``read_image`` what the add-on reads of each image (once per image, cached with it;
                                 ``read_batch`` the same in training);
                  ``seg_prompts`` clicks / boxes for the mask decoder beside each [SEG]'s projected state
@@ -163,6 +164,11 @@ class AddOn(nn.Module):
     # ---- answering -----------------------------------------------------------------------------------------
     def logits_rule(self, rows: AnswerRows) -> LogitsRule | None:
         return None
+
+    def notes(self, question: str, answer: str) -> list[str]:
+        """Notes for the Prediction of ``question`` (as the prompt holds it), e.g. that the model does not read
+        its language; ``answer`` is the decoded answer text."""
+        return []
 
     # ---- [SEG] prompts -------------------------------------------------------------------------------------
     def read_image(self, model: Any, images: list[Any], hidden_states: tuple[torch.Tensor, ...] | None,

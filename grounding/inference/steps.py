@@ -93,7 +93,9 @@ class AnswerSteps:
         question = self.question_text(query)
         pts, labels, bxs = check_prompts(prep.size, query.points, query.point_labels, query.boxes)
         config = self.model.config
-        prompt = build_prompt(question, visual_prompt_text(prep.size, pts, labels, bxs, config.box_format))
+        # a processor may bring its model's own chat template (box-speaking families load it from their folder)
+        build = getattr(self.processor, "build_prompt", build_prompt)
+        prompt = build(question, visual_prompt_text(prep.size, pts, labels, bxs, config.box_format))
         encoded = self.processor.encode(prompt)
         prefix = self.answer_prefix_ids(query)
         encoded = EncodedText(encoded.input_ids + prefix, encoded.labels + prefix)
@@ -176,6 +178,8 @@ class AnswerSteps:
         notes: list[str] = []
         targets = []
         for parsed in self.model.family.parse_answer(text, prep.size, self.model.config):
+            if parsed.note:   # a box clipped to the image, unreadable JSON...
+                notes.append(f"target {parsed.phrase or '(unnamed)'!r}: {parsed.note}")
             idx = parsed.seg_index
             mask = masks[idx] if idx is not None and idx < len(masks) else None
             if idx is not None and mask is None:
@@ -190,6 +194,8 @@ class AnswerSteps:
             targets = self.box_masks(prep, targets)
         if not targets:
             notes.append("the answer names no object: it has no [SEG] token and no readable box")
+        question = self.question_text(query)
+        notes += [n for a in self.addons for n in a.notes(question, text)]
         return Prediction(answer=text, targets=targets, image_size=prep.size, question=query.question, notes=notes)
 
     def box_masks(self, prep: PreparedImage, targets: list[Target]) -> list[Target]:

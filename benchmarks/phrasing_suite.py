@@ -1,0 +1,439 @@
+"""Phrasing suite: does a model answer the way people ask? Held-out scenes, held-out question forms.
+
+The scenes are drawn here, by this file's own renderer, not by the training generator (``shapes/scenes``): a seed
+and image sizes no training run used, and rendering styles the generator lacks:
+
+  plain      flat pastel background, flat fills (the baseline of the held-out renderer)
+  noisy      Gaussian-noise background, the whole image JPEG-compressed at quality 20-35
+  gradient   two-colour gradient background under a blurred-noise "photographic" texture; anti-aliased edges
+  outlined   paper-grey background, fills ringed by a dark outline 4-8 px wide (the object's mask includes it)
+
+Questions (``FORMS``; ``*`` marks a form that is also a training template, the rest were never used in training;
+grounding/data/tasks.py lists the training forms), each phrase in varied case and punctuation:
+
+  present    "Please segment the X."*, "Where is the X?", "Can you find the X in this picture?", "Show me the X."*,
+             "the X", "X" -- X names one object ("yellow circle", or "circle" when the kind is alone)
+  absent     the same forms about a colour + kind the scene lacks (a near miss: its colour or kind is there)
+  multi      "Please segment all C shapes.", "Segment all the Ks.", "Please segment the X and the Y."
+  region     "What is in this region?" (the web app's) / "What is this?" with a box on one object
+  foreign    a Chinese, Spanish or German question about one object
+
+Measures (``TARGETS`` gives the bar beside each):
+
+  present denied      present questions answered with no target ("There is no ..."), lower is better
+  absent denied       absent questions answered with no target
+  phrase copied       present answers whose first <ref> phrase is the question's phrase (case, a leading article
+                      and end punctuation ignored)
+  present mask IoU    mean IoU of the first target's mask with the object's, over every present question (a denial
+                      or a missing mask counts 0)
+  multi exact         multi questions answered with one target per object, each target's box (IoU >= 0.5) and
+                      mask (IoU >= 0.5) on the same object, no object twice
+  region named        region answers that hold the object's colour and kind words
+  foreign handled     non-English questions whose first mask is right (IoU >= 0.5) or whose Prediction has a
+                      note saying the model reads English only
+
+    python benchmarks/phrasing_suite.py [--model weights/shapes-tiny] [--scenes 8] [--seed 4711] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+from PIL import Image
+
+STYLES = ("plain", "noisy", "gradient", "outlined")
+
+# name -> RGB: near the training palette's hues (the model knows only those words) but not its exact values
+COLOURS = {"red": (205, 40, 50), "green": (50, 150, 70), "blue": (45, 90, 210), "yellow": (235, 215, 45),
+           "orange": (240, 145, 40), "purple": (145, 65, 180), "pink": (240, 140, 190), "cyan": (45, 200, 215),
+           "brown": (120, 80, 45)}
+KINDS = ("circle", "square", "triangle", "pentagon", "hexagon", "star", "diamond", "rectangle")
+PLURAL = {k: k + "s" for k in KINDS}
+
+FORMS: tuple[tuple[str, str, bool], ...] = (   # (name, template, also a training template)
+    ("please-segment", "Please segment {x}.", True),
+    ("where-is", "Where is {x}?", False),
+    ("can-you-find", "Can you find {x} in this picture?", False),
+    ("show-me", "Show me {x}.", True),
+    ("bare-the", "{x}", False),
+    ("bare", "{x}", False),     # the phrase without its article
+)
+MULTI_FORMS = ("Please segment all {c} shapes.", "Segment all the {ks}.", "Please segment {x} and {y}.")
+REGION_QUESTIONS = ("What is in this region?", "What is this?")
+FOREIGN = {   # language -> (template, colour words, kind words)
+    "zh": ("请分割{c}的{k}。", {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "orange": "橙色",
+                              "purple": "紫色", "pink": "粉色", "cyan": "青色", "brown": "棕色"},
+           {"circle": "圆", "square": "正方形", "triangle": "三角形", "pentagon": "五边形", "hexagon": "六边形",
+            "star": "星形", "diamond": "菱形", "rectangle": "长方形"}),
+    "es": ("Por favor, segmenta el {k} {c}.", {"red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo",
+                                               "orange": "naranja", "purple": "morado", "pink": "rosa",
+                                               "cyan": "cian", "brown": "marrón"},
+           {"circle": "círculo", "square": "cuadrado", "triangle": "triángulo", "pentagon": "pentágono",
+            "hexagon": "hexágono", "star": "estrella", "diamond": "rombo", "rectangle": "rectángulo"}),
+    "de": ("Bitte segmentiere die Form {k} in der Farbe {c}.", {"red": "Rot", "green": "Grün", "blue": "Blau",
+                                                        "yellow": "Gelb", "orange": "Orange", "purple": "Lila",
+                                                        "pink": "Rosa", "cyan": "Türkis", "brown": "Braun"},
+           {"circle": "Kreis", "square": "Quadrat", "triangle": "Dreieck", "pentagon": "Fünfeck",
+            "hexagon": "Sechseck", "star": "Stern", "diamond": "Raute", "rectangle": "Rechteck"}),
+}
+
+# measure -> (target, "max" when the figure must stay at or under it, else "min")
+TARGETS = {"present_denied": (0.02, "max"), "absent_denied": (0.90, "min"), "phrase_copied": (0.98, "min"),
+           "present_mask_iou": (0.80, "min"), "multi_exact": (0.90, "min"), "region_named": (0.90, "min"),
+           "foreign_handled": (1.00, "min")}
+
+
+# ------------------------------------------------------------------------------------------------ scenes
+@dataclass
+class Obj:
+    colour: str
+    kind: str
+    mask: np.ndarray          # bool H x W (visible: objects never overlap)
+    box: tuple[float, float, float, float]
+
+
+@dataclass
+class Scene:
+    style: str
+    image: np.ndarray         # uint8 H x W x 3
+    objects: list[Obj]
+
+
+def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
+    """Corner points (float xy) of a polygonal kind of circumradius ``r``."""
+    def ring(n, start, radius=r):
+        t = start + np.arange(n) * 2 * np.pi / n
+        return np.stack([cx + radius * np.cos(t), cy + radius * np.sin(t)], 1)
+    if kind == "square":
+        return ring(4, np.pi / 4 + angle)
+    if kind == "diamond":
+        pts = ring(4, angle)
+        pts[:, 0] = cx + (pts[:, 0] - cx) * 0.7      # a rhombus, taller than wide
+        return pts
+    if kind == "rectangle":
+        w, h = r * 1.0, r * 0.55
+        return np.array([[cx - w, cy - h], [cx + w, cy - h], [cx + w, cy + h], [cx - w, cy + h]])
+    if kind == "triangle":
+        return ring(3, -np.pi / 2 + angle)
+    if kind == "pentagon":
+        return ring(5, -np.pi / 2 + angle)
+    if kind == "hexagon":
+        return ring(6, angle)
+    if kind == "star":
+        outer, inner = ring(5, -np.pi / 2 + angle), ring(5, -np.pi / 2 + angle + np.pi / 5, r * 0.45)
+        return np.stack([outer, inner], 1).reshape(-1, 2)
+    raise ValueError(kind)
+
+
+def _shape_mask(kind: str, h: int, w: int, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
+    m = np.zeros((h, w), np.uint8)
+    if kind == "circle":
+        cv2.circle(m, (int(round(cx)), int(round(cy))), int(round(r)), 1, -1)
+    else:
+        cv2.fillPoly(m, [np.round(_polygon(kind, cx, cy, r, angle)).astype(np.int32)], 1)
+    return m.astype(bool)
+
+
+def _background(style: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    if style == "plain":
+        return np.broadcast_to(rng.integers(190, 250, 3), (h, w, 3)).astype(np.float32)
+    if style == "noisy":
+        base = rng.integers(110, 170)
+        return np.clip(base + rng.normal(0, 28, (h, w, 3)), 0, 255).astype(np.float32)
+    if style == "gradient":
+        a, b = rng.integers(60, 230, 3), rng.integers(60, 230, 3)
+        t = np.linspace(0, 1, w)[None, :, None] if rng.random() < 0.5 else np.linspace(0, 1, h)[:, None, None]
+        grad = a + (b - a) * t
+        texture = cv2.resize(rng.normal(0, 1, (h // 8 + 1, w // 8 + 1)).astype(np.float32), (w, h))
+        return np.clip(grad + 18 * texture[..., None], 0, 255).astype(np.float32) * np.ones((h, w, 3), np.float32)
+    if style == "outlined":
+        return np.clip(np.full((h, w, 3), 200.0) + rng.normal(0, 4, (h, w, 3)), 0, 255).astype(np.float32)
+    raise ValueError(style)
+
+
+def make_scene(rng: np.random.Generator, style: str) -> Scene:
+    """4-5 objects, each (colour, kind) once; usually two share a colour and two share a kind, so that "all C
+    shapes" and "all the Ks" name groups. Sizes 260-460 px a side (training scenes: 160-320)."""
+    h, w = int(rng.integers(260, 461)), int(rng.integers(260, 461))
+    n = int(rng.integers(4, 6))
+    colours, kinds = list(COLOURS), list(KINDS)
+    pairs: list[tuple[str, str]] = []
+    while len(pairs) < n:
+        c = pairs[0][0] if len(pairs) == 1 and rng.random() < 0.8 else colours[int(rng.integers(len(colours)))]
+        k = pairs[2][1] if len(pairs) == 3 and rng.random() < 0.8 else kinds[int(rng.integers(len(kinds)))]
+        if (c, k) not in pairs:
+            pairs.append((c, k))
+    image = _background(style, rng, h, w)
+    taken = np.zeros((h, w), bool)
+    objects: list[Obj] = []
+    side = min(h, w)
+    for c, k in pairs:
+        for _ in range(200):
+            r = side * rng.uniform(0.08, 0.16)
+            cx, cy = rng.uniform(r + 4, w - r - 4), rng.uniform(r + 4, h - r - 4)
+            mask = _shape_mask(k, h, w, cx, cy, r, rng.uniform(-0.15, 0.15))
+            grown = cv2.dilate(mask.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
+            if not (grown & taken).any():
+                break
+        else:
+            continue
+        taken |= mask
+        colour = np.array(COLOURS[c], np.float32) + rng.normal(0, 6, 3)
+        if style == "gradient":       # anti-aliased: the fill fades over the outline's pixel
+            soft = cv2.GaussianBlur(mask.astype(np.float32), (3, 3), 0.8)[..., None]
+            image = image * (1 - soft) + colour * soft
+        else:
+            image[mask] = colour
+        if style == "outlined":
+            width = int(rng.integers(4, 9))
+            contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            ring = np.zeros((h, w), np.uint8)
+            cv2.drawContours(ring, contours, -1, 1, width)
+            ring_b = ring.astype(bool)
+            image[ring_b] = np.clip(colour * 0.35, 0, 255)
+            mask = mask | ring_b
+        ys, xs = np.nonzero(mask)
+        objects.append(Obj(c, k, mask, (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))))
+    out = np.clip(image, 0, 255).astype(np.uint8)
+    if style == "noisy":
+        buf = io.BytesIO()
+        Image.fromarray(out).save(buf, format="JPEG", quality=int(rng.integers(20, 36)))
+        out = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")).copy()
+    return Scene(style, out, objects)
+
+
+# ------------------------------------------------------------------------------------------------ questions
+@dataclass
+class Item:
+    scene: int
+    kind: str                 # present / absent / multi / region / foreign
+    question: str
+    form: str
+    phrase: str = ""          # present: the phrase the answer should copy
+    objects: list[int] = field(default_factory=list)    # indices of the objects the answer should name
+    box: tuple[float, ...] | None = None                # region: the box prompt
+
+
+def _vary(text: str, rng: np.random.Generator) -> str:
+    """Case and end punctuation as people type them."""
+    r = rng.random()
+    if r < 0.3:
+        text = text.lower()
+    elif r < 0.4:
+        text = text.upper()
+    elif r < 0.55:
+        text = text[:1].upper() + text[1:]
+    r = rng.random()
+    if r < 0.25:
+        text = text.rstrip(".?!")
+    elif r < 0.35:
+        text = text.rstrip(".?!") + "!"
+    elif r < 0.45:
+        text = text.rstrip(".?!") + "?"
+    return text
+
+
+def _phrase(scene: Scene, i: int) -> str:
+    o = scene.objects[i]
+    alone = sum(p.kind == o.kind for p in scene.objects) == 1
+    return o.kind if alone and i % 2 else f"{o.colour} {o.kind}"   # bare kind names for some objects
+
+
+def make_items(scenes: list[Scene], rng: np.random.Generator, per_scene: int = 3) -> list[Item]:
+    items: list[Item] = []
+    form_at = 0
+    for s, scene in enumerate(scenes):
+        objs = scene.objects
+        for i in rng.permutation(len(objs))[:per_scene]:
+            name, template, _ = FORMS[form_at % len(FORMS)]
+            form_at += 1
+            phrase = _phrase(scene, int(i)) if name == "bare" else "the " + _phrase(scene, int(i))
+            items.append(Item(s, "present", _vary(template.format(x=phrase), rng), name, phrase, [int(i)]))
+        present = {(o.colour, o.kind) for o in objs}
+        near = [(c, k) for c in COLOURS for k in KINDS if (c, k) not in present
+                and (c in {o.colour for o in objs} or k in {o.kind for o in objs})]
+        for j in rng.permutation(len(near))[:max(1, per_scene - 1)]:
+            c, k = near[int(j)]
+            name, template, _ = FORMS[form_at % len(FORMS)]
+            form_at += 1
+            phrase = f"{c} {k}" if name == "bare" else f"the {c} {k}"
+            items.append(Item(s, "absent", _vary(template.format(x=phrase), rng), name, phrase))
+        by_colour = {c: [i for i, o in enumerate(objs) if o.colour == c] for c in COLOURS}
+        by_kind = {k: [i for i, o in enumerate(objs) if o.kind == k] for k in KINDS}
+        groups = [("all-colour", MULTI_FORMS[0].format(c=c), ids) for c, ids in by_colour.items() if len(ids) >= 2]
+        groups += [("all-kind", MULTI_FORMS[1].format(ks=PLURAL[k]), ids) for k, ids in by_kind.items()
+                   if len(ids) >= 2]
+        a, b = (int(v) for v in rng.permutation(len(objs))[:2])
+        groups.append(("x-and-y", MULTI_FORMS[2].format(x="the " + f"{objs[a].colour} {objs[a].kind}",
+                                                        y="the " + f"{objs[b].colour} {objs[b].kind}"), [a, b]))
+        for name, q, ids in groups[:2] if len(groups) > 2 else groups:
+            items.append(Item(s, "multi", _vary(q, rng), name, objects=list(ids)))
+        i = int(rng.integers(len(objs)))
+        x1, y1, x2, y2 = objs[i].box
+        items.append(Item(s, "region", REGION_QUESTIONS[s % 2], "app-region" if s % 2 == 0 else "what-is-this",
+                          objects=[i], box=(x1 - 2, y1 - 2, x2 + 2, y2 + 2)))
+        lang = list(FOREIGN)[s % len(FOREIGN)]
+        template, cw, kw = FOREIGN[lang]
+        i = int(rng.integers(len(objs)))
+        items.append(Item(s, "foreign", template.format(c=cw[objs[i].colour], k=kw[objs[i].kind]), lang,
+                          objects=[i]))
+    return items
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def _iou(a: np.ndarray | None, b: np.ndarray) -> float:
+    if a is None:
+        return 0.0
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def _box_iou(a, b) -> float:
+    if a is None:
+        return 0.0
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _norm_phrase(text: str | None) -> str:
+    text = (text or "").lower().strip().strip(".?!,")
+    return re.sub(r"^(the|a|an) ", "", text).strip()
+
+
+def _english_note(pred) -> bool:
+    return any("english" in n.lower() for n in pred.notes)
+
+
+def score(item: Item, scene: Scene, pred) -> dict:
+    """One item's outcome (a JSON-ready dict)."""
+    t = pred.targets
+    row = {"kind": item.kind, "form": item.form, "style": scene.style, "question": item.question,
+           "answer": pred.answer, "notes": list(pred.notes), "targets": len(t)}
+    objs = scene.objects
+    if item.kind == "present":
+        target = objs[item.objects[0]]
+        row["denied"] = not t
+        row["copied"] = bool(t) and _norm_phrase(t[0].phrase) == _norm_phrase(item.phrase)
+        row["iou"] = _iou(t[0].mask, target.mask) if t else 0.0
+    elif item.kind == "absent":
+        row["denied"] = not t
+    elif item.kind == "multi":
+        wanted = list(item.objects)
+        ok = len(t) == len(wanted)
+        used: set[int] = set()
+        for tg in t if ok else []:
+            best = max(wanted, key=lambda j: _iou(tg.mask, objs[j].mask))
+            if best in used or _iou(tg.mask, objs[best].mask) < 0.5 or _box_iou(tg.box, objs[best].box) < 0.5:
+                ok = False
+                break
+            used.add(best)
+        row["exact"] = ok
+    elif item.kind == "region":
+        o = objs[item.objects[0]]
+        words = set(re.findall(r"[a-z]+", pred.answer.lower()))
+        row["named"] = o.colour in words and o.kind in words
+    elif item.kind == "foreign":
+        right = bool(t) and _iou(t[0].mask, objs[item.objects[0]].mask) >= 0.5
+        row["right"], row["english_note"] = right, _english_note(pred)
+        row["handled"] = right or row["english_note"]
+    return row
+
+
+def summarise(rows: list[dict]) -> dict:
+    def mean(kind, key, where: Callable[[dict], bool] = lambda r: True):
+        vals = [float(r[key]) for r in rows if r["kind"] == kind and where(r)]
+        return (sum(vals) / len(vals)) if vals else None
+    report = {
+        "present_denied": mean("present", "denied"),
+        "absent_denied": mean("absent", "denied"),
+        "phrase_copied": mean("present", "copied", lambda r: not r["denied"]),
+        "present_mask_iou": mean("present", "iou"),
+        "multi_exact": mean("multi", "exact"),
+        "region_named": mean("region", "named"),
+        "foreign_handled": mean("foreign", "handled"),
+        "counts": {k: sum(r["kind"] == k for r in rows) for k in ("present", "absent", "multi", "region", "foreign")},
+        "by_form": {}, "by_style": {},
+    }
+    for r in rows:
+        if r["kind"] == "present":
+            d = report["by_form"].setdefault(r["form"], {"n": 0, "denied": 0, "iou": 0.0})
+            d["n"] += 1
+            d["denied"] += int(r["denied"])
+            d["iou"] += r["iou"]
+            s = report["by_style"].setdefault(r["style"], {"n": 0, "denied": 0, "iou": 0.0})
+            s["n"] += 1
+            s["denied"] += int(r["denied"])
+            s["iou"] += r["iou"]
+    for d in list(report["by_form"].values()) + list(report["by_style"].values()):
+        d["denied"], d["iou"] = d["denied"] / d["n"], d["iou"] / d["n"]
+    report["passed"] = {k: (v is not None and (v <= t if how == "max" else v >= t))
+                        for k, (t, how) in TARGETS.items() for v in [report[k]]}
+    return report
+
+
+def run_suite(grounder, scenes_per_style: int = 8, seed: int = 4711, per_scene: int = 3) -> tuple[dict, list[dict]]:
+    """Draw the scenes, ask every item, score it: (summary, rows)."""
+    rng = np.random.default_rng(seed)
+    scenes = [make_scene(rng, style) for _ in range(scenes_per_style) for style in STYLES]
+    items = make_items(scenes, rng, per_scene)
+    rows = []
+    for item in items:
+        scene = scenes[item.scene]
+        pred = grounder.predict(scene.image, item.question, boxes=None if item.box is None else [list(item.box)])
+        rows.append(score(item, scene, pred))
+    return summarise(rows), rows
+
+
+def table(report: dict) -> str:
+    lines = [f"{'measure':<18} {'value':>7}  target", "-" * 38]
+    for key, (t, how) in TARGETS.items():
+        v = report[key]
+        value = "n/a" if v is None else f"{v:7.3f}"
+        lines.append(f"{key:<18} {value:>7}  {'<=' if how == 'max' else '>='} {t:.2f}  "
+                     f"{'ok' if report['passed'][key] else 'MISSED'}")
+    lines.append(f"items: {report['counts']}")
+    lines.append("present, by form:  " + ", ".join(f"{k} denied {d['denied']:.2f} IoU {d['iou']:.2f} (n={d['n']})"
+                                                   for k, d in report["by_form"].items()))
+    lines.append("present, by style: " + ", ".join(f"{k} denied {d['denied']:.2f} IoU {d['iou']:.2f} (n={d['n']})"
+                                                   for k, d in report["by_style"].items()))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="weights/shapes-tiny")
+    ap.add_argument("--scenes", type=int, default=8, help="scenes per rendering style")
+    ap.add_argument("--seed", type=int, default=4711)
+    ap.add_argument("--json", type=Path, help="write the summary and every answer here")
+    ap.add_argument("--save-scenes", type=Path, help="write the first scene of each style as PNG into this folder")
+    args = ap.parse_args()
+    from grounding import Grounder
+    grounder = Grounder.from_pretrained(args.model, device="cpu")
+    t0 = time.perf_counter()
+    report, rows = run_suite(grounder, args.scenes, args.seed)
+    seconds = time.perf_counter() - t0
+    print(f"model {args.model}, {len(rows)} questions on {args.scenes * len(STYLES)} scenes, seed {args.seed}, "
+          f"{seconds:.0f} s")
+    print(table(report))
+    if args.save_scenes:
+        args.save_scenes.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(args.seed)
+        for style in STYLES:
+            Image.fromarray(make_scene(rng, style).image).save(args.save_scenes / f"{style}.png")
+    if args.json:
+        args.json.write_text(json.dumps({"summary": report, "rows": rows}, indent=1, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
