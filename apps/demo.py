@@ -24,6 +24,7 @@ besides Gradio's own upload and result files; errors reach the page as one reada
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import tempfile
 import weakref
@@ -75,6 +76,14 @@ def _ui_event(model: bool = True, **kwargs) -> dict:
     return {**options, **kwargs}
 
 
+def example_questions(images: list[Path]) -> dict[Path, list[str]]:
+    """Per example image, the questions ``questions.json`` beside it lists (one empty question where none)."""
+    listed: dict = {}
+    if images and (images[0].parent / "questions.json").is_file():
+        listed = json.loads((images[0].parent / "questions.json").read_text())
+    return {p: listed.get(p.name) or [""] for p in images}
+
+
 def image_tab(ctx: DemoContext) -> None:
     """Left: the image (drag on it for a box), click mode, objects (new, undo, redo, clear), question, settings.
     Right: the result image (click here), status, answer, downloads."""
@@ -89,14 +98,15 @@ def image_tab(ctx: DemoContext) -> None:
                                 disable_edit_boxes=True, show_remove_button=False, box_min_size=4,
                                 sources=["upload", "clipboard"], height=300, elem_id="input-image")
             with gr.Row():
-                question = gr.Textbox(label="Question", placeholder="Where is the red circle?", lines=1, scale=3,
+                question = gr.Textbox(label="Question", placeholder="Please segment the circle.", lines=1, scale=3,
                                       elem_id="question")
                 with gr.Column(scale=1, min_width=100):
                     ask = gr.Button("Ask", variant="primary", size="sm", elem_id="ask")
                     ask_region = gr.Button("Ask about this object", size="sm", elem_id="ask-region")
-            if ctx.examples:
-                gr.Examples(examples=[[{"image": str(p), "boxes": []}] for p in ctx.examples], inputs=[image],
-                            label="Examples")
+            if ctx.examples:   # each example image with the questions that work on it (examples/questions.json)
+                asked = example_questions(ctx.examples)
+                gr.Examples(examples=[[{"image": str(p), "boxes": []}, q] for p in ctx.examples for q in asked[p]],
+                            inputs=[image, question], label="Examples")
             with gr.Accordion("Settings", open=False):
                 max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=h.default_max_new_tokens, step=1,
                                            label="Max new tokens")
@@ -163,7 +173,7 @@ def video_tab(ctx: DemoContext) -> None:
             index = gr.Slider(0, 1, value=0, step=1, label="Frame (the key frame of a question or a track)",
                               interactive=False, elem_id="video-frame-index")
             with gr.Row():
-                question = gr.Textbox(label="Question about this frame", placeholder="Please segment the red circle.",
+                question = gr.Textbox(label="Question about this frame", placeholder="Please segment the circle.",
                                       lines=1, scale=3, elem_id="video-question")
                 with gr.Column(scale=1, min_width=100):
                     ask = gr.Button("Ask and track", variant="primary", size="sm", elem_id="video-ask")
