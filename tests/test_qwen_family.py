@@ -268,3 +268,22 @@ class _Same:
 
     def __call__(self, model_dir, device):
         return self.grounder
+
+
+def test_qwen25_with_a_sam2_decoder_masks_the_answered_box(tmp_path):
+    """The assembly the issue names: a Qwen2.5-VL folder with a SAM2 decoder (tiny preset here)."""
+    from grounding import Grounder
+
+    folder = make_qwen_folder(tmp_path / "hf", "2.5")
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "groundseg.json").write_text(json.dumps(
+        {"family": "qwen2.5-vl", "vlm_path": str(folder), "decoder": {"backend": "sam2", "preset": "tiny"}}))
+    g = Grounder.from_pretrained(directory, device="cpu", dtype="float32", max_new_tokens=6)
+    assert g.model.mask_decoder.backend_name == "sam2"
+    image, _ = draw_scene(72, 100)
+    force_answers(g, [answer_for("qwen2.5-vl")])
+    (target,) = g.predict(image, QUESTION).targets
+    expected = g.model.mask_decoder.decode(g.prepare([image])[0].embedding,
+                                           boxes=torch.tensor([target.box], dtype=torch.float32)).masks[0]
+    assert target.phrase == "the red circle" and np.array_equal(target.mask, expected)
