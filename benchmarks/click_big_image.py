@@ -12,7 +12,6 @@ timed separately.
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import tempfile
 import time
@@ -30,8 +29,10 @@ SHAPES_CLICKS = [(140, 80, 1), (210, 148, 1), (245, 220, 1), (360, 45, 1), (60, 
 
 
 def png_ms(rgb: np.ndarray) -> float:
+    """Gradio's own encoding of a ``gr.Image(format="png")`` result (the app's, once ``build_app`` ran)."""
+    from gradio import processing_utils
     t0 = time.perf_counter()
-    Image.fromarray(rgb).save(io.BytesIO(), format="png")
+    processing_utils.encode_pil_to_bytes(Image.fromarray(rgb), "png")
     return (time.perf_counter() - t0) * 1000
 
 
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--full-clicks", type=int, default=3)
     args = ap.parse_args()
 
+    from apps.demo_inputs import fast_png_results
+    fast_png_results()   # what build_app does for the app's result images
     grounder = Grounder.from_pretrained(args.model, device="cpu")
     small = load_image(ROOT / "examples" / "shapes.png")
     sy, sx = 3000 / small.shape[0], 4000 / small.shape[1]
