@@ -204,7 +204,8 @@ def video_tab(ctx: DemoContext) -> None:
                                 file_count="multiple", interactive=False, elem_id="video-downloads")
     view = [session, frame, result, answer, status, downloads, objects]
     # Reading a frame needs no model: these run outside the model's queue group.
-    video.change(v.on_video, [session, video], view + [index], **_ui_event(model=False, show_progress_on=status))
+    video.change(v.on_video, [session, video], view + [index, video],
+                 **_ui_event(model=False, show_progress_on=status))
     index.change(v.on_frame, [session, index], view, trigger_mode="always_last",
                  **_ui_event(model=False, show_progress="hidden"))
     frame.select(v.on_click, [session, mode], view, **_ui_event(show_progress_on=status))

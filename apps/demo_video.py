@@ -93,21 +93,30 @@ class VideoHandlers:
     # ---- UI ------------------------------------------------------------------------------------------
     @user_errors
     def on_video(self, session: VideoSession | None, path: str | None):
-        """A new video (upload or example): show its frame 0 and size the slider; nothing: clear the tab.
-        -> the view, then the frame slider's update."""
+        """A new video (upload or example): show its frame 0 and size the slider; nothing: clear the tab (keeping
+        the line that says why a file was refused). A file that is no readable video: one line (status and a
+        warning) and the input emptied, ready for the next file.
+        -> the view, then the frame slider's update, then the video input's."""
         if not path:
-            return (*self._view(VideoSession(), result=None, answer=None, downloads=None),
-                    gr.update(value=0, maximum=1, interactive=False))
-        reader = self._reader(path)
-        with _named(path):
-            frame = reader.read(0)
+            kept = session.status if session is not None and session.path is None else ""
+            return (*self._view(VideoSession(status=kept), result=None, answer=None, downloads=None),
+                    gr.update(value=0, maximum=1, interactive=False), gr.update())
+        try:
+            reader = self._reader(path)
+            with _named(path):
+                frame = reader.read(0)
+        except VideoError as err:
+            message = " ".join(str(err).split())
+            gr.Warning(message)
+            return (*self._view(VideoSession(status=f"**Not loaded:** {message}"), result=None, answer=None,
+                                downloads=None), gr.update(value=0, maximum=1, interactive=False), None)
         info = reader.info
         session = VideoSession(path=str(path), info=info, frame=frame, status=(
             f"Video {info.width}x{info.height}, {info.num_frames} frames, {info.fps:.3g} fps. Pick a frame, then ask "
             "about it (the answer's objects are tracked through the video) or click on it and press Track."))
         slider = gr.update(minimum=0, maximum=max(info.num_frames - 1, 1), value=0, step=1,
                            interactive=info.num_frames > 1)
-        return (*self._view(session, result=None, answer=None, downloads=None), slider)
+        return (*self._view(session, result=None, answer=None, downloads=None), slider, gr.update())
 
     @user_errors
     def on_frame(self, session: VideoSession | None, index: float):

@@ -236,8 +236,27 @@ def test_bad_uploads_give_one_line_and_leave_the_page_usable(served, browser, tm
     toasts = page.locator(".toast-body")
     assert toasts.count() <= 1 and "/tmp" not in page.inner_text("body")
     shot(page, tmp_path, "bad_upload.png")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a text file\n")
+    page.locator("#input-image input[type=file]").set_input_files(str(notes))   # refused by Gradio's file check
+    page.wait_for_function("() => document.body.innerText.includes('only image/* allowed')", timeout=TIMEOUT_MS)
+    shot(page, tmp_path, "bad_notes.png")
     page.locator("#input-image input[type=file]").set_input_files(str(IMAGE))  # the widget still takes a file
     wait_for_status(page, "ready")
+    # a fake video: one readable line (no FFmpeg errno, no server path), and the tab still takes a real one
+    page.get_by_role("tab", name="Video").click()
+    fake_video = tmp_path / "fake.mp4"
+    fake_video.write_text("not a video\n" * 40)
+    page.locator("#input-video input[type=file]").set_input_files(str(fake_video))
+    page.wait_for_function("() => (document.querySelector('#video-status')?.innerText || '')"
+                           ".includes('not a readable video')", timeout=TIMEOUT_MS)
+    time.sleep(1)   # the emptied input's own change event comes back: the line stays
+    status = page.locator("#video-status").inner_text()
+    assert "'fake.mp4' is not a readable video" in status and "Errno" not in status and "/tmp" not in status
+    shot(page, tmp_path, "bad_video.png")
+    page.locator("#input-video input[type=file]").set_input_files(str(EXAMPLES_DIR / "moving_shapes.mp4"))
+    page.wait_for_function("() => (document.querySelector('#video-status')?.innerText || '').includes('frames')",
+                           timeout=TIMEOUT_MS)
     page.close()
 
 

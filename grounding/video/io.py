@@ -285,8 +285,11 @@ class _PyAVBackend(_Backend):
         except self._av.error.EOFError as err:
             raise VideoError(f"{self.path} ends before its first frame (an empty or truncated video)") from err
         except self._av.FFmpegError as err:
-            raise VideoError(f"{self.path} is not a readable video (not a video, or a truncated or corrupt one): "
-                             f"{err}") from err
+            # FFmpeg's own words without its errno and the file name it repeats: "[Errno 1094995529] Invalid data
+            # found when processing input: '...'" -> "invalid data found when processing input"
+            reason = (getattr(err, "strerror", None) or str(err)).strip().rstrip(".")
+            raise VideoError(f"{self.path} is not a readable video (not a video, or a truncated or corrupt one: "
+                             f"{reason[:1].lower() + reason[1:]})") from err
 
     def time_s(self, index: int) -> float:
         if not self._pts:
