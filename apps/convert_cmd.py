@@ -13,7 +13,6 @@ from typing import Annotated
 import typer
 
 from grounding.config import GroundingConfig
-from grounding.errors import CheckpointError
 
 convert_app = typer.Typer(add_completion=False, no_args_is_help=True,
                           help="Make a groundseg model directory from a LISA or GLaMM checkpoint folder.")

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Callable
@@ -174,7 +174,7 @@ def language_sections(s: Sizes, rows: dict[str, Row], device: torch.device, work
     sys.path.insert(0, str(HERE))
     import eval_throughput as et
 
-    from grounding import PrefixEngine, Query
+    from grounding import PrefixEngine
     from grounding.checkpoint import save_checkpoint
 
     grounder = build_grounder(s, device, s.new_tokens)

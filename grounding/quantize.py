@@ -3,6 +3,8 @@ chat.py loads with ``--load_in_4bit`` (NF4, double quantisation, fp16 compute) /
 the vision tower, projector, lm_head, [SEG] projection and mask decoder stay in the model's dtype."""
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import nn
 
@@ -18,10 +20,8 @@ def check_quantize(mode: str, device: torch.device) -> None:
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         raise CheckpointError(f"--quantize {mode} needs a CUDA GPU (bitsandbytes); there is none here: load the "
                               "model without --quantize")
-    try:
-        import bitsandbytes as bnb
-    except ImportError as exc:
-        raise CheckpointError(f"--quantize {mode} needs the bitsandbytes package: pip install bitsandbytes") from exc
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise CheckpointError(f"--quantize {mode} needs the bitsandbytes package: pip install bitsandbytes")
 
 
 def quantize_language_model(model, mode: str, device: torch.device) -> int:

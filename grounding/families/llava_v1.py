@@ -33,7 +33,7 @@ from torch import nn
 
 from grounding.config import GroundingConfig
 from grounding.errors import CheckpointError, PromptError, QuestionError
-from grounding.families.llava_v1_weights import load_mapped, weight_names
+from grounding.families.llava_v1_weights import iter_tensors, load_mapped, weight_files, weight_names
 from grounding.families.slow_llama_tokenizer import SlowLlamaTokenizer
 from grounding.processor import IGNORE_INDEX, EncodedText, GroundingProcessor
 
@@ -92,8 +92,8 @@ def check_folder(folder: Path, layout: LlavaV1Layout, what: str) -> dict:
     return config
 
 
-def check_clip_folder(folder: Path, config: dict) -> "object":
-    """The CLIPVisionConfig of a CLIP folder that fits the checkpoint's ``mm_hidden_size``."""
+def check_clip_folder(folder: Path, config: dict):
+    """The ``CLIPVisionConfig`` of a CLIP folder that fits the checkpoint's ``mm_hidden_size``."""
     from transformers import CLIPVisionConfig
 
     folder = Path(folder)
@@ -208,7 +208,6 @@ def _preset_name(spec: dict) -> str:
 
 def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape without reading the values (safetensors headers; memory-mapped .bin files)."""
-    from grounding.families.llava_v1_weights import iter_tensors, weight_files
     shapes = {}
     for path in weight_files(folder):
         if path.suffix == ".safetensors":
