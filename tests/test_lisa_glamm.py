@@ -58,6 +58,14 @@ def recorded(request, tmp_path_factory):
     return case, out, g, load_file(str(case.pixels))
 
 
+@pytest.fixture(scope="module")
+def lisa_7b(tmp_path_factory):
+    """(case, converted model dir, Grounder) of the 7B-v1 layout: the one the commands are tried with."""
+    case = CASES["lisa-7b-v1"]
+    out = convert_checkpoint(case.family, case.folder, case.clip, tmp_path_factory.mktemp("lisa-commands"))
+    return case, out, Grounder.from_pretrained(out, device="cpu", max_new_tokens=case.max_new_tokens)
+
+
 def their_ids(ids: list[int], g: Grounder) -> list[int]:
     """LISA and GLaMM mark the image by one -200; groundseg by its image slots."""
     out = []
@@ -134,16 +142,14 @@ def test_chat_path_greedy_answer_and_its_masks_match_theirs(recorded):
         assert (target.mask == (logits > 0).numpy()).mean() > 0.999
 
 
-def test_converted_lisa_answers_through_predict_eval_and_annotate(recorded, tmp_path):
+def test_converted_lisa_answers_through_predict_eval_and_annotate(lisa_7b, tmp_path):
     from typer.testing import CliRunner
 
     from apps.cli import app
     from grounding.data.refer import ReferDataset
     from shapes.scenes.synthetic import generate_dataset
 
-    case, model_dir, g, _ = recorded
-    if case.folder.name != "lisa-7b-v1":
-        pytest.skip("one checkpoint is enough for the commands")
+    case, model_dir, g = lisa_7b
     runner = CliRunner()
     image = Path(__file__).parents[1] / "examples" / "shapes.png"
     result = runner.invoke(app, ["predict", "--model", str(model_dir), "--image", str(image), "--device", "cpu",

@@ -246,8 +246,6 @@ def test_annotate_runs_on_an_assembled_dir(qwen_dir, grounder, tmp_path):
     from apps.annotate import annotate_folder
 
     family, directory = qwen_dir
-    if family != "qwen2.5-vl":
-        pytest.skip("one family is enough for the annotate path")
     (tmp_path / "in").mkdir()
     image, _ = draw_scene(72, 100)
     cv2.imwrite(str(tmp_path / "in" / "a.png"), image[..., ::-1])

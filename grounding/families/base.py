@@ -62,7 +62,7 @@ class ModelFamily(ABC):
         """For a family with ``llava_inputs = False``: each query's answer ids (a given answer's, or the answer
         prefix's followed by the generated ones; greedy, EOS cut), about ``preps[i]`` (``AnswerSteps`` ``steps``
         gives the model, its processor and the add-ons' rules)."""
-        raise NotImplementedError(f"family {self.name!r} takes LLaVA-style inputs: the Grounder answers for it")
+        raise TypeError(f"family {self.name!r} takes LLaVA-style inputs: the Grounder answers for it, not the family")
 
 
 def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
