@@ -178,14 +178,16 @@ def _gmm_log_likelihood(model: np.ndarray, colours: np.ndarray) -> np.ndarray:
     (3 x 3 each, row-major)."""
     k = 5
     weights, means, covs = model[0, :k], model[0, k:4 * k].reshape(k, 3), model[0, 4 * k:].reshape(k, 3, 3)
+    covs = covs + 1e-2 * np.eye(3)   # as OpenCV regularises a singular covariance
+    # the five inverses and determinants in one call each (the same LAPACK work per matrix as one by one)
+    inverses, log_dets = np.linalg.inv(covs), np.log(np.linalg.det(covs))
     out = np.full(len(colours), -np.inf)
-    for w, mu, cov in zip(weights, means, covs):
+    for w, mu, inverse, log_det in zip(weights, means, inverses, log_dets):
         if w <= 0:
             continue
-        cov = cov + 1e-2 * np.eye(3)   # as OpenCV regularises a singular covariance
         d = colours - mu
-        maha = ((d @ np.linalg.inv(cov)) * d).sum(1)
-        out = np.logaddexp(out, np.log(w) - 0.5 * (maha + np.log(np.linalg.det(cov)) + 3 * np.log(2 * np.pi)))
+        maha = ((d @ inverse) * d).sum(1)
+        out = np.logaddexp(out, np.log(w) - 0.5 * (maha + log_det + 3 * np.log(2 * np.pi)))
     return out
 
 
@@ -208,14 +210,29 @@ def refine_masks(pixels: np.ndarray, masks: np.ndarray, region_sides: np.ndarray
     """``refine_mask`` on each of ``masks`` (bool ``[N, H, W]``), mask ``i`` decoded from a region
     ``region_sides[i]`` pixels across on a ``grid``-cell logit grid. Returns a new ``[N, H, W]`` array.
 
-    Several masks are refined on a pool of threads, one per CPU core (OpenCV and NumPy let go of Python's lock
-    while they work; each mask's result is the same as alone)."""
+    A mask is refined once however often it occurs with the same band: an image's questions often decode to the same
+    mask (the locator gives every teacher-forced "[SEG]." of an image the same box), and the refinement depends on
+    the mask, the band and the image alone. The distinct masks are refined on a pool of threads, one per CPU core
+    (OpenCV and NumPy let go of Python's lock while they work; each mask's result is the same as alone)."""
     if not len(masks):
         return masks.copy()
     bands = [band_pixels(s, grid) for s in region_sides]
-    if len(masks) == 1 or _WORKERS < 2:
-        return np.stack([refine_mask(pixels, m, b) for m, b in zip(masks, bands)])
-    return np.stack(list(_pool().map(refine_mask, itertools.repeat(pixels), masks, bands)))
+    # ``first``: where each distinct (band, mask) first occurs; ``which[i]``: the distinct one mask i is
+    seen: dict[tuple[int, bytes], int] = {}
+    first: list[int] = []
+    which: list[int] = []
+    for i, (m, b) in enumerate(zip(masks, bands)):
+        key = (b, m.tobytes())
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(i)
+        which.append(seen[key])
+    todo, todo_bands = masks[first], [bands[i] for i in first]
+    if len(todo) == 1 or _WORKERS < 2:
+        refined = np.stack([refine_mask(pixels, m, b) for m, b in zip(todo, todo_bands)])
+    else:
+        refined = np.stack(list(_pool().map(refine_mask, itertools.repeat(pixels), todo, todo_bands)))
+    return refined[which] if len(first) < len(masks) else refined
 
 
 _WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -64,3 +64,46 @@ def test_with_the_mirror_a_phrase_and_its_mirrored_twin_find_mirrored_boxes(scen
         found[mirror] = max(abs(x1 - (width - u2)), abs(x2 - (width - u1)), abs(y1 - v1), abs(y2 - v2))
     assert found[True] < 0.15, found              # box text rounds to thousandths of the side: < 0.04 px a number
     assert found[False] > 1.0, found
+
+
+def test_a_phrase_read_before_on_the_same_image_is_not_read_again():
+    """Without gradients ``locate_both`` keeps each image's readings by phrase: a phrase repeated in a call or read
+    in an earlier call (every teacher-forced "[SEG]." of an image has the empty phrase; a generated answer's box is
+    read again for its [SEG]) costs no locator pass, and gives what a fresh pass gives. New weights (an optimiser
+    step changes them in place), another image or gradients read afresh."""
+    from shapes.locator import FusionLocator, Phrases
+    from shapes.locator_mirror import _read_both, locate_both
+
+    torch.manual_seed(0)
+    grid, h = 4, 16
+    net = FusionLocator(hidden_size=h, grid=grid, layers=1, dim=32, image_size=8).eval()
+    passes = []   # sequences per locator pass (each phrase and its mirrored twin)
+    locate = net.locate
+    net.locate = lambda states, image, phrases: passes.append(len(states)) or locate(states, image, phrases)
+    keys, mirrored = torch.randn(grid * grid, 8), torch.randn(grid * grid, 8)
+    words = torch.randn(3, h)
+
+    def phrases(*rows):   # each row: word indices; zero-padded to the longest (as Phrases.stack pads)
+        width = max(len(r) for r in rows)
+        embeds, mask = torch.zeros(len(rows), width, h), torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            embeds[i, :len(r)], mask[i, :len(r)] = words[list(r)], True
+        return Phrases(embeds, mask, mirrored=Phrases(-embeds, mask.clone()))
+
+    def read(ph, image=keys):
+        passes.clear()
+        found = locate_both(net, torch.zeros(len(ph.mask), h), image, mirrored, ph, grid)
+        fresh = _read_both(net, torch.zeros(len(ph.mask), h), image, mirrored, ph, grid)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(found, fresh))
+        return passes[:-1]   # the passes of locate_both (the last one is the fresh pass's)
+
+    with torch.no_grad():
+        assert read(phrases([0, 1], [], [0, 1], [2])) == [2 * 3]   # 3 distinct phrases
+        assert read(phrases([2], [0, 1, 2], [], [0, 1])) == [2 * 1]   # other widths, one new phrase
+        assert read(phrases([2], [])) == []
+        assert read(phrases([2]), keys.clone()) == [2]   # another image
+        next(net.parameters()).add_(0.5)   # new weights, in place
+        assert read(phrases([2], [])) == [2 * 2]
+    passes.clear()
+    locate_both(net, torch.zeros(1, h), keys, mirrored, phrases([2]), grid)   # gradients on: no memo
+    assert passes == [2]

@@ -268,3 +268,36 @@ def test_the_grouped_engine_gives_the_naive_masks_with_the_default_models_mask_s
         assert np.array_equal(a.targets[0].mask, b.targets[0].mask)
         changed += not np.array_equal(b.targets[0].mask, c.targets[0].mask)
     assert changed >= len(grouped) // 2
+
+
+def test_the_masks_of_a_batch_decoded_beside_the_next_batch_are_the_same():
+    """``overlap``: a batch's masks are decoded (with the mask steps) on a worker thread while the next batch is
+    answered. Over several batches, an image's questions split between two of them, answers and masks equal those
+    of the same engine on one thread and of one question at a time."""
+    from pathlib import Path
+
+    import cv2
+
+    from grounding import Grounder, PrefixEngine, Query
+    from shapes.scenes.synthetic import compose_scene
+
+    images = []
+    for seed in (7, 8):
+        scene = compose_scene(np.random.default_rng(seed), 260, 340)
+        images.append(cv2.imdecode(np.frombuffer(scene.png, np.uint8), cv2.IMREAD_COLOR)[..., ::-1].copy())
+    asks = ["the circle", "the largest shape", "the triangle", "the shape on the left", "the square"]
+    groups = [(im, [Query(im, f"Please segment {a}.", answer="[SEG].") for a in asks]) for im in images]
+    g = Grounder.from_pretrained(Path(__file__).resolve().parent.parent / "weights" / "shapes-tiny", device="cpu")
+    runs = []
+    for overlap in (True, False):
+        g.clear_cache()
+        runs.append([p for per_image in PrefixEngine(g, overlap=overlap).predict_groups(groups, batch_size=3)
+                     for p in per_image])
+    naive = []
+    for q in (q for _, qs in groups for q in qs):
+        g.clear_cache()
+        naive += g.predict_batch([q], batch_size=1)
+    for a, b, c in zip(*runs, naive):
+        assert a.answer == b.answer == c.answer and len(a.targets) == len(b.targets) == len(c.targets) == 1
+        assert np.array_equal(a.targets[0].mask, b.targets[0].mask)
+        assert np.array_equal(a.targets[0].mask, c.targets[0].mask)

@@ -158,3 +158,23 @@ def test_a_masks_refinement_depends_on_it_alone():
     assert all(np.array_equal(a, b) for a, b in zip(alone, together))
     assert np.array_equal(again, alone[0])
     assert not np.array_equal(alone[0], masks[0])      # it did refine
+
+
+def test_a_mask_that_occurs_again_with_the_same_band_is_refined_once(monkeypatch):
+    """An image's questions often decode to the same mask: each distinct (mask, band) is refined once, every copy
+    gets its result, and a mask decoded from a region of another size (another band) is refined on its own."""
+    import segdecoder.refine as refine
+
+    pixels, truth = _scene()
+    a, b = _coarse(truth, cell=6), _coarse(truth, cell=12)
+    masks = np.stack([a, b, a, a, b, a])
+    sides, grid = np.array([320.0, 320.0, 320.0, 320.0, 320.0, 160.0]), 40
+    calls = []
+    monkeypatch.setattr(refine, "refine_mask", lambda p, m, band: calls.append(band) or refine_mask(p, m, band))
+    together = refine.refine_masks(pixels, masks, sides, grid)
+    assert len(calls) == 3 and sorted(calls) == sorted([band_pixels(320, grid)] * 2 + [band_pixels(160, grid)])
+    for mask, side, out in zip(masks, sides, together):
+        assert np.array_equal(out, refine_mask(pixels, mask, band_pixels(side, grid)))
+    assert not np.array_equal(together[0], together[5])   # the narrower band moved the outline less
+    together[0][:] = False
+    assert together[2].any()                              # copies, not views of one another

@@ -16,7 +16,10 @@ questions of one image share once:
      which makes each row compute what it would compute alone;
   4. greedy decoding feeds each new token and keeps its last-layer hidden state, so the [SEG] states come
      out of the decoding itself (``Grounder`` needs one more forward pass over prompt + answer for them);
-  5. the [SEG]s of all of an image's questions are decoded into masks in one call of the mask decoder.
+  5. the [SEG]s of all of an image's questions are decoded into masks in one call of the mask decoder. With
+     ``overlap`` (the default) a batch's masks (the decoder and the mask steps: zoom re-encodes, GrabCut, which
+     are CPU work even beside a GPU) are decoded on a worker thread while the language model answers the next
+     batch; only the mask decoder and the mask steps run there, which the answering steps do not use.
 
 Results equal ``Grounder.predict_batch`` up to float rounding (the test compares answers and masks).
 A question may carry a whole answer (teacher forcing: nothing is generated) or an answer prefix (the model
@@ -45,8 +48,10 @@ KV cache of a batch (``cache=``):
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from grounding.addons import DecoderPrompts, LogitsRule
@@ -63,9 +68,11 @@ STATIC_ROUND = 32   # a static cache's length is rounded up to a multiple of thi
 class PrefixEngine:
     """Answers questions grouped by image with a shared, cached image prefix. Wraps a :class:`Grounder`
     (same model, tokenizer, caches and settings). ``cache``: ``"dynamic"`` or ``"static"`` KV cache for the
-    decode steps, ``compile_decode``: compile the (static) decode step; see the module docstring."""
+    decode steps, ``compile_decode``: compile the (static) decode step; ``overlap``: decode a batch's masks on a
+    worker thread while the next batch is answered; see the module docstring."""
 
-    def __init__(self, grounder: Grounder, cache: str = "dynamic", compile_decode: bool = False):
+    def __init__(self, grounder: Grounder, cache: str = "dynamic", compile_decode: bool = False,
+                 overlap: bool = True):
         if cache not in CACHES:
             raise ValueError(f"unknown cache {cache!r}; choose one of {', '.join(CACHES)}")
         if compile_decode and cache != "static":
@@ -73,6 +80,7 @@ class PrefixEngine:
         self.grounder = grounder
         self.cache = cache
         self.compile_decode = compile_decode
+        self.overlap = overlap   # a batch's masks decoded on a worker thread while the next batch is answered
         self._static = None      # (rows, length, StaticCache): the last batch's, reused (reset) by the next
         self._compiled = None    # the compiled decode step, made on first use
 
@@ -93,10 +101,30 @@ class PrefixEngine:
         rows = [(gi, preps[gi], q if isinstance(q, Query) else Query(*q))
                 for gi, (_, queries) in enumerate(groups) for q in queries]
         out: list[list[Prediction]] = [[] for _ in groups]
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            for (gi, _, _), pred in zip(chunk, self._batch([(p, q) for _, p, q in chunk], max_new)):
+        chunks = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
+        overlap = self.overlap and len(chunks) > 1
+
+        def finish(chunk, answered, masks):
+            decoded = masks.result() if isinstance(masks, Future) else masks
+            for (gi, _, _), pred in zip(chunk, self._predictions(answered, decoded)):
                 out[gi].append(pred)
+
+        # The mask decoding of batch b (the mask decoder and the mask steps: zoom re-encodes, GrabCut; mostly not
+        # the language model's work) runs on a worker thread while the language model answers batch b + 1.
+        worker = ThreadPoolExecutor(1, thread_name_prefix="prefix-engine-masks") if overlap else None
+        pending: list[tuple[list, _Answered, Any]] = []
+        try:
+            for chunk in chunks:
+                answered = self._answer([(p, q) for _, p, q in chunk], max_new)
+                pending.append((chunk, answered, worker.submit(self._decode_masks, answered) if worker
+                                else self._decode_masks(answered)))
+                while len(pending) > 1:   # one batch's masks in flight behind the language model
+                    finish(*pending.pop(0))
+            while pending:
+                finish(*pending.pop(0))
+        finally:
+            if worker is not None:
+                worker.shutdown(wait=True, cancel_futures=True)
         return out
 
     def _per_question(self, groups, batch_size: int, max_new_tokens: int) -> list[list[Prediction]]:
@@ -111,7 +139,8 @@ class PrefixEngine:
         return out
 
     # ---------------------------------------------------------------------------------------------------
-    def _batch(self, items: list[tuple[PreparedImage, Query]], max_new_tokens: int) -> list[Prediction]:
+    def _answer(self, items: list[tuple[PreparedImage, Query]], max_new_tokens: int) -> "_Answered":
+        """Steps 1-4 and the [SEG] prompts of step 5: everything before the mask decoder."""
         g = self.grounder
         steps, vlm, dev = g.steps, g.model.vlm, g.device
         # prompt ids (+ any answer prefix, labelled) and, for teacher forcing, the given answer
@@ -165,25 +194,37 @@ class PrefixEngine:
             generated = self._decode(step, cache, mask, positions[:, -1], active, max_new_tokens,
                                      hidden, row_ids, is_answer, rules)
 
-            # 5: the [SEG] states of every answer; each image's masks decoded in one call
+            # 5: the [SEG] states of every answer, projected, with the add-ons' decoder prompts
             segs = []
             for h, t, a, k in zip(hidden, row_ids, is_answer, owner):
                 tokens, answer = torch.tensor([t], device=dev), torch.tensor([a], device=dev) == 1
                 seg = g.model.read_segs(torch.cat(h)[None], tokens, answer)[0]
                 segs.append(steps.seg_prompts(seg, [(addon, read[k]) for addon, read in readings], images[k].size))
-            decoded = {}
-            for k, im in enumerate(images):
-                mine = [s for s, o in zip(segs, owner) if o == k]
-                found = [p for _, p in mine if p is not None]
-                decoded[k] = list(steps.decode_segs(im, torch.cat([e for e, _ in mine]),
-                                                    DecoderPrompts.concat(found) if found else None))
+        answers = [p.answer_ids + (f if f is not None else gen) for p, f, gen in zip(prompts, forced, generated)]
+        return _Answered(items, answers, segs, owner, images)
 
+    def _decode_masks(self, answered: "_Answered") -> list[tuple[np.ndarray, np.ndarray]]:
+        """Step 5's mask decoding: each image's [SEG]s in one call of the mask decoder, then the mask steps ->
+        per image (masks bool ``[n, H, W]``, scores ``[n]``), its rows' [SEG]s in row order. Thread-safe beside
+        ``_answer``: it uses the mask decoder alone (and the add-ons' mask steps), which ``_answer`` does not."""
+        steps, out = self.grounder.steps, []
+        with torch.no_grad():   # grad mode is per thread
+            for k, im in enumerate(answered.images):
+                mine = [s for s, o in zip(answered.segs, answered.owner) if o == k]
+                found = [p for _, p in mine if p is not None]
+                out.append(steps.decode_segs(im, torch.cat([e for e, _ in mine]),
+                                             DecoderPrompts.concat(found) if found else None))
+        return out
+
+    def _predictions(self, answered: "_Answered", decoded: list[tuple[np.ndarray, np.ndarray]]) -> list[Prediction]:
+        """Each row's answer read into targets, with its [SEG]s' masks (``_decode_masks``' per image)."""
+        taken = [0] * len(decoded)   # per image: the masks its earlier rows took
         out = []
-        for (prep, q), p, f, gen, (s, _), k in zip(items, prompts, forced, generated, segs, owner):
-            answer = p.answer_ids + (f if f is not None else gen)
+        for (prep, q), answer, (s, _), k in zip(answered.items, answered.answers, answered.segs, answered.owner):
             masks, scores = decoded[k]
-            out.append(steps.prediction(q, prep, answer, masks[:len(s)], scores[:len(s)]))
-            decoded[k] = [masks[len(s):], scores[len(s):]]
+            out.append(self.grounder.steps.prediction(q, prep, answer, masks[taken[k]:taken[k] + len(s)],
+                                                      scores[taken[k]:taken[k] + len(s)]))
+            taken[k] += len(s)
         return out
 
     def _decode(self, step, cache, mask: torch.Tensor, last_positions: torch.Tensor, active: list[bool],
@@ -270,6 +311,18 @@ class PrefixEngine:
             torch.compiler.cudagraph_mark_step_begin()
         logits, last = self._compiled(self.grounder.model.vlm, feed, positions, mask, cache)
         return logits.clone(), last.clone()   # a CUDA graph's outputs are overwritten by its next replay
+
+
+@dataclasses.dataclass
+class _Answered:
+    """A batch after its answers (``_answer``): its rows ``(image, query)``, each row's answer ids and its [SEG]s
+    (projected states ``[n, prompt_dim]`` and the add-ons' decoder prompts), the image each row is about (an index
+    into ``images``, the batch's distinct images)."""
+    items: list[tuple[PreparedImage, Query]]
+    answers: list[list[int]]
+    segs: list[tuple[torch.Tensor, DecoderPrompts | None]]
+    owner: list[int]
+    images: list[PreparedImage]
 
 
 def _decode_step(vlm, feed: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache):
