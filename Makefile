@@ -84,15 +84,25 @@ default-model: $(VENV)/.installed
 	# its add-ons: SAM decodes each mask again on a crop of 3 times the object's box side (mask_zoom), GrabCut
 	# re-decides the outline's pixels (mask_refine); the decoder gets the locator's box without its click, and
 	# masks are cut to that box grown by 5% (box_clip); the locator also reads the mirrored image; <ref> phrases
-	# lean to the question's words (ref_copy); a mask from clicks keeps the parts under them (clicked_parts); a
-	# question mostly in words the model was never trained on (another language) gets a note (question_language)
+	# keep to the question's words (ref_copy, strict); a mask from clicks keeps the parts under them (clicked_parts); a
+	# question mostly in words the model was never trained on (another language) gets a note, and its words are read
+	# in the case the vocabulary knows (question_language)
 	$(PY) -c "from grounding.config import GroundingConfig as C; c = C.load('$(DEFAULT_MODEL)'); \
 		from shapes.question_language import training_words; \
-		c.addons['locator'].update(click=False, mirror=True); c.addons.update(ref_copy={'bias': 3.0}, \
+		c.addons['locator'].update(click=False, mirror=True); \
+		c.addons.update(ref_copy={'bias': 3.0, 'strict': True}, \
 		mask_zoom={'context': 3.0}, mask_refine={'method': 'grabcut'}, box_clip={'margin': 0.05}, clicked_parts={}, \
-		question_language={'language': 'English', 'words': training_words('data/synth', \
+		question_language={'language': 'English', 'fold_case': True, 'words': training_words('data/synth', \
 		('seg', 'rec', 'no_target', 'multi', 'region', 'category'))}); \
 		c.save('$(DEFAULT_MODEL)')"
+	# v11: whether a phrase's object is there at all (presence) and what is in a marked region (region) are read by
+	# two small heads on the tower's features, trained on cached features with every other weight kept
+	$(VENV)/bin/groundseg train-presence --model $(DEFAULT_MODEL) --data data/synth --extra-data data/synth-s1 \
+		--out runs/shapes-tiny-v11/presence
+	$(VENV)/bin/groundseg train-region --model runs/shapes-tiny-v11/presence/model --data data/synth \
+		--extra-data data/synth-s1 --out runs/shapes-tiny-v11/region
+	cp runs/shapes-tiny-v11/region/model/model.safetensors runs/shapes-tiny-v11/region/model/groundseg.json \
+		$(DEFAULT_MODEL)/
 
 clean:
 	rm -rf $(OUT) .pytest_cache

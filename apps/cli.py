@@ -189,6 +189,57 @@ def train_locator(
                   f"box Acc@0.5 at that cell {scores['box_acc']:.1%}")
 
 
+@app.command("train-presence")
+def train_presence(
+    data: Path = typer.Option(..., help="Synthetic REFER folder (scenes.json, extra.json) to learn from (train split)."),
+    out: Path = typer.Option(..., help="Output folder: OUT/model is the model with the presence head."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint directory with a fusion locator (default: the "
+                                                    "embedded shapes-tiny)."),
+    epochs: int = typer.Option(30, min=1, help="Passes over the train phrases."),
+    lr: float = typer.Option(1e-3, min=0.0, help="Peak learning rate (cosine)."),
+    denied: float = typer.Option(0.01, min=0.0, max=0.5, help=(
+        "The threshold is set so that this share of --eval-split's present phrases reads as absent.")),
+    seed: int = typer.Option(0, help="Seed of the sampled phrases, the batch order and the initial weights."),
+    eval_split: str = typer.Option("val", help="Split the threshold is chosen on."),
+    augment: float = typer.Option(0.5, min=0.0, max=1.0, help="Share of the images that also give a corrupted "
+                                                              "copy (noise, blur, lighting, JPEG)."),
+    extra_data: list[Path] = typer.Option([], help="More synthetic folders whose train split is learnt too (repeat "
+                                                   "the option); the threshold stays on --data."),
+) -> None:
+    """Give a model a presence head (is the phrase's object in the image?), trained on cached features."""
+    from shapes.presence import train_presence as run
+
+    report = run(_model_dir(model), data, out, epochs=epochs, lr=lr, denied=denied, seed=seed, eval_split=eval_split,
+                 augment=augment, extra_data=extra_data)
+    held = report[eval_split]
+    console.print(f"model written to {out / 'model'}; {eval_split}: AUC {held['auc']:.3f}, present denied "
+                  f"{held['present_denied']:.1%}, absent denied {held['absent_denied']:.1%} "
+                  f"(threshold {report['threshold']:.3f})")
+
+
+@app.command("train-region")
+def train_region(
+    data: Path = typer.Option(..., help="Synthetic REFER folder (scenes.json) to learn from (train split)."),
+    out: Path = typer.Option(..., help="Output folder: OUT/model is the model with the region head."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: the embedded shapes-tiny)."),
+    epochs: int = typer.Option(20, min=1, help="Passes over the train regions."),
+    lr: float = typer.Option(1e-3, min=0.0, help="Peak learning rate (cosine)."),
+    seed: int = typer.Option(0, help="Seed of the regions, the batch order and the initial weights."),
+    augment: float = typer.Option(0.5, min=0.0, max=1.0, help="Share of the images that also give a corrupted "
+                                                              "copy (noise, blur, lighting, JPEG)."),
+    extra_data: list[Path] = typer.Option([], help="More synthetic folders whose train split is learnt too (repeat "
+                                                   "the option); scores stay on --data."),
+) -> None:
+    """Give a model a region head (what object is in a marked box or under a click?), trained on cached features."""
+    from shapes.region_head import train_region_head
+
+    report = train_region_head(_model_dir(model), data, out, epochs=epochs, lr=lr, seed=seed, augment=augment,
+                               extra_data=extra_data)
+    held = report["val"]
+    console.print(f"model written to {out / 'model'}; val: colour and kind right {held['named']:.1%}, every "
+                  f"attribute right {held['all']:.1%}")
+
+
 @app.command("video-eval")
 def video_eval(
     data: Path = typer.Option(..., help="Folder of videos (videos.json); generated when missing."),

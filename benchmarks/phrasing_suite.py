@@ -417,9 +417,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=4711)
     ap.add_argument("--json", type=Path, help="write the summary and every answer here")
     ap.add_argument("--save-scenes", type=Path, help="write the first scene of each style as PNG into this folder")
+    ap.add_argument("--addon", action="append", default=[], help="change an add-on for this run, as groundseg's "
+                                                                  "--addon (NAME=off, NAME.SETTING=VALUE)")
     args = ap.parse_args()
+    from apps.addon_options import parse_addon_options
     from grounding import Grounder
-    grounder = Grounder.from_pretrained(args.model, device="cpu")
+    grounder = Grounder.from_pretrained(args.model, device="cpu", addons=parse_addon_options(args.addon))
     t0 = time.perf_counter()
     report, rows = run_suite(grounder, args.scenes, args.seed)
     seconds = time.perf_counter() - t0

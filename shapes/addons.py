@@ -3,14 +3,21 @@
   locator         each [SEG] also gives the mask decoder a click (and, for a ``FusionLocator``, a box) where its
                   phrase's object is (shapes/locator.py); it also writes the box text of generated answers
                   (shapes/box_writer.py) and can read the mirrored image too (shapes/locator_mirror.py);
-  ref_copy        generated ``<ref>`` phrases lean to the question's words (shapes/ref_copy.py);
+  ref_copy        generated ``<ref>`` phrases lean to the question's words (shapes/ref_copy.py), or with ``strict``
+                  keep to them (shapes/ref_strict.py);
   vision_stem     the vision tower reads pixels through a convolutional stem (shapes/vision_stem.py);
   projector_norm  a LayerNorm on the tower features before the projector (shapes/projector_norm.py);
+  presence        whether a phrase's object is in the image at all: answers may not open with the denial, and a
+                  target whose object the presence head does not find becomes "There is no ..." (shapes/presence.py);
+  region          a region question (a box or a click) is answered with what a region head reads of the cells
+                  under it, not the language model's description (shapes/region_head.py);
   question_language  a note on the Prediction when the question is mostly in words the model was not trained on,
-                  as another language is (shapes/question_language.py).
+                  as another language is; and the question's words in the case the vocabulary knows
+                  (shapes/question_language.py).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +28,13 @@ from shapes.box_writer import BoxWriter
 from shapes.locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_centres, locator_loss, mask_cells,
                             peak_cells, square_boxes, square_to_pixels)
 from shapes.locator_mirror import locate_both, mirror_ids, mirror_token_ids
+from shapes.presence import PresenceHead, presence_features
+from shapes.presence_review import NoDenialStart, drop_absent
 from shapes.projector_norm import install_projector_norm
-from shapes.question_language import language_note
+from shapes.question_language import CaseFolder, language_note
+from shapes.region_head import RegionHead, Vocabulary, describe, region_box
 from shapes.ref_copy import RefCopy, TokenWords
+from shapes.ref_strict import StrictCopy
 from shapes.vision_stem import install_vision_stem
 
 
@@ -202,17 +213,114 @@ class RefCopyBias(AddOn):
     @dataclass
     class Settings:
         bias: float = 3.0           # nats added to the logits of tokens that go on copying the question's words
+        strict: bool = False        # instead: a <ref> phrase must be a run of the question's words, and "the X and
+                                    # the Y" gets a target for each (shapes/ref_strict.py)
+        start_margin: float = 3.0   # strict: the phrase starts at the earliest question word within this many
+                                    # nats of the model's favourite
 
     name = "ref_copy"
 
     def attach(self, model: Any, tokenizer: Any) -> None:
         self.words = TokenWords.of(tokenizer)
 
-    def logits_rule(self, rows: AnswerRows) -> RefCopy | None:
-        if not self.settings.bias:
+    def logits_rule(self, rows: AnswerRows) -> RefCopy | StrictCopy | None:
+        if not self.settings.bias and not self.settings.strict:
             return None
         questions = [rows.tokenizer(q, add_special_tokens=False)["input_ids"] for q in rows.questions]
+        if self.settings.strict:
+            return StrictCopy(self.words, questions, rows.prefixes, self.settings.start_margin)
         return RefCopy(self.words, questions, rows.prefixes, self.settings.bias)
+
+
+@register_addon
+class Presence(AddOn):
+    @dataclass
+    class Settings:
+        threshold: float = 0.0      # presence logit under which a target's object counts as absent
+        mirror: bool = True         # also read the mirrored image and phrase (as the locator does); logits averaged
+
+    name = "presence"
+
+    def attach(self, model: Any, tokenizer: Any) -> None:
+        locator = model.addons["locator"] if "locator" in model.addons else None
+        if locator is None or not locator.fusion:
+            raise ValueError("the presence head reads the fusion locator: add the locator add-on (kind fusion) first")
+        self.head = PresenceHead(locator.net.dim, model.token_grid ** 2)
+        self.words = TokenWords.of(tokenizer)
+
+    def logits_rule(self, rows: AnswerRows) -> NoDenialStart:
+        return NoDenialStart(self.words, rows.prefixes)
+
+    @torch.no_grad()
+    def logits(self, model, tokenizer, image, phrases: list[str]) -> torch.Tensor:
+        """Presence logits ``[n]`` of ``phrases`` (texts as an answer's ``<ref>`` holds them) in ``image``."""
+        locator = model.addons["locator"]
+        reading = locator.read_image(model, [image])[0]
+        ids = [tokenizer(f"<ref>{p}</ref>", add_special_tokens=False, return_tensors="pt")["input_ids"][0][1:-1]
+               for p in phrases]
+        mirror = self.settings.mirror and reading.mirrored is not None
+        read = locator.phrases(model, [i.to(reading.keys.device) for i in ids], mirror)
+        out = self.head.classify(presence_features(locator.net, self.head, reading.keys, read))
+        if mirror:
+            out = (out + self.head.classify(presence_features(locator.net, self.head, reading.mirrored,
+                                                              read.mirrored))) / 2
+        return out.float()
+
+    def review(self, model, tokenizer, image, query, prediction):
+        phrases = sorted({t.phrase for t in prediction.targets if t.phrase})
+        if not phrases:
+            return prediction
+        found = dict(zip(phrases, self.logits(model, tokenizer, image, phrases).tolist()))
+        absent = {p for p, v in found.items() if v < self.settings.threshold}
+        return drop_absent(prediction, absent, found) if absent else prediction
+
+
+@register_addon
+class Region(AddOn):
+    @dataclass
+    class Settings:                 # the values each attribute can take, in the head's output order
+        colours: tuple[str, ...] = ()
+        kinds: tuple[str, ...] = ()
+        sizes: tuple[str, ...] = ()
+        textures: tuple[str, ...] = ()
+        outlines: tuple[str, ...] = ()   # "" for none
+
+    name = "region"
+
+    def attach(self, model: Any, tokenizer: Any) -> None:
+        self.vocab = Vocabulary(*(list(getattr(self.settings, f)) for f in
+                                  ("colours", "kinds", "sizes", "textures", "outlines")))
+        self.head = RegionHead(model.llava_config.vision_config.hidden_size, model.token_grid, self.vocab.classes())
+
+    @torch.no_grad()
+    def describe(self, model, image, box=None, point=None) -> str:
+        """What the head reads in a region of ``image`` (a ``PreparedImage``): a pixel box xyxy or a click xy."""
+        locator = model.addons["locator"] if "locator" in model.addons else None
+        if locator is not None and locator.fusion:
+            keys = locator.read_image(model, [image])[0].keys
+        else:
+            like = model.seg_projection.net[0].weight
+            keys = model.vision_features(image.vision[None].to(like.device, like.dtype))[0]
+        region = region_box(image.size, box, point).to(keys.device, keys.dtype)
+        logits = self.head(keys[None], region[None])
+        return describe({name: self.vocab.values(name)[int(v.argmax())] for name, v in logits.items()})
+
+    def review(self, model, tokenizer, image, query, prediction):
+        if prediction.targets:   # the answer named objects: not a description
+            return prediction
+        if query.boxes is not None and len(query.boxes):
+            text = self.describe(model, image, box=query.boxes[0])
+        elif query.points is not None and len(query.points):
+            labels = query.point_labels if query.point_labels is not None else [1] * len(query.points)
+            clicks = [p for p, label in zip(query.points, labels) if int(label) == 1]
+            if not clicks:
+                return prediction
+            text = self.describe(model, image, point=clicks[0])
+        else:
+            return prediction
+        return dataclasses.replace(prediction, answer=text, notes=list(prediction.notes) + [
+            f"the description is the region head's reading of the marked region (the language model wrote "
+            f"{prediction.answer!r})"])
 
 
 @register_addon
@@ -222,16 +330,20 @@ class QuestionLanguage(AddOn):
         language: str = "English"   # the language of the training questions
         words: tuple[str, ...] = ()  # every word of the training questions (question_language.training_words)
         share: float = 0.5          # note a question when more than this share of its words are not among them
+        fold_case: bool = False     # words the vocabulary lacks as typed ("YELLOW") are read in a case it has
 
     name = "question_language"
 
     def attach(self, model: Any, tokenizer: Any) -> None:
-        self.known = set(self.settings.words)
+        self.folder = CaseFolder(tokenizer)   # settings may change later (``with_settings``): read them when used
+
+    def question(self, text: str) -> str:
+        return self.folder(text) if self.settings.fold_case else text
 
     def notes(self, question: str, answer: str) -> list[str]:
-        if not self.known:
+        if not self.settings.words:
             return []
-        note = language_note(question, self.known, self.settings.language, self.settings.share)
+        note = language_note(question, set(self.settings.words), self.settings.language, self.settings.share)
         return [] if note is None else [note]
 
 

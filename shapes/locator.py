@@ -152,6 +152,10 @@ class FusionLocator(nn.Module):
     def locate(self, seg_states: torch.Tensor | None, image_states: torch.Tensor,
                phrases: Phrases | None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (scores ``[n, g*g]``, boxes ``[n, g*g, 4]``: xyxy as fractions of the padded square)."""
+        return self.read(self.fuse(image_states, phrases))
+
+    def fuse(self, image_states: torch.Tensor, phrases: Phrases | None) -> torch.Tensor:
+        """-> the fused sequence ``[n, 1 + L + g*g, dim]``: the query token, the phrase's words, the cells."""
         if phrases is None:
             raise ValueError("the fusion locator needs each [SEG]'s phrase")
         words, keep = phrases.embeds[:, :self.max_words], phrases.mask[:, :self.max_words]
@@ -161,9 +165,12 @@ class FusionLocator(nn.Module):
         image = image.expand(n, -1, -1) if image.dim() == 2 else image
         x = torch.cat([self.query.expand(n, -1, -1), self.words_in(words) + self.word_pos[:length], image], 1)
         pad = torch.cat([keep.new_zeros((n, 1)), ~keep, keep.new_zeros((n, cells))], 1)
-        x = self.norm(self.encoder(x, src_key_padding_mask=pad))
-        image = x[:, -cells:]
-        scores = (self.q(x[:, :1]) @ self.k(image).transpose(-1, -2))[:, 0] / self.dim ** 0.5
+        return self.norm(self.encoder(x, src_key_padding_mask=pad))
+
+    def read(self, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused sequence (``fuse``) -> (scores ``[n, g*g]``, boxes ``[n, g*g, 4]``)."""
+        image = fused[:, -self.cell_pos.shape[0]:]
+        scores = (self.q(fused[:, :1]) @ self.k(image).transpose(-1, -2))[:, 0] / self.dim ** 0.5
         centre, size = self.box(image).sigmoid().split(2, -1)
         return scores, torch.cat([centre - size / 2, centre + size / 2], -1)
 

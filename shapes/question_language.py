@@ -44,3 +44,27 @@ def training_words(data_root: str | Path, kinds: tuple[str, ...] = ("seg", "rec"
     for c in build_conversations(ds, "train", seed=0, with_masks=True, kinds=kinds):
         words.update(words_of(c.question))
     return sorted(words)
+
+
+class CaseFolder:
+    """A question's words in a case the tokenizer's vocabulary holds as one token.
+
+    A word-level vocabulary learnt from training questions knows "yellow" and "Please" but spells "YELLOW" or
+    "Yellow" letter by letter, which the model never read. Each letter run of a question is kept as typed when
+    the vocabulary has it, else written in lower case, or capitalised, whichever the vocabulary has first (lower
+    case when it has neither). Box and point tokens are left alone."""
+
+    def __init__(self, tokenizer):
+        vocab = tokenizer.get_vocab()
+        self.known = {t.lstrip("Ġ▁") for t in vocab}
+
+    def word(self, w: str) -> str:
+        for candidate in (w, w.lower(), w.capitalize()):
+            if candidate in self.known:
+                return candidate
+        return w.lower()
+
+    def __call__(self, text: str) -> str:
+        parts = re.split(r"(<(?:box|point)>.*?</(?:box|point)>)", text)
+        return "".join(p if i % 2 else re.sub(r"[A-Za-z]+", lambda m: self.word(m.group()), p)
+                       for i, p in enumerate(parts))

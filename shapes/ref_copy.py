@@ -10,7 +10,8 @@ added to its logit. The model still picks among them, and it keeps any other wor
 description, an object the question does not name) nothing is pushed, and its first word never is.
 
 Words are compared as lower-case token texts without their leading-space marker (``Ġ``/``▁``), so "the" at the
-start of a phrase matches " the" inside the question. The ``ref_copy`` add-on (``bias``; shapes/addons.py).
+start of a phrase matches " the" inside the question. The ``ref_copy`` add-on (``bias``; shapes/addons.py); its
+``strict`` setting rules out every other token instead (shapes/ref_strict.py).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from grounding.text.tokenizer import split_space_marker
-from grounding.text.tokens import REF_END, REF_START
+from grounding.text.tokens import BOX_END, REF_END, REF_START, SEG
 
 
 @dataclass
@@ -31,15 +32,19 @@ class TokenWords:
     ids_of: dict[str, list[int]]
     ref_start: int
     ref_end: int
+    seg: int | None = None
+    box_end: int | None = None
+    spaced: list[bool] | None = None    # per id: the token opens with a space marker (a new word)
 
     @classmethod
     def of(cls, tokenizer) -> "TokenWords":
-        words = [split_space_marker(p or "")[1].lower()
-                 for p in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+        pieces = [split_space_marker(p or "") for p in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+        words = [w.lower() for _, w in pieces]
         ids_of: dict[str, list[int]] = defaultdict(list)
         for index, word in enumerate(words):
             ids_of[word].append(index)
-        return cls(words, dict(ids_of), *(tokenizer.convert_tokens_to_ids(t) for t in (REF_START, REF_END)))
+        return cls(words, dict(ids_of), *(tokenizer.convert_tokens_to_ids(t) for t in (REF_START, REF_END, SEG, BOX_END)),
+                   [bool(m) for m, _ in pieces])
 
 
 class RefCopy:

@@ -9,7 +9,11 @@ An add-on is an ``nn.Module`` (so one with trained weights saves and loads them 
                                 patch stem);
                  ``attach``     creates the add-on's own weights once the model's sizes are known;
                  ``grown``      the add-on with new settings, for a training run that changes them.
-  answering:     ``logits_rule`` a rule that adjusts next-token logits while an answer is generated;
+  answering:     ``question``   the question as the model should read it (e.g. its words in the case the
+                                vocabulary knows);
+                 ``logits_rule`` a rule that adjusts next-token logits while an answer is generated;
+                 ``review``     the finished Prediction of a generated answer, changed where the add-on knows
+                                better (e.g. a target whose object is not in the image becomes "There is no ...");
                  ``notes``      notes the add-on adds to a Prediction (e.g. the question's language is not read);
   [SEG] prompts: ``read_image`` what the add-on reads of each image (once per image, cached with it;
                                 ``read_batch`` the same in training);
@@ -162,8 +166,17 @@ class AddOn(nn.Module):
         return self.with_settings(values)
 
     # ---- answering -----------------------------------------------------------------------------------------
+    def question(self, text: str) -> str:
+        """The question ``text`` (stripped, not empty) as the model should read it."""
+        return text
+
     def logits_rule(self, rows: AnswerRows) -> LogitsRule | None:
         return None
+
+    def review(self, model: Any, tokenizer: Any, image: Any, query: Any, prediction: Any) -> Any:
+        """The ``Prediction`` of ``query`` (a ``Query`` whose answer the model generated) about ``image`` (a
+        ``PreparedImage``), changed or as it is."""
+        return prediction
 
     def notes(self, question: str, answer: str) -> list[str]:
         """Notes for the Prediction of ``question`` (as the prompt holds it), e.g. that the model does not read

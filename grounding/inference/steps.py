@@ -76,9 +76,8 @@ class AnswerSteps:
         return {a.name: a.settings_dict() for a in self.addons}
 
     # ---- questions ----------------------------------------------------------------------------------------
-    @staticmethod
-    def question_text(query: Query) -> str:
-        """The query's question as the prompt holds it."""
+    def question_text(self, query: Query) -> str:
+        """The query's question as the prompt holds it (after the add-ons' ``question`` rewrites)."""
         question = query.question
         if not isinstance(question, str):
             raise QuestionError(f"the question must be text, got {type(question).__name__}")
@@ -86,6 +85,8 @@ class AnswerSteps:
         question = question.replace(IMAGE, " ").replace(SEG, " ").strip()
         if not question:
             raise QuestionError("the question is empty")
+        for addon in self.addons:
+            question = addon.question(question)
         return question
 
     def encode_question(self, query: Query, prep: PreparedImage, max_new_tokens: int) -> EncodedText:
@@ -194,9 +195,13 @@ class AnswerSteps:
             targets = self.box_masks(prep, targets)
         if not targets:
             notes.append("the answer names no object: it has no [SEG] token and no readable box")
+        pred = Prediction(answer=text, targets=targets, image_size=prep.size, question=query.question, notes=notes)
+        if query.answer is None:   # a given answer (teacher forcing) is the user's, not the model's to change
+            for addon in self.addons:
+                pred = addon.review(self.model, self.processor.tokenizer, prep, query, pred)
         question = self.question_text(query)
-        notes += [n for a in self.addons for n in a.notes(question, text)]
-        return Prediction(answer=text, targets=targets, image_size=prep.size, question=query.question, notes=notes)
+        pred.notes += [n for a in self.addons for n in a.notes(question, pred.answer)]
+        return pred
 
     def box_masks(self, prep: PreparedImage, targets: list[Target]) -> list[Target]:
         """For a family whose answers carry boxes and no [SEG]: each target's box becomes a box prompt, and the

@@ -1,0 +1,31 @@
+"""Photometric corruptions for heads trained on cached tower features (shapes/presence.py, shapes/region_head.py).
+
+The training scenes are clean renders; photographs and scenes drawn by other programs are noisy, compressed, blurred
+and differently lit. A head trained on the features of clean renders alone meets features it never saw; trained also
+on corrupted copies of the same scenes (same labels) it learns what survives them. Generic corruptions, none tied to
+any one test renderer: Gaussian noise, blur, a colour gain and offset per channel, JPEG compression.
+"""
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+from PIL import Image
+
+
+def corrupt(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A corrupted copy of the uint8 ``H x W x 3`` ``image`` (each corruption drawn at random)."""
+    out = image.astype(np.float32)
+    out = out * rng.uniform(0.8, 1.2, 3) + rng.uniform(-25, 25, 3)          # lighting and white balance
+    if rng.random() < 0.5:
+        sigma = rng.uniform(0.5, 1.5)
+        out = cv2.GaussianBlur(out, (0, 0), sigma)
+    if rng.random() < 0.6:
+        out = out + rng.normal(0, rng.uniform(4, 30), out.shape)
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    if rng.random() < 0.6:
+        buf = io.BytesIO()
+        Image.fromarray(out).save(buf, format="JPEG", quality=int(rng.integers(15, 80)))
+        out = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")).copy()
+    return out

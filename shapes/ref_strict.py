@@ -1,0 +1,165 @@
+"""StrictCopy: a generated ``<ref>`` phrase is a run of the question's words, and a question that joins phrases
+with "and" gets one target for each.
+
+The default model's language model copies the question's phrase imperfectly when the question is worded in a way it
+was not trained on: asked "yellow circle" it may write "<ref>purple circle</ref>", asked "red square" it starts at
+"square" (weights/shapes-tiny/MODEL_CARD.md, v11). The ``ref_copy`` add-on with ``strict`` (shapes/addons.py)
+therefore rules out, while decoding, every token but these:
+
+  a phrase's first token  the question's earliest word whose logit is within ``start_margin`` nats of the best
+                          question word's (a referring phrase keeps its modifiers), never punctuation;
+  inside a phrase         the next question word of a run the phrase continues, or ``</ref>`` (not after "the",
+                          "this", "of", "and"..., on which no noun phrase ends);
+  in both                 only words the vocabulary holds whole (and the "-" of "medium-sized"), from which the
+                          phrase can still reach an end ("the square in this picture": "picture" is spelt in
+                          pieces, so the phrase ends at "square");
+  after a target         ([SEG], or a box with no [SEG]) while "and" follows the last copied phrase in the
+                          question, no end of the answer: a space, then ``<ref>``; that next phrase starts after
+                          the "and".
+
+The model still chooses among what is allowed. An answer without ``<ref>`` (a region's description) is untouched.
+Runs are matched on ``TokenWords`` (lower case, no space marker), from the start of the previous phrase on (a
+repeated phrase, as "all red shapes" writes once per object, may start at the same place).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from shapes.ref_copy import TokenWords
+
+# words a noun phrase does not end on: articles, determiners, prepositions, conjunctions
+CLOSED_WORDS = frozenset({"the", "a", "an", "this", "these", "those", "that", "its", "their", "my", "your", "all",
+                          "every", "of", "in", "on", "at", "to", "with", "and", "or", "is", "has", "which"})
+
+
+def _wordy(w: str) -> bool:
+    return any(ch.isalnum() for ch in w)
+
+
+class StrictCopy:
+    """Per answer row: the question's token ids and the ids of any answer prefix in the prompt. ``adjust(row, ids,
+    scores)`` sets every ruled-out token of ``scores [vocab]`` (the next-token logits after the generated ``ids``)
+    to -inf in place."""
+
+    def __init__(self, vocab: TokenWords, questions: list[list[int]], prefixes: list[list[int]],
+                 start_margin: float = 3.0):
+        self.vocab, self.prefixes, self.start_margin = vocab, prefixes, float(start_margin)
+        self.questions = [[vocab.words[t] for t in q] for q in questions]
+        self.ands = [self.and_ends(q) for q in questions]
+        self.reach, self.ends = zip(*(self.reachable(q) for q in questions)) if questions else ((), ())
+        self.spaces = [i for i in vocab.ids_of.get("", ())]
+
+    def reachable(self, question: list[int]) -> tuple[list[bool], list[bool]]:
+        """Per question token: (a phrase may go on with it and from it still reach an end, a phrase may end after
+        it). Usable tokens spell letter runs the vocabulary holds whole ("medium", "sized", "isn", "4"; not "picture",
+        which it spells in pieces and no training phrase held) or the punctuation inside a word ("-" in
+        "medium-sized"); a phrase ends after a letter run that ends a word and is not a word like "the" or "of"."""
+        v = self.vocab
+        texts = [(" " if v.spaced[t] else "") + v.words[t] for t in question]
+        text = "".join(texts)
+        known = [False] * len(text)
+        for m in re.finditer(r"[^\W_]+", text):
+            if m.group() in v.ids_of:
+                known[m.start():m.end()] = [True] * (m.end() - m.start())
+        inner = [not c.isspace() and not c.isalnum() and 0 < k < len(text) - 1 and text[k - 1].isalnum()
+                 and text[k + 1].isalnum() for k, c in enumerate(text)]
+        usable, ends, at = [], [], 0
+        for piece in texts:
+            a, b = at + (len(piece) - len(piece.lstrip())), at + len(piece)
+            at = b
+            usable.append(all(known[k] or inner[k] for k in range(a, b)))   # a lone space passes through
+            word = re.search(r"[^\W_]+$", text[:b])
+            ends.append(usable[-1] and text[b - 1].isalnum() and (b == len(text) or not (text[b].isalnum() or inner[b]))
+                        and word is not None and word.group() not in CLOSED_WORDS)
+        reach = [False] * (len(question) + 1)
+        for i in range(len(question) - 1, -1, -1):
+            reach[i] = usable[i] and (ends[i] or reach[i + 1])
+        return reach[:-1], ends
+
+    def and_ends(self, question: list[int]) -> list[int]:
+        """Token positions just past each word "and" of a question (a vocabulary without the word spells it in
+        pieces: "Ġa" "nd")."""
+        v, out, start = self.vocab, [], 0
+        for i in range(1, len(question) + 1):
+            if i == len(question) or v.spaced[question[i]] or not _wordy(v.words[question[i]]):
+                if "".join(v.words[t] for t in question[start:i]).strip() == "and":
+                    out.append(i)
+                start = i
+        return out
+
+    def phrases(self, ids: list[int]) -> tuple[list[list[str]], list[str] | None]:
+        """(the closed ``<ref>`` phrases of ``ids``, as words; the open one, or None)."""
+        v, done, current = self.vocab, [], None
+        for t in ids:
+            if t == v.ref_start:
+                current = []
+            elif t == v.ref_end and current is not None:
+                done.append(current)
+                current = None
+            elif current is not None:
+                current.append(v.words[t])
+        return done, current
+
+    @staticmethod
+    def floor(question: list[str], ands: list[int], done: list[list[str]]) -> tuple[int, bool]:
+        """(where the next phrase may start in ``question``, whether an "and" (ending at one of ``ands``) after the
+        last copied phrase asks for another)."""
+        start = end = 0
+        for phrase in done:
+            j = next((j for j in range(start, len(question) - len(phrase) + 1)
+                      if question[j:j + len(phrase)] == phrase), None)
+            if j is None:
+                return start, False
+            start, end = j, j + len(phrase)
+        after = [a for a in ands if a > end and any(_wordy(w) for w in question[a:])] if done else []
+        return (after[0], True) if after else (start, False)
+
+    def allowed(self, row: int, ids: list[int], scores: torch.Tensor) -> list[int] | None:
+        """The token ids allowed next, or None when the rule has nothing to say."""
+        v, question = self.vocab, self.questions[row]
+        seq = self.prefixes[row] + ids
+        done, current = self.phrases(seq)
+        floor, more = self.floor(question, self.ands[row], done)
+        if current is None:
+            if not more or not seq:
+                return None
+            if seq[-1] == v.box_end:      # a box answer may go on with its [SEG], or with the next target
+                return [v.seg] + self.spaces + [v.ref_start]
+            if seq[-1] == v.seg:
+                return self.spaces + [v.ref_start]
+            if len(seq) > 1 and seq[-2] in (v.seg, v.box_end) and not v.words[seq[-1]].strip():
+                return [v.ref_start]
+            return None
+        reach = self.reach[row]
+        if not current:
+            return self.earliest_start(question, reach, floor, scores)
+        n = len(current)
+        starts = [j for j in range(floor, len(question) - n + 1) if question[j:j + n] == current]
+        if not starts:
+            return None
+        words = {question[j + n] for j in starts if j + n < len(question) and reach[j + n]}
+        nxt = [i for w in words for i in v.ids_of.get(w, ())]
+        closes = any(self.ends[row][j + n - 1] for j in starts) or not nxt
+        return ([v.ref_end] if closes else []) + nxt
+
+    def earliest_start(self, question: list[str], reach: list[bool], floor: int, scores: torch.Tensor) -> list[int]:
+        """The phrase's first token: the earliest question word from ``floor`` on (one a phrase may go on with)
+        whose logit is within ``start_margin`` of the best such word's."""
+        best = {}
+        for j in range(floor, len(question)):
+            ids = self.vocab.ids_of.get(question[j], ()) if reach[j] else ()
+            if ids:
+                best[j] = max(ids, key=lambda i: float(scores[i]))
+        if not best:
+            return []
+        top = max(float(scores[i]) for i in best.values())
+        return [best[min(j for j, i in best.items() if float(scores[i]) >= top - self.start_margin)]]
+
+    def adjust(self, row: int, ids: list[int], scores: torch.Tensor) -> None:
+        index = self.allowed(row, ids, scores)
+        if index:
+            keep = scores[index].clone()
+            scores.fill_(float("-inf"))
+            scores[index] = keep

@@ -1,0 +1,218 @@
+"""The presence add-on and its companions (shapes/presence.py, presence_review.py, ref_copy strict, question case):
+a target whose object is not in the image becomes "There is no ...", a <ref> phrase is a run of the question's
+words, and questions typed in any case read as the vocabulary's words."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from grounding.result import Prediction, Target
+from shapes.presence import scene_phrases
+from shapes.presence_review import NoDenialStart, drop_absent
+from shapes.question_language import CaseFolder
+from shapes.ref_copy import TokenWords
+from shapes.ref_strict import StrictCopy
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def shapes_tok():
+    """The default model's word-level tokenizer."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(Path(__file__).resolve().parent.parent / "weights/shapes-tiny/tokenizer")
+
+
+def _allowed(tok, question: str, written: str, favour: dict[str, float] | None = None) -> set[str] | int:
+    """The words StrictCopy allows next after ``written`` (the model's logits: 0, or ``favour`` for some tokens);
+    the number of tokens allowed when it rules nothing out."""
+    scores = torch.zeros(len(tok))
+    for word, value in (favour or {}).items():
+        scores[tok.convert_tokens_to_ids(word)] = value
+    StrictCopy(TokenWords.of(tok), [_ids(tok, question)], [[]]).adjust(0, _ids(tok, written), scores)
+    allowed = torch.isfinite(scores).nonzero().flatten().tolist()
+    return len(allowed) if len(allowed) == len(tok) else {t.lstrip("Ġ") for t in tok.convert_ids_to_tokens(allowed)}
+
+
+def test_strict_copy_starts_at_the_earliest_likely_word_and_keeps_to_the_question(shapes_tok):
+    tok = shapes_tok
+    question = "Please segment the red square."
+    # the model's favourite start is "square"; "the" is nearly as likely (within 3 nats) and comes first
+    assert _allowed(tok, question, "<ref>", {"Ġsquare": 6.0, "Ġthe": 4.0, "the": 4.0}) == {"the"}
+    assert _allowed(tok, question, "<ref>", {"Ġsquare": 6.0, "square": 6.0}) == {"square"}
+    assert _allowed(tok, question, "<ref>the") == {"red"}                       # not after "the": no </ref>
+    assert _allowed(tok, question, "<ref>the red") == {"square", "</ref>"}
+    assert _allowed(tok, question, "<ref>the red square") == {"</ref>"}          # no "."
+    # "picture" is spelt in pieces: never in a phrase, so "in this" cannot lead anywhere
+    assert _allowed(tok, "Can you find the square in this picture?", "<ref>the square") == {"</ref>"}
+    # but words joined by "-" or "'" are words: the phrase goes on through them and never ends inside one
+    sized = "Please segment the medium-sized white shape."
+    assert _allowed(tok, sized, "<ref>the medium") == {"-"}
+    assert _allowed(tok, sized, "<ref>the medium-sized") == {"white", "</ref>"}
+    assert _allowed(tok, "the rectangle which isn't white", "<ref>the rectangle which isn") == {"'t"}
+    assert "that" in _allowed(tok, "Please segment the shape that has 4 corners.", "<ref>the shape")  # " 4" is 2 tokens
+    assert _allowed(tok, question, "a large") == len(tok)                   # no phrase open: nothing ruled out
+
+
+def test_a_question_joining_two_phrases_with_and_gets_both(shapes_tok):
+    tok = shapes_tok
+    question = "Please segment the red square and the blue star."
+    first = "<ref>the red square</ref><box>(1,2),(3,4)</box>[SEG]"
+    assert _allowed(tok, question, first) == {"", "<ref>"}                      # the answer may not end here
+    assert _allowed(tok, question, first + " ") == {"<ref>"}
+    assert _allowed(tok, question, first + " <ref>") == {"the"}                  # after the "and"
+    assert _allowed(tok, question, first + " <ref>the") == {"blue"}
+    boxed = "<ref>the red square</ref><box>(1,2),(3,4)</box>"                 # a box answer, [SEG] or not
+    assert _allowed(tok, question, boxed) == {"[SEG]", "", "<ref>"}
+    second = first + " <ref>the blue star</ref><box>(5,6),(7,8)</box>[SEG]"
+    assert _allowed(tok, question, second) == len(tok)                      # both asked: it may end
+    # a repeated phrase ("all red shapes", one per object) may start where the last one did
+    repeat = "Please segment all red shapes."
+    once = "<ref>all red shapes</ref><box>(1,2),(3,4)</box>[SEG] <ref>"
+    assert _allowed(tok, repeat, once, {"all": 5.0}) == {"all"}
+
+
+def test_strict_generation_writes_the_questions_phrase_in_both_decoders(scene, tiny):
+    from grounding import Grounder, PrefixEngine, Query
+
+    image, _ = scene
+    model, tok = tiny
+    question = "Please segment the shape with five corners."
+    ask = Query(image, question, answer_prefix="<ref>")
+    strict = Grounder(model, tok, addons={"ref_copy": {"strict": True}})
+    answer = strict.predict_batch([ask], max_new_tokens=8)[0].answer
+    phrase = re.match(r"<ref>(.*?)(</ref>|$)", answer).group(1).strip()
+    assert phrase and phrase.lower() in question.lower(), answer
+    assert PrefixEngine(strict).predict_group(image, [ask], max_new_tokens=8)[0].answer == answer
+
+
+def test_case_folding_reads_shouted_and_capitalised_words_as_the_vocabulary_has_them():
+    from transformers import AutoTokenizer
+    from pathlib import Path
+
+    tok = AutoTokenizer.from_pretrained(Path(__file__).resolve().parent.parent / "weights/shapes-tiny/tokenizer")
+    fold = CaseFolder(tok)
+    assert fold("PLEASE SEGMENT THE YELLOW CIRCLE") == "Please segment the yellow circle"
+    assert fold("Yellow Circle?") == "yellow circle?"
+    assert fold("What is in <box>(10,20),(30,40)</box>?") == "What is in <box>(10,20),(30,40)</box>?"
+    assert len(tok.tokenize(fold("WHERE IS THE CYAN SQUARE?"))) == 6          # one token a word, and "?"
+
+
+def test_the_denial_cannot_open_an_answer(tiny):
+    _, tok = tiny
+    words = TokenWords.of(tok)
+    there = [i for i, w in enumerate(words.words) if w == "there"]
+    assert there, "the tiny tokenizer spells 'There' as one token"
+    space = [i for i, w in enumerate(words.words) if w == "" and tok.convert_ids_to_tokens(i) in ("Ġ", "▁")]
+    rule = NoDenialStart(words, [[], [5]])
+    for ids, banned in (([], True), (space[:1], True), (_ids(tok, "a"), False)):
+        scores = torch.zeros(len(tok))
+        rule.adjust(0, ids, scores)
+        assert bool(torch.isinf(scores[there]).all()) == banned
+    scores = torch.zeros(len(tok))
+    rule.adjust(1, [], scores)                      # an answer prefix was given: the answer is the user's
+    assert torch.isfinite(scores).all()
+
+
+def _target(phrase: str, x: int) -> Target:
+    mask = np.zeros((20, 30), bool)
+    mask[2:8, x:x + 5] = True
+    return Target(phrase=phrase, box=(x, 2, x + 5, 8), mask=mask, score=0.9, seg_index=0)
+
+
+def test_dropping_an_absent_target_rewrites_the_answer():
+    answer = ("<ref>the red star</ref><box>(1,2),(3,4)</box>[SEG] "
+              "<ref>the blue ring</ref><box>(5,6),(7,8)</box>[SEG]")
+    pred = Prediction(answer, [_target("the red star", 1), _target("the blue ring", 10)], (20, 30))
+    out = drop_absent(pred, {"the blue ring"}, {"the red star": 2.0, "the blue ring": -3.0})
+    assert [t.phrase for t in out.targets] == ["the red star"]
+    assert out.answer == "<ref>the red star</ref><box>(1,2),(3,4)</box>[SEG] There is no blue ring in the image."
+    assert any("the blue ring" in n and "-3.00" in n for n in out.notes)
+    everything = drop_absent(pred, {"the red star", "the blue ring"}, {"the red star": -1.0, "the blue ring": -3.0})
+    assert everything.targets == [] and everything.answer == (
+        "There is no blue ring in the image. There is no red star in the image.")
+
+
+def test_scene_phrases_name_what_is_there_and_what_is_not():
+    objects = [{"colour": "red", "kind": "circle", "area": 90, "full_area": 100},
+               {"colour": "blue", "kind": "star", "area": 80, "full_area": 100},
+               {"colour": "green", "kind": "square", "area": 10, "full_area": 100}]   # mostly hidden
+    kinds = {"circle": "circles", "star": "stars", "square": "squares", "ring": "rings"}
+    present, absent = scene_phrases(objects, ["red", "blue", "green", "pink"], kinds, np.random.default_rng(0),
+                                    per_side=100)
+    assert "the red circle" in present and "blue star" in present and "all red shapes" in present
+    assert not any("green" in p or "square" in p for p in present)              # hidden: not asked either way
+    assert "the red star" in absent and "blue circle" in absent and "the ring" in absent
+    assert not any(p.endswith(("red circle", "blue star", "green square")) for p in absent)
+    assert not set(present) & set(absent)
+
+
+@pytest.fixture(scope="module")
+def presence_model():
+    """The tiny random model with a fusion locator and a presence head (random weights)."""
+    from grounding.presets import build_random
+
+    model, tok = build_random("tiny", seed=3)
+    model.add_addon("locator", {"kind": "fusion", "layers": 1, "click": False}, tok)
+    model.add_addon("presence", {"mirror": False}, tok)
+    return model.eval(), tok
+
+
+@pytest.mark.parametrize("threshold, kept", [(-1e6, True), (1e6, False)])
+def test_a_target_below_the_threshold_is_denied_in_both_decoders(scene, presence_model, threshold, kept):
+    from grounding import Grounder, PrefixEngine, Query
+
+    image, _ = scene
+    model, tok = presence_model
+    ask = Query(image, "Please segment the red circle.", answer_prefix="<ref>the red circle</ref>")
+    grounder = Grounder(model, tok, addons={"presence": {"threshold": threshold, "mirror": False}})
+    pred = grounder.predict_batch([ask], max_new_tokens=24)[0]
+    assert (len(pred.targets) >= 1) == kept, pred.answer
+    assert ("<ref>the red circle</ref>" in pred.answer) == kept          # the random model writes more after it
+    assert pred.answer.endswith("There is no red circle in the image.") == (not kept)
+    engine = PrefixEngine(grounder).predict_group(image, [ask], max_new_tokens=24)[0]
+    assert engine.answer == pred.answer and len(engine.targets) == len(pred.targets)
+    # a given answer (teacher forcing) is the user's: never rewritten
+    given = grounder.predict_batch([Query(image, "Please segment the red circle.",
+                                          answer="<ref>the red circle</ref>[SEG]")])[0]
+    assert given.answer == "<ref>the red circle</ref>[SEG]" and len(given.targets) == 1
+
+
+def test_train_presence_writes_a_model_that_loads_with_its_head(tmp_path, presence_model):
+    """A few scenes, two epochs: the written model holds the trained head and the chosen threshold."""
+    from grounding.checkpoint import load_checkpoint, save_checkpoint
+    from shapes.presence import train_presence
+    from shapes.scenes.synthetic import generate_dataset
+
+    model, tok = presence_model
+    base = tmp_path / "base"
+    with_locator = dict(model.addons)
+    del model.addons["presence"]
+    save_checkpoint(model, tok, base)
+    model.addons["presence"] = with_locator["presence"]
+    data = generate_dataset(tmp_path / "synth", 16, seed=5, progress=False)
+    report = train_presence(base, data, tmp_path / "out", epochs=2, progress=False)
+    assert report["train_samples"] > 0 and 0.0 <= report["val"]["auc"] <= 1.0
+    saved = json.loads((tmp_path / "out" / "presence_scores.json").read_text())
+    loaded, _ = load_checkpoint(tmp_path / "out" / "model")
+    assert loaded.addons["presence"].settings.threshold == pytest.approx(saved["threshold"], abs=1e-4)
+    trained = {k: v for k, v in loaded.state_dict().items() if k.startswith("addons.presence.")}
+    assert trained and not all(torch.equal(v, model.state_dict()[k]) for k, v in trained.items())
+
+
+def test_auc_from_ranks_equals_counting_pairs():
+    from shapes.presence import auc
+
+    gen = torch.Generator().manual_seed(0)
+    pos, neg = torch.randn(300, generator=gen) + 0.7, torch.randn(200, generator=gen)
+    pairs = float((pos[:, None] > neg[None, :]).float().mean())
+    assert auc(pos, neg) == pytest.approx(pairs, abs=1e-9)
+    assert auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0

@@ -1,0 +1,74 @@
+"""The region head (shapes/region_head.py) and the ``region`` add-on: a box or a click is answered with the object's
+description read from the cells under it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from shapes.region_head import CLICK_CELLS, Vocabulary, cell_cover, describe, region_box
+
+
+def test_cell_cover_counts_the_share_of_each_cell_inside_the_box():
+    grid = 4
+    one_cell = torch.tensor([[0.25, 0.5, 0.5, 0.75]])            # exactly cell (row 2, col 1)
+    cover = cell_cover(one_cell, grid).reshape(grid, grid)
+    assert cover[2, 1] == pytest.approx(1.0) and cover.sum() == pytest.approx(1.0)
+    half = cell_cover(torch.tensor([[0.0, 0.0, 0.125, 0.25]]), grid).reshape(grid, grid)
+    assert half[0, 0] == pytest.approx(0.5) and half.sum() == pytest.approx(0.5)
+
+
+def test_a_region_is_placed_in_the_padded_square():
+    # a 100 x 200 (H x W) image sits in a 200-px square 50 px from its top
+    box = region_box((100, 200), box=(20, 10, 60, 30))
+    assert box.tolist() == pytest.approx([0.1, 0.3, 0.3, 0.4])
+    click = region_box((100, 200), point=(100, 50))
+    assert (click[2] - click[0]).item() == pytest.approx(CLICK_CELLS / 8)
+    assert ((click[:2] + click[2:]) / 2).tolist() == pytest.approx([0.5, 0.5])
+
+
+def test_descriptions_are_written_as_the_training_data_writes_them():
+    from types import SimpleNamespace
+
+    from shapes.scenes.expressions import region_description
+
+    values = {"colour": "red", "kind": "square", "size": "medium", "texture": "dots", "outline": "white"}
+    assert describe(values) == region_description(SimpleNamespace(**values)) == \
+        "a medium-sized red dotted square with a white outline"
+    assert describe({**values, "texture": "solid", "outline": ""}) == "a medium-sized red square"
+
+
+def test_train_region_head_and_the_add_on_answer_a_box_question(tmp_path, scene):
+    """A few scenes, a few epochs on the tiny random model: the written model loads with its head, and a question
+    with a box (answered without a target) gets the head's description in the vocabulary's words."""
+    from grounding import Grounder, Query
+    from grounding.checkpoint import save_checkpoint
+    from grounding.presets import build_random
+    from shapes.region_head import train_region_head
+    from shapes.scenes.synthetic import generate_dataset
+
+    model, tok = build_random("tiny", seed=4)
+    save_checkpoint(model, tok, tmp_path / "base")
+    data = generate_dataset(tmp_path / "synth", 12, seed=6, progress=False)
+    report = train_region_head(tmp_path / "base", data, tmp_path / "out", epochs=3, progress=False)
+    assert report["train_samples"] > 0 and 0.0 <= report["val"]["named"] <= 1.0
+    assert json.loads((tmp_path / "out" / "region_scores.json").read_text())["epochs"] == 3
+
+    grounder = Grounder.from_pretrained(tmp_path / "out" / "model", device="cpu")
+    image, _ = scene
+    vocab = Vocabulary.of_scenes()
+    box = Query(image, "What is in this region?", boxes=[[10, 10, 40, 40]], answer_prefix="a thing")
+    pred = grounder.predict_batch([box], max_new_tokens=4)[0]
+    words = pred.answer.split()
+    assert words[0] in ("a", "an") and any(w in vocab.kinds for w in words), pred.answer
+    assert any(w in vocab.colours for w in words), pred.answer
+    assert any("region head" in n for n in pred.notes)
+    click = grounder.predict_batch([Query(image, "What is this?", points=[[20, 20]], answer_prefix="a thing")],
+                                   max_new_tokens=4)[0]
+    assert any(w in vocab.kinds for w in click.answer.split()), click.answer
+    plain = grounder.predict_batch([Query(image, "What is this?", answer_prefix="a thing")], max_new_tokens=4)[0]
+    assert not any("region head" in n for n in plain.notes)              # no region: the model's own answer
+    given = grounder.predict_batch([Query(image, "What is in this region?", boxes=[[10, 10, 40, 40]],
+                                          answer="a thing")])[0]
+    assert given.answer == "a thing"                                     # a given answer is left alone
