@@ -318,7 +318,8 @@ class Region(AddOn):
             text = self.describe(model, image, point=clicks[0])
         else:
             return prediction
-        return dataclasses.replace(prediction, answer=text, notes=list(prediction.notes) + [
+        kept = [n for n in prediction.notes if not n.startswith("the answer names no object")]   # it describes one
+        return dataclasses.replace(prediction, answer=text, notes=kept + [
             f"the description is the region head's reading of the marked region (the language model wrote "
             f"{prediction.answer!r})"])
 

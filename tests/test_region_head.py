@@ -64,6 +64,7 @@ def test_train_region_head_and_the_add_on_answer_a_box_question(tmp_path, scene)
     assert words[0] in ("a", "an") and any(w in vocab.kinds for w in words), pred.answer
     assert any(w in vocab.colours for w in words), pred.answer
     assert any("region head" in n for n in pred.notes)
+    assert not any("names no object" in n for n in pred.notes)          # a description is an answer
     click = grounder.predict_batch([Query(image, "What is this?", points=[[20, 20]], answer_prefix="a thing")],
                                    max_new_tokens=4)[0]
     assert any(w in vocab.kinds for w in click.answer.split()), click.answer
