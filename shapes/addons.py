@@ -25,6 +25,7 @@ import torch
 
 from grounding.addons import AddOn, AnswerRows, DecoderPrompts, SegRead, register_addon
 from shapes.box_writer import BoxWriter
+from shapes.group_count import GroupCount
 from shapes.locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_centres, locator_loss, mask_cells,
                             peak_cells, square_boxes, square_to_pixels)
 from shapes.locator_mirror import locate_both, mirror_ids, mirror_token_ids
@@ -291,6 +292,14 @@ class Region(AddOn):
         self.vocab = Vocabulary(*(list(getattr(self.settings, f)) for f in
                                   ("colours", "kinds", "sizes", "textures", "outlines")))
         self.head = RegionHead(model.llava_config.vision_config.hidden_size, model.token_grid, self.vocab.classes())
+        self.words = TokenWords.of(tokenizer)
+
+    def logits_rule(self, rows: AnswerRows) -> GroupCount | None:
+        locator = rows.model.addons["locator"] if "locator" in rows.model.addons else None
+        if locator is None or not locator.fusion or rows.model.config.box_format != "qwen":
+            return None
+        locator.read_image(rows.model, rows.images)
+        return GroupCount(self, locator, rows.model, rows.tokenizer, self.words, rows.images, rows.prefixes)
 
     @torch.no_grad()
     def describe(self, model, image, box=None, point=None) -> str:
@@ -302,8 +311,13 @@ class Region(AddOn):
             like = model.seg_projection.net[0].weight
             keys = model.vision_features(image.vision[None].to(like.device, like.dtype))[0]
         region = region_box(image.size, box, point).to(keys.device, keys.dtype)
-        logits = self.head(keys[None], region[None])
-        return describe({name: self.vocab.values(name)[int(v.argmax())] for name, v in logits.items()})
+        return describe({name: self.vocab.values(name)[int(p.argmax())]
+                         for name, p in self.probabilities(keys, region).items()})
+
+    def probabilities(self, keys: torch.Tensor, region: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per attribute, the head's probabilities ``[values]`` for a region ``[4]`` (fractions of the square) of
+        an image's cell features ``[g*g, width]``."""
+        return {name: v[0].softmax(-1) for name, v in self.head(keys[None], region[None]).items()}
 
     def review(self, model, tokenizer, image, query, prediction):
         if prediction.targets:   # the answer named objects: not a description

@@ -158,3 +158,35 @@ def test_the_example_questions_work_on_their_images(grounder):
             else:
                 assert answer.targets and all(t.mask is not None and t.mask.any() for t in answer.targets), \
                     (name, question, answer.answer)
+
+
+def test_all_shapes_of_a_colour_are_named_once_each(grounder):
+    """"Please segment all red shapes." on a drawn scene with three red shapes and two others: one target per red
+    shape, none twice, none on another colour (the language model alone names two; the region add-on's
+    ``GroupCount`` reads the locator's next peak and goes on while it holds another red shape)."""
+    import cv2
+
+    image = np.full((320, 400, 3), 225, np.uint8)
+    shapes = {"red circle": ((70, 80), (215, 35, 40)), "red square": ((320, 90), (215, 35, 40)),
+              "red triangle": ((200, 250), (215, 35, 40)), "blue star": ((330, 250), (40, 80, 220)),
+              "green circle": ((80, 250), (40, 160, 60))}
+    masks = {}
+    for name, ((x, y), colour) in shapes.items():
+        m = np.zeros(image.shape[:2], np.uint8)
+        if "circle" in name:
+            cv2.circle(m, (x, y), 34, 1, -1)
+        elif "square" in name:
+            cv2.rectangle(m, (x - 32, y - 32), (x + 32, y + 32), 1, -1)
+        elif "triangle" in name:
+            cv2.fillPoly(m, [np.array([[x, y - 38], [x - 38, y + 30], [x + 38, y + 30]], np.int32)], 1)
+        else:
+            pts = [(x + r * np.cos(a), y + r * np.sin(a)) for i, a in enumerate(np.linspace(-np.pi / 2, 1.5 * np.pi, 11)[:10])
+                   for r in [36 if i % 2 == 0 else 15]]
+            cv2.fillPoly(m, [np.array(pts, np.int32)], 1)
+        image[m.astype(bool)] = colour
+        masks[name] = m.astype(bool)
+    answer = grounder.predict(image, "Please segment all red shapes.")
+    hits = [max(masks, key=lambda n: (t.mask & masks[n]).sum() / (t.mask | masks[n]).sum()) for t in answer.targets]
+    ious = [(t.mask & masks[n]).sum() / (t.mask | masks[n]).sum() for t, n in zip(answer.targets, hits)]
+    assert sorted(hits) == ["red circle", "red square", "red triangle"], (answer.answer, hits)
+    assert min(ious) > 0.5, ious

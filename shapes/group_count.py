@@ -1,0 +1,97 @@
+"""GroupCount: an "all ..." answer names as many objects as the image holds, read one peak at a time.
+
+The default model's language model writes "<ref>all blue shapes</ref>..[SEG]" about twice whatever the count
+(most training groups have two members; weights/shapes-tiny/MODEL_CARD.md, v11), and the locator's score map cannot
+count (its peaks merge). But the locator does say where the next candidate is (its k-th peak, as the k-th repeat's
+box and mask already use), and the region head says what is there. So after the k-th repeat of a group phrase
+("all ...", "every ...", "both ..."), where the model would end its answer, this rule reads the region head at the
+locator's box for peak k: when that region is a new object (its box overlaps none of the earlier ones by more than
+``overlap`` IoU, nor holds one's centre) that the head is sure (``confidence``) has every colour and kind the phrase
+names, the answer goes on with the phrase once more. It only adds objects the model left out; the model's own repeats stay.
+"""
+from __future__ import annotations
+
+import torch
+
+from grounding.text.boxes import box_iou
+from shapes.region_head import region_box
+
+
+class GroupCount:
+    """A logits rule of the ``region`` add-on. Per answer row: its image and the ids of any answer prefix.
+    ``adjust(row, ids, scores)`` forces a repeat of the phrase, token by token, where the model would end the
+    answer right after a group phrase's ``[SEG]``."""
+
+    GROUP_WORDS = ("all", "every", "both")
+    confidence = 0.5    # the head's probability that the region has the phrase's colour and kind
+    overlap = 0.2       # a box overlapping an earlier one by more is the same object again
+
+    def __init__(self, region, locator, model, tokenizer, words, images: list, prefixes: list[list[int]]):
+        from shapes.box_writer import BoxWriter
+
+        self.region, self.words, self.images, self.prefixes = region, words, images, prefixes
+        self.boxes = BoxWriter(locator, model, tokenizer, images, prefixes)   # its box at a peak rank
+        self.eos = tokenizer.eos_token_id
+        self.space = [i for i in words.ids_of.get("", ()) if tokenizer.convert_ids_to_tokens(i) in ("Ġ", "▁")][:1]
+        kinds = region.vocab.kinds
+        self.kind_of = {k: k for k in kinds} | {k + "s": k for k in kinds} | {k + "es": k for k in kinds}
+        self.queue: list[list[int]] = [[] for _ in images]
+
+    def adjust(self, row: int, ids: list[int], scores: torch.Tensor) -> None:
+        token = self.next_token(row, ids, ends=int(scores.argmax()) == self.eos)
+        if token is not None:
+            scores[:] = float("-inf")
+            scores[token] = 0.0
+
+    def next_token(self, row: int, ids: list[int], ends: bool) -> int | None:
+        """The token to force after ``ids`` (None: the model chooses); ``ends``: the model would end the answer
+        here."""
+        if self.queue[row]:
+            return self.queue[row].pop(0)
+        seq = self.prefixes[row] + ids
+        if not ends or not seq or seq[-1] != self.words.seg:
+            return None
+        done = self.phrases(seq)
+        if not done or not done[-1] or self.words.words[done[-1][0]] not in self.GROUP_WORDS:
+            return None
+        phrase = done[-1]
+        if not self.another(row, phrase, sum(p == phrase for p in done)):
+            return None
+        self.queue[row] = self.space + [self.words.ref_start, *phrase, self.words.ref_end]
+        return self.queue[row].pop(0)
+
+    def phrases(self, ids: list[int]) -> list[list[int]]:
+        """The closed ``<ref>`` phrases of ``ids`` (token ids)."""
+        v, out, current = self.words, [], None
+        for t in ids:
+            if t == v.ref_start:
+                current = []
+            elif t == v.ref_end and current is not None:
+                out.append(current)
+                current = None
+            elif current is not None:
+                current.append(t)
+        return out
+
+    @torch.no_grad()
+    def another(self, row: int, phrase: list[int], k: int) -> bool:
+        """Whether the locator's peak ``k`` (0-based) for ``phrase`` is a new object the phrase names."""
+        text = [self.words.words[t] for t in phrase]
+        wanted = {"colour": {w for w in text if w in self.region.vocab.colours},
+                  "kind": {self.kind_of[w] for w in text if w in self.kind_of}}
+        if not any(wanted.values()):
+            return False
+        box = self.boxes.box(row, phrase, k)
+        for j in range(k):   # the same object again, or a box around an earlier one and more
+            before = self.boxes.box(row, phrase, j)
+            cx, cy = (before[0] + before[2]) / 2, (before[1] + before[3]) / 2
+            if box_iou(box, before) > self.overlap or (box[0] <= cx <= box[2] and box[1] <= cy <= box[3]):
+                return False
+        image = self.images[row]
+        keys = image.extras["locator"].keys
+        p = self.region.probabilities(keys, region_box(image.size, box).to(keys.device, keys.dtype))
+        sure = 1.0
+        for name, values in wanted.items():
+            for value in values:
+                sure *= float(p[name][self.region.vocab.values(name).index(value)])
+        return sure >= self.confidence
