@@ -51,7 +51,7 @@ class GroupCount:
         seq = self.prefixes[row] + ids
         if not ends or not seq or seq[-1] != self.words.seg:
             return None
-        done = self.phrases(seq)
+        done, _ = self.words.ref_phrases(seq)
         if not done or not done[-1] or self.words.words[done[-1][0]] not in self.GROUP_WORDS:
             return None
         phrase = done[-1]
@@ -59,19 +59,6 @@ class GroupCount:
             return None
         self.queue[row] = self.space + [self.words.ref_start, *phrase, self.words.ref_end]
         return self.queue[row].pop(0)
-
-    def phrases(self, ids: list[int]) -> list[list[int]]:
-        """The closed ``<ref>`` phrases of ``ids`` (token ids)."""
-        v, out, current = self.words, [], None
-        for t in ids:
-            if t == v.ref_start:
-                current = []
-            elif t == v.ref_end and current is not None:
-                out.append(current)
-                current = None
-            elif current is not None:
-                current.append(t)
-        return out
 
     @torch.no_grad()
     def another(self, row: int, phrase: list[int], k: int) -> bool:

@@ -46,6 +46,19 @@ class TokenWords:
         return cls(words, dict(ids_of), *(tokenizer.convert_tokens_to_ids(t) for t in (REF_START, REF_END, SEG, BOX_END)),
                    [bool(m) for m, _ in pieces])
 
+    def ref_phrases(self, ids: list[int]) -> tuple[list[list[int]], list[int] | None]:
+        """(the closed ``<ref>`` phrases of ``ids``, as token ids; the open one, or None)."""
+        done, current = [], None
+        for t in ids:
+            if t == self.ref_start:
+                current = []
+            elif t == self.ref_end and current is not None:
+                done.append(current)
+                current = None
+            elif current is not None:
+                current.append(t)
+        return done, current
+
 
 class RefCopy:
     """Per answer row: the question's token ids and the ids of any answer prefix in the prompt. ``adjust(row, ids,

@@ -89,19 +89,6 @@ class StrictCopy:
                 start = i
         return out
 
-    def phrases(self, ids: list[int]) -> tuple[list[list[str]], list[str] | None]:
-        """(the closed ``<ref>`` phrases of ``ids``, as words; the open one, or None)."""
-        v, done, current = self.vocab, [], None
-        for t in ids:
-            if t == v.ref_start:
-                current = []
-            elif t == v.ref_end and current is not None:
-                done.append(current)
-                current = None
-            elif current is not None:
-                current.append(v.words[t])
-        return done, current
-
     @staticmethod
     def floor(question: list[str], ands: list[int], done: list[list[str]]) -> tuple[int, bool]:
         """(where the next phrase may start in ``question``, whether an "and" (ending at one of ``ands``) after the
@@ -120,7 +107,9 @@ class StrictCopy:
         """The token ids allowed next, or None when the rule has nothing to say."""
         v, question = self.vocab, self.questions[row]
         seq = self.prefixes[row] + ids
-        done, current = self.phrases(seq)
+        done, current = self.vocab.ref_phrases(seq)
+        done = [[v.words[t] for t in p] for p in done]
+        current = None if current is None else [v.words[t] for t in current]
         floor, more = self.floor(question, self.ands[row], done)
         if current is None:
             if not more or not seq:
