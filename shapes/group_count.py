@@ -20,7 +20,7 @@ from shapes.region_head import region_box
 class GroupCount:
     """A logits rule of the ``region`` add-on. Per answer row: its image and the ids of any answer prefix.
     ``adjust(row, ids, scores)`` forces a repeat of the phrase, token by token, where the model would end the
-    answer right after a group phrase's ``[SEG]``."""
+    answer right after a group phrase's target (its ``[SEG]``, or its box when the answer gives boxes only)."""
 
     GROUP_WORDS = ("all", "every", "both")
     confidence = 0.5    # the head's probability that the region has the phrase's colour and kind
@@ -49,7 +49,7 @@ class GroupCount:
         if self.queue[row]:
             return self.queue[row].pop(0)
         seq = self.prefixes[row] + ids
-        if not ends or not seq or seq[-1] != self.words.seg:
+        if not ends or not seq or seq[-1] not in (self.words.seg, self.words.box_end):   # a target's end
             return None
         done, _ = self.words.ref_phrases(seq)
         if not done or not done[-1] or self.words.words[done[-1][0]] not in self.GROUP_WORDS:
