@@ -330,15 +330,17 @@ def score(item: Item, scene: Scene, pred) -> dict:
         row["denied"] = not t
     elif item.kind == "multi":
         wanted = list(item.objects)
-        ok = len(t) == len(wanted)
+        why = [] if len(t) == len(wanted) else [f"{len(t)} targets for {len(wanted)} objects"]
         used: set[int] = set()
-        for tg in t if ok else []:
+        for n, tg in enumerate(t if not why else [], 1):
             best = max(wanted, key=lambda j: _iou(tg.mask, objs[j].mask))
-            if best in used or _iou(tg.mask, objs[best].mask) < 0.5 or _box_iou(tg.box, objs[best].box) < 0.5:
-                ok = False
-                break
+            mask_iou, box_iou = _iou(tg.mask, objs[best].mask), _box_iou(tg.box, objs[best].box)
+            if best in used:
+                why.append(f"target {n} on an object named before")
+            elif mask_iou < 0.5 or box_iou < 0.5:
+                why.append(f"target {n}: mask IoU {mask_iou:.2f}, box IoU {box_iou:.2f}")
             used.add(best)
-        row["exact"] = ok
+        row["exact"], row["why"] = not why, "; ".join(why)
     elif item.kind == "region":
         o = objs[item.objects[0]]
         words = set(re.findall(r"[a-z]+", pred.answer.lower()))
