@@ -34,6 +34,7 @@ from shapes.presence_review import NoDenialStart, drop_absent
 from shapes.projector_norm import install_projector_norm
 from shapes.question_language import CaseFolder, language_note
 from shapes.region_head import RegionHead, Vocabulary, describe, region_box
+from shapes.region_verify import plain_names, sureness
 from shapes.ref_copy import RefCopy, TokenWords
 from shapes.ref_strict import StrictCopy
 from shapes.vision_stem import install_vision_stem
@@ -272,8 +273,9 @@ class Presence(AddOn):
         if not phrases:
             return prediction
         found = dict(zip(phrases, self.logits(model, tokenizer, image, phrases).tolist()))
-        absent = {p for p, v in found.items() if v < self.settings.threshold}
-        return drop_absent(prediction, absent, found) if absent else prediction
+        absent = {p: f"the presence head finds no such object in the image (logit {v:.2f})"
+                  for p, v in found.items() if v < self.settings.threshold}
+        return drop_absent(prediction, absent) if absent else prediction
 
 
 @register_addon
@@ -285,6 +287,8 @@ class Region(AddOn):
         sizes: tuple[str, ...] = ()
         textures: tuple[str, ...] = ()
         outlines: tuple[str, ...] = ()   # "" for none
+        verify: float = 0.0         # a plain target ("the cyan square") whose box reads as what it names with a
+                                    # probability under this is dropped (shapes/region_verify.py); 0: off
 
     name = "region"
 
@@ -314,6 +318,22 @@ class Region(AddOn):
         return describe({name: self.vocab.values(name)[int(p.argmax())]
                          for name, p in self.probabilities(keys, region).items()})
 
+    @torch.no_grad()
+    def verify(self, model, image, prediction):
+        """``prediction`` without its plain targets whose box the head does not read as what they name."""
+        keys = model.addons["locator"].read_image(model, [image])[0].keys
+        dropped = {}
+        for target in prediction.targets:
+            names = plain_names(target.phrase or "", self.vocab)
+            if names is None or target.box is None or target.phrase in dropped:
+                continue
+            square = region_box(image.size, target.box).to(keys.device, keys.dtype)
+            sure = sureness(self, keys, square, *names)
+            if sure < self.settings.verify:
+                dropped[target.phrase] = (f"the region head reads its box as {' '.join(sum(names, []))} with "
+                                          f"probability {sure:.4f} only (verify {self.settings.verify:.4f})")
+        return drop_absent(prediction, dropped) if dropped else prediction
+
     def probabilities(self, keys: torch.Tensor, region: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per attribute, the head's probabilities ``[values]`` for a region ``[4]`` (fractions of the square) of
         an image's cell features ``[g*g, width]``."""
@@ -321,7 +341,7 @@ class Region(AddOn):
 
     def review(self, model, tokenizer, image, query, prediction):
         if prediction.targets:   # the answer named objects: not a description
-            return prediction
+            return self.verify(model, image, prediction) if self.settings.verify > 0 else prediction
         if query.boxes is not None and len(query.boxes):
             text = self.describe(model, image, box=query.boxes[0])
         elif query.points is not None and len(query.points):

@@ -36,16 +36,14 @@ def denial(phrase: str) -> str:
     return f"There is no {_no_article(phrase)} in the image."
 
 
-def drop_absent(prediction, absent: set[str], logits: dict[str, float]):
-    """The Prediction without the targets whose phrase is in ``absent``: their ``<ref>`` spans leave the answer
-    text, which then says "There is no ..." of each; a note gives the presence logits."""
-    kept = [t for t in prediction.targets if t.phrase not in absent]
+def drop_absent(prediction, reasons: dict[str, str]):
+    """The Prediction without the targets whose phrase is a key of ``reasons``: their ``<ref>`` spans leave the
+    answer text, which then says "There is no ..." of each; a note gives each one's reason."""
+    kept = [t for t in prediction.targets if t.phrase not in reasons]
     text = prediction.answer
-    for phrase in sorted(absent):
+    for phrase in sorted(reasons):
         span = re.escape(f"<ref>{phrase}</ref>") + r"(?:<box>.*?</box>)?\s*(?:" + re.escape(SEG) + r")?"
         text = re.sub(span, "", text)
-    text = " ".join([text.strip()] + [denial(p) for p in sorted(absent)]).strip()
-    notes = list(prediction.notes) + [
-        f"target {p!r} dropped: the presence head finds no such object in the image (logit {logits[p]:.2f})"
-        for p in sorted(absent)]
+    text = " ".join([text.strip()] + [denial(p) for p in sorted(reasons)]).strip()
+    notes = list(prediction.notes) + [f"target {p!r} dropped: {reasons[p]}" for p in sorted(reasons)]
     return dataclasses.replace(prediction, answer=text, targets=kept, notes=notes)

@@ -132,11 +132,11 @@ def test_dropping_an_absent_target_rewrites_the_answer():
     answer = ("<ref>the red star</ref><box>(1,2),(3,4)</box>[SEG] "
               "<ref>the blue ring</ref><box>(5,6),(7,8)</box>[SEG]")
     pred = Prediction(answer, [_target("the red star", 1), _target("the blue ring", 10)], (20, 30))
-    out = drop_absent(pred, {"the blue ring"}, {"the red star": 2.0, "the blue ring": -3.0})
+    out = drop_absent(pred, {"the blue ring": "the presence head finds no such object in the image (logit -3.00)"})
     assert [t.phrase for t in out.targets] == ["the red star"]
     assert out.answer == "<ref>the red star</ref><box>(1,2),(3,4)</box>[SEG] There is no blue ring in the image."
     assert any("the blue ring" in n and "-3.00" in n for n in out.notes)
-    everything = drop_absent(pred, {"the red star", "the blue ring"}, {"the red star": -1.0, "the blue ring": -3.0})
+    everything = drop_absent(pred, {"the red star": "-1.00", "the blue ring": "-3.00"})
     assert everything.targets == [] and everything.answer == (
         "There is no blue ring in the image. There is no red star in the image.")
 

@@ -73,3 +73,36 @@ def test_train_region_head_and_the_add_on_answer_a_box_question(tmp_path, scene)
     given = grounder.predict_batch([Query(image, "What is in this region?", boxes=[[10, 10, 40, 40]],
                                           answer="a thing")])[0]
     assert given.answer == "a thing"                                     # a given answer is left alone
+
+
+def test_plain_phrases_are_those_naming_only_a_colour_and_a_kind():
+    from shapes.region_verify import plain_names
+
+    vocab = Vocabulary.of_scenes()
+    assert plain_names("the cyan square", vocab) == (["cyan"], ["square"])
+    assert plain_names("Yellow circle", vocab) == (["yellow"], ["circle"])
+    assert plain_names("the star", vocab) == ([], ["star"])
+    assert plain_names("the red shape", vocab) == (["red"], [])
+    for other in ("the small red square", "all red shapes", "the circle below the cyan shape", "the square shape",
+                  "the shape", "the red blue square", ""):
+        assert plain_names(other, vocab) is None, other
+
+
+def test_the_region_check_drops_plain_targets_its_head_does_not_read_in_their_box():
+    """With the check at its strictest (every probability is under 1.01) a plain target becomes "There is no ...",
+    with a note naming the region head; a referring phrase is left to the presence head; with the check off the
+    answer is the model's."""
+    from pathlib import Path
+
+    from grounding import Grounder
+    from grounding.images import load_image
+
+    model = Path(__file__).resolve().parent.parent / "weights/shapes-tiny"
+    image = load_image(model.parent.parent / "examples/shapes.png")
+    strict = Grounder.from_pretrained(model, device="cpu", addons={"region": {"verify": 1.01}})
+    dropped = strict.predict(image, "Where is the yellow circle?")
+    assert not dropped.targets and dropped.answer == "There is no yellow circle in the image."
+    assert any("region head" in n for n in dropped.notes)
+    assert strict.predict(image, "Please segment the circle below the cyan shape.").targets
+    kept = Grounder.from_pretrained(model, device="cpu", addons={"region": {"verify": 0.0}})
+    assert kept.predict(image, "Where is the yellow circle?").targets

@@ -1,0 +1,117 @@
+"""A second look at a plain target: does the region head read, inside the answer's box, what the phrase names?
+
+The presence head (shapes/presence.py) decides from the locator's fused features whether a phrase's object is there;
+on near misses ("the cyan square" beside a cyan pentagon and a blue square) it can be fooled, and the answer then
+boxes a neighbour. The region head (shapes/region_head.py) reads colour and kind from the cells under a box. For a
+phrase that names nothing but a colour and / or a kind ("the cyan square", "yellow circle", "the star", "the red
+shape"), the ``region`` add-on's ``verify`` setting drops a target when the head gives its box the phrase's colour
+and kind with a probability (their product) under ``verify``. Phrases with any other word (sizes, places,
+relations, "all ...") are left to the presence head alone: their words do not describe the boxed object alone.
+
+``calibrate_verify`` sets ``verify`` where a chosen share of present objects' phrases would be dropped, on the
+model's own answers over a synthetic val split (clean scenes and corrupted copies), as the presence threshold is set.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ARTICLES = ("the", "a", "an")
+KINDLESS = ("shape", "object")
+
+
+def plain_names(phrase: str, vocab) -> tuple[list[str], list[str]] | None:
+    """(colours, kinds) a plain phrase names ("the cyan square" -> (["cyan"], ["square"])); None for a phrase
+    with any other word or naming neither."""
+    words = re.findall(r"[a-z]+(?:-[a-z]+)*", phrase.lower())
+    if words and words[0] in ARTICLES:
+        words = words[1:]
+    colours = [w for w in words if w in vocab.colours]
+    kinds = [w for w in words if w in vocab.kinds]
+    rest = [w for w in words if w not in vocab.colours and w not in vocab.kinds]
+    if len(colours) > 1 or len(kinds) > 1 or not (colours or kinds) or rest not in ([], *([k] for k in KINDLESS)):
+        return None
+    if rest and (kinds or not colours):        # "red shape" names a colour only; "square shape" is not plain
+        return None
+    return colours, kinds
+
+
+def sureness(region, keys: torch.Tensor, region_square: torch.Tensor, colours: list[str], kinds: list[str]) -> float:
+    """The region head's probability that the region (``region_box`` of the box) has every named colour and kind."""
+    p = region.probabilities(keys, region_square)
+    out = 1.0
+    for name, values in (("colour", colours), ("kind", kinds)):
+        for value in values:
+            out *= float(p[name][region.vocab.values(name).index(value)])
+    return out
+
+
+def val_phrases(scene: dict) -> list[str]:
+    """Plain phrases of a scene's mostly visible objects that name one object: "the {colour} {kind}" where the
+    pair is unique, "the {kind}" where the kind is."""
+    objects = [o for o in scene["objects"] if o["area"] >= 0.5 * max(o["full_area"], 1)]
+    pairs = [(o["colour"], o["kind"]) for o in scene["objects"]]
+    kinds = [o["kind"] for o in scene["objects"]]
+    out = [f"the {o['colour']} {o['kind']}" for o in objects if pairs.count((o["colour"], o["kind"])) == 1]
+    return out + [f"the {o['kind']}" for o in objects if kinds.count(o["kind"]) == 1]
+
+
+@torch.no_grad()
+def calibrate_verify(grounder, data_root: str | Path, split: str = "val", share: float = 0.01, seed: int = 0,
+                     augment: float = 0.5, limit: int | None = None, progress: bool = True) -> dict:
+    """The ``verify`` value under which ``share`` of the sureness values of present objects' plain phrases fall,
+    read at the boxes of the model's answers to "Please segment {phrase}." (answers without a target are
+    skipped: the presence head denied them). Returns {"verify", "phrases", "quantiles"}."""
+    import json
+
+    from grounding.data.refer import ReferDataset
+    from grounding.images import load_image
+    from grounding.inference.prepared import Query
+    from grounding.progress import progress_bar
+    from shapes.augment import corrupt
+    from shapes.region_head import region_box
+
+    rng = np.random.default_rng(seed)
+    ds = ReferDataset(data_root, dataset="synth", split_by="unc")
+    wanted = {s.image_id for s in ds.sentences(split)}
+    scenes = [s for s in json.loads((Path(data_root) / "scenes.json").read_text())["images"]
+              if s["image_id"] in wanted]
+    scenes = scenes[:limit] if limit else scenes
+    model = grounder.model
+    region, locator = model.addons["region"], model.addons["locator"]
+    values = []
+    with progress_bar(len(scenes), f"{split} plain phrases", enabled=progress) as advance:
+        for scene in scenes:
+            phrases = val_phrases(scene)
+            image = load_image(ds.image_path(scene["image_id"]))
+            for view in [image] + ([corrupt(image, rng)] if rng.random() < augment else []):
+                preds = grounder.predict_batch([Query(view, f"Please segment {p}.") for p in phrases])
+                prepared = grounder.prepare([view])[0]
+                keys = locator.read_image(model, [prepared])[0].keys
+                for phrase, pred in zip(phrases, preds):
+                    if pred.targets:
+                        square = region_box(prepared.size, pred.targets[0].box).to(keys.device, keys.dtype)
+                        values.append(sureness(region, keys, square, *plain_names(phrase, region.vocab)))
+            advance()
+    if not values:
+        raise ValueError(f"no plain phrases answered with a target in {split} of {data_root}")
+    values = np.array(values)
+    return {"verify": float(np.quantile(values, share)), "phrases": len(values),
+            "quantiles": {q: float(np.quantile(values, q)) for q in (0.005, 0.01, 0.02, 0.05, 0.1)}}
+
+
+def set_verify(model_dir: str | Path, data_root: str | Path, share: float = 0.01, **options) -> dict:
+    """Calibrate ``verify`` on the model at ``model_dir`` (its ``region`` add-on off the check meanwhile) and write
+    it into its ``groundseg.json``; returns ``calibrate_verify``'s report."""
+    from grounding import Grounder
+    from grounding.config import GroundingConfig
+
+    grounder = Grounder.from_pretrained(model_dir, device="cpu", addons={"region": {"verify": 0.0}})
+    report = calibrate_verify(grounder, data_root, share=share, **options)
+    config = GroundingConfig.load(model_dir)
+    config.addons["region"]["verify"] = report["verify"]
+    config.save(model_dir)
+    return report
