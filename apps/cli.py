@@ -2,6 +2,7 @@
 set GROUNDSEG_DEBUG=1 to see the traceback of an unexpected one."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -229,6 +230,9 @@ def train_region(
                                                               "copy (noise, blur, lighting, JPEG)."),
     extra_data: list[Path] = typer.Option([], help="More synthetic folders whose train split is learnt too (repeat "
                                                    "the option); scores stay on --data."),
+    verify_share: float = typer.Option(0.0, min=0.0, max=0.5, help=(
+        "Then set the head's check of plain targets ('the cyan square'): the share of --data's val present objects "
+        "it may drop (0: no check; needs the presence and locator add-ons).")),
 ) -> None:
     """Give a model a region head (what object is in a marked box or under a click?), trained on cached features."""
     from shapes.region_head import train_region_head
@@ -238,6 +242,40 @@ def train_region(
     held = report["val"]
     console.print(f"model written to {out / 'model'}; val: colour and kind right {held['named']:.1%}, every "
                   f"attribute right {held['all']:.1%}")
+    if verify_share > 0:
+        from shapes.region_verify import set_verify
+
+        checked = set_verify(out / "model", data, share=verify_share, seed=seed)
+        (out / "region_verify.json").write_text(json.dumps(checked, indent=2))
+        console.print(f"plain targets checked: verify {checked['verify']:.6f} ({verify_share:.1%} of "
+                      f"{checked['phrases']} val present phrases under it)")
+
+
+@app.command("train-mask-encoder")
+def train_mask_encoder(
+    data: Path = typer.Option(..., help="Synthetic REFER folder (scenes.json) to learn from (train split; val scores)."),
+    out: Path = typer.Option(..., help="Output folder: OUT/model is the model with the new SAM image encoder."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: the embedded shapes-tiny)."),
+    steps: int = typer.Option(1500, min=1, help="Optimizer steps."),
+    batch_size: int = typer.Option(16, min=1, help="Views a step."),
+    lr: float = typer.Option(3e-4, min=0.0, help="Peak learning rate (warm-up, cosine)."),
+    augment: float = typer.Option(0.7, min=0.0, max=1.0, help="Share of the views corrupted (region by region, "
+                                                              "then the whole image)."),
+    zoom: float = typer.Option(0.5, min=0.0, max=1.0, help="Share of the views that are a crop around one object, "
+                                                           "as mask_zoom decodes."),
+    seed: int = typer.Option(0, help="Seed of the views and the batch order."),
+    extra_data: list[Path] = typer.Option([], help="More synthetic folders whose train split is learnt too (repeat "
+                                                   "the option)."),
+) -> None:
+    """Train SAM's image encoder to read corrupted and zoomed views as the original reads clean ones (every other
+    weight kept)."""
+    from shapes.mask_robust import train_mask_encoder as run
+
+    report = run(_model_dir(model), data, out, extra_data=extra_data, steps=steps, batch_size=batch_size, lr=lr,
+                 augment=augment, zoom=zoom, seed=seed)
+    before, after = report["before"], report["after"]
+    console.print(f"model written to {out / 'model'}; SAM from each val object's box, mean IoU: clean views "
+                  f"{before['clean']:.3f} -> {after['clean']:.3f}, corrupted {before['seen']:.3f} -> {after['seen']:.3f}")
 
 
 @app.command("video-eval")
