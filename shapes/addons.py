@@ -10,7 +10,10 @@
   presence        whether a phrase's object is in the image at all: answers may not open with the denial, and a
                   target whose object the presence head does not find becomes "There is no ..." (shapes/presence.py);
   region          a region question (a box or a click) is answered with what a region head reads of the cells
-                  under it, not the language model's description (shapes/region_head.py);
+                  under it, not the language model's description (shapes/region_head.py); "all ..." answers go on
+                  while the locator's next peak holds another such object (shapes/group_count.py); with ``verify``,
+                  a plain target ("the cyan square") the head does not read in its box is dropped
+                  (shapes/region_verify.py);
   question_language  a note on the Prediction when the question is mostly in words the model was not trained on,
                   as another language is; and the question's words in the case the vocabulary knows
                   (shapes/question_language.py).
