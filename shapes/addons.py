@@ -29,8 +29,8 @@ import torch
 from grounding.addons import AddOn, AnswerRows, DecoderPrompts, SegRead, register_addon
 from shapes.box_writer import BoxWriter
 from shapes.group_count import GroupCount
-from shapes.locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_centres, locator_loss, mask_cells,
-                            peak_cells, square_boxes, square_to_pixels)
+from shapes.locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_centres, distinct_cells, locator_loss,
+                            mask_cells, peak_cells, square_boxes, square_to_pixels)
 from shapes.locator_mirror import locate_both, mirror_ids, mirror_token_ids
 from shapes.presence import PresenceHead, presence_features
 from shapes.presence_review import NoDenialStart, drop_absent
@@ -76,6 +76,8 @@ class Locator(AddOn):
                                     # where the locator reads one)
         mirror: bool = False        # fusion: also read the mirrored image and phrase, and add both readings
         write_boxes: bool = True    # fusion, Qwen-VL box text: a generated <ref> phrase is followed by its box
+        distinct_boxes: bool = False   # fusion: a repeated phrase's k-th target is at the k-th best cell that boxes
+                                       # a new object (shapes/locator.py distinct_cells), not the k-th peak
         loss_weight: float = 1.0    # training: weight of the locator's loss
 
         def __post_init__(self):
@@ -200,7 +202,12 @@ class Locator(AddOn):
         pick = scores.detach()
         if targets is not None:
             pick = torch.where(targets.any(-1, keepdim=True) & ~targets, float("-inf"), pick)
-        cells = pick.argmax(-1) if ranks is None else peak_cells(pick, grid, ranks)
+        if ranks is None:
+            cells = pick.argmax(-1)
+        elif box_map is not None and self.settings.distinct_boxes:
+            cells = distinct_cells(pick, box_map.detach(), ranks)
+        else:
+            cells = peak_cells(pick, grid, ranks)
         clicks = cell_centres(cells, grid, size)[:, None]
         boxes = None if box_map is None else square_to_pixels(box_map.detach()[torch.arange(len(cells)), cells], size)
         return Located(scores, box_map, clicks, boxes)
@@ -302,7 +309,7 @@ class Region(AddOn):
         self.words = TokenWords.of(tokenizer)
 
     def logits_rule(self, rows: AnswerRows) -> GroupCount | None:
-        locator = rows.model.addons["locator"] if "locator" in rows.model.addons else None
+        locator = rows.addons.get("locator")
         if locator is None or not locator.fusion or rows.model.config.box_format != "qwen":
             return None
         locator.read_image(rows.model, rows.images)

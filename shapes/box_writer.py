@@ -65,7 +65,7 @@ class BoxWriter:
     @torch.no_grad()
     def box(self, row: int, phrase_ids: list[int], rank: int = 0) -> list[float]:
         """Pixel xyxy box of the phrase's object: the locator's box at its best cell (``rank`` k > 0: at its score
-        map's k-th peak, ``peak_cells``)."""
+        map's k-th peak, ``peak_cells``, or its k-th distinct box, ``distinct_cells``)."""
         m, image, locator = self.model, self.images[row], self.locator
         like = m.vlm.get_input_embeddings().weight
         phrases = locator.phrases(m, [torch.tensor(phrase_ids, device=like.device)], locator.settings.mirror)

@@ -1,13 +1,14 @@
-"""GroupCount: an "all ..." answer names as many objects as the image holds, read one peak at a time.
+"""GroupCount: an "all ..." answer names as many objects as the image holds, read one candidate at a time.
 
 The default model's language model writes "<ref>all blue shapes</ref>..[SEG]" about twice whatever the count
 (most training groups have two members; weights/shapes-tiny/MODEL_CARD.md, v11), and the locator's score map cannot
-count (its peaks merge). But the locator does say where the next candidate is (its k-th peak, as the k-th repeat's
-box and mask already use), and the region head says what is there. So after the k-th repeat of a group phrase
-("all ...", "every ...", "both ..."), where the model would end its answer, this rule reads the region head at the
-locator's box for peak k: when that region is a new object (its box overlaps none of the earlier ones by more than
-``overlap`` IoU, nor holds one's centre) that the head is sure (``confidence``) has every colour and kind the phrase
-names, the answer goes on with the phrase once more. It only adds objects the model left out; the model's own repeats stay.
+count (its peaks merge). But the locator does say where the next candidate is (its k-th peak, or with its
+``distinct_boxes`` its k-th cell boxing a new object, as the k-th repeat's box and mask already use), and the
+region head says what is there. So after the k-th repeat of a group phrase ("all ...", "every ...", "both ..."),
+where the model would end its answer, this rule reads the region head at the locator's box for candidate k: when
+that region is a new object (its box overlaps none of the earlier ones by more than ``overlap`` IoU, nor holds one's
+centre) that the head is sure (``confidence``) has every colour and kind the phrase names, the answer goes on with
+the phrase once more. It only adds objects the model left out; the model's own repeats stay.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class GroupCount:
         from shapes.box_writer import BoxWriter
 
         self.region, self.words, self.images, self.prefixes = region, words, images, prefixes
-        self.boxes = BoxWriter(locator, model, tokenizer, images, prefixes)   # its box at a peak rank
+        self.boxes = BoxWriter(locator, model, tokenizer, images, prefixes)   # its box at a candidate rank
         self.eos = tokenizer.eos_token_id
         self.space = [i for i in words.ids_of.get("", ()) if tokenizer.convert_ids_to_tokens(i) in ("Ġ", "▁")][:1]
         kinds = region.vocab.kinds
@@ -62,7 +63,7 @@ class GroupCount:
 
     @torch.no_grad()
     def another(self, row: int, phrase: list[int], k: int) -> bool:
-        """Whether the locator's peak ``k`` (0-based) for ``phrase`` is a new object the phrase names."""
+        """Whether the locator's candidate ``k`` (0-based) for ``phrase`` is a new object the phrase names."""
         text = [self.words.words[t] for t in phrase]
         wanted = {"colour": {w for w in text if w in self.region.vocab.colours},
                   "kind": {self.kind_of[w] for w in text if w in self.kind_of}}

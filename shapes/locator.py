@@ -213,6 +213,35 @@ def peak_cells(scores: torch.Tensor, grid: int, ranks: torch.Tensor) -> torch.Te
     return order.gather(1, rank[:, None])[:, 0]
 
 
+def distinct_cells(scores: torch.Tensor, box_map: torch.Tensor, ranks: torch.Tensor,
+                   overlap: float = 0.2) -> torch.Tensor:
+    """Row i's cell for its ``ranks[i]``-th object: the best cell, then repeatedly the best cell whose box
+    (``box_map [n, g*g, 4]``, xyxy in any one frame) is a new object -- overlapping no box taken before by more than
+    ``overlap`` IoU, holding none of their centres, and not centred inside one. Scores ``[n, g*g]``. Each cell of a
+    ``FusionLocator`` boxes the object it lies on, so the cells of one object give one box, while a second object
+    next to the first (not a local maximum of the score map) still gives its own. A row with fewer distinct boxes
+    than its rank takes the last one found."""
+    from torchvision.ops import box_iou
+
+    cells = scores.argmax(-1)
+    for i in (ranks > 0).nonzero().flatten().tolist():
+        taken = box_map.new_zeros((0, 4))
+        for cell in scores[i].argsort(descending=True).tolist():
+            box = box_map[i, cell]
+            if len(taken):
+                centres = (taken[:, :2] + taken[:, 2:]) / 2
+                centre = (box[:2] + box[2:]) / 2
+                if (((centres >= box[:2]) & (centres <= box[2:])).all(-1).any()
+                        or ((centre >= taken[:, :2]) & (centre <= taken[:, 2:])).all(-1).any()
+                        or box_iou(box[None], taken).max() > overlap):
+                    continue
+            taken = torch.cat([taken, box[None]])
+            cells[i] = cell
+            if len(taken) > int(ranks[i]):
+                break
+    return cells
+
+
 def square_boxes(masks: torch.Tensor) -> torch.Tensor:
     """Bool ``[n, H, W]`` -> each mask's box ``[n, 4]`` xyxy as fractions of the centred square the processor
     pads the image into (zeros for an empty mask): the ``FusionLocator``'s box targets."""

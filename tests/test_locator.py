@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from shapes.locator import (FusionLocator, Phrases, cell_centres, locator_loss, mask_cells, peak_cells,
-                                   square_boxes, square_to_pixels)
+from shapes.locator import (FusionLocator, Phrases, cell_centres, distinct_cells, locator_loss, mask_cells,
+                            peak_cells, square_boxes, square_to_pixels)
 
 
 def test_cells_and_centres_follow_the_processors_square_padding():
@@ -193,6 +193,22 @@ def test_repeated_phrases_click_on_successive_peaks():
     for i, w in enumerate([word, word[:1], word]):
         embeds[i, :len(w)], mask[i, :len(w)] = w, True
     assert Phrases(embeds, mask).repeats().tolist() == [0, 0, 1, 0, 0]   # empty phrases are never repeats
+
+
+def test_repeated_phrases_take_successive_distinct_boxes():
+    """Two objects side by side give one peak (the second object's cells are never a local maximum), but each cell
+    boxes the object it lies on: the k-th repeat takes the k-th best cell whose box is a new object, so the second
+    object is found; cells of an object already taken (its box again) are skipped."""
+    row, col = torch.arange(64) // 8, torch.arange(64) % 8
+    scores = (10.0 - (row - 2).abs() - (col - 2).abs()).float()      # one peak, at cell 18
+    left, right = torch.tensor([0.1, 0.1, 0.35, 0.35]), torch.tensor([0.4, 0.1, 0.6, 0.35])
+    box_map = torch.where((col <= 2)[:, None], left, right).expand(2, 64, 4)
+    scores = scores.expand(2, 64)
+    assert peak_cells(scores, 8, torch.tensor([1, 1])).tolist() == [18, 18]   # the only peak, again
+    cells = distinct_cells(scores, box_map, torch.tensor([0, 1]))
+    assert cells[0] == 18 and col[cells[1]] == 3 and torch.equal(box_map[1, cells[1]], right)
+    # past the last distinct box: the last one found
+    assert torch.equal(box_map[0, distinct_cells(scores[:1], box_map[:1], torch.tensor([4]))[0]], right)
 
 
 def test_a_deepened_locator_scores_as_before_and_its_new_layers_learn():

@@ -88,12 +88,14 @@ class SegRead:
 @dataclass
 class AnswerRows:
     """The rows of one generation batch, for ``logits_rule``: per row its image (a ``PreparedImage``), its
-    question text, and the ids of any answer prefix already in the prompt."""
+    question text, and the ids of any answer prefix already in the prompt; ``addons``: the add-ons active for this
+    batch by name (the model's, with a predictor's changes), for a rule that reads another add-on."""
     model: Any
     tokenizer: Any
     images: list[Any]
     questions: list[str]
     prefixes: list[list[int]]
+    addons: dict[str, Any] = field(default_factory=dict)
 
 
 class LogitsRule(Protocol):

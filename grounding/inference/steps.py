@@ -122,7 +122,7 @@ class AnswerSteps:
                      prefixes: list[list[int]]) -> list[LogitsRule]:
         """The add-ons' rules for one generation batch (row i: ``queries[i]`` about ``images[i]``)."""
         rows = AnswerRows(self.model, self.processor.tokenizer, list(images),
-                          [self.question_text(q) for q in queries], prefixes)
+                          [self.question_text(q) for q in queries], prefixes, {a.name: a for a in self.addons})
         with torch.no_grad():
             return [rule for a in self.addons if (rule := a.logits_rule(rows)) is not None]
 
