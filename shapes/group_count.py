@@ -16,6 +16,7 @@ import torch
 
 from grounding.text.boxes import box_iou
 from shapes.region_head import region_box
+from shapes.region_verify import sureness
 
 
 class GroupCount:
@@ -77,9 +78,5 @@ class GroupCount:
                 return False
         image = self.images[row]
         keys = image.extras["locator"].keys
-        p = self.region.probabilities(keys, region_box(image.size, box).to(keys.device, keys.dtype))
-        sure = 1.0
-        for name, values in wanted.items():
-            for value in values:
-                sure *= float(p[name][self.region.vocab.values(name).index(value)])
-        return sure >= self.confidence
+        square = region_box(image.size, box).to(keys.device, keys.dtype)
+        return sureness(self.region, keys, square, sorted(wanted["colour"]), sorted(wanted["kind"])) >= self.confidence

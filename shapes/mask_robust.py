@@ -38,15 +38,12 @@ class SceneViews:
     """Views of the scenes of one or more synthetic REFER folders (``split`` of each)."""
 
     def __init__(self, folders: list[Path], split: str, limit: int | None = None):
-        from grounding.data.refer import ReferDataset
+        from shapes.scenes.synthetic import split_scenes
 
         self.items: list[tuple[object, int, list[dict]]] = []
         for folder in folders:
-            ds = ReferDataset(folder, dataset="synth", split_by="unc")
-            wanted = {s.image_id for s in ds.sentences(split)}
-            for scene in json.loads((Path(folder) / "scenes.json").read_text())["images"]:
-                if scene["image_id"] in wanted and scene["objects"]:
-                    self.items.append((ds, scene["image_id"], scene["objects"]))
+            ds, scenes = split_scenes(folder, split)
+            self.items += [(ds, scene["image_id"], scene["objects"]) for scene in scenes if scene["objects"]]
         self.items = self.items[:limit] if limit else self.items
         if not self.items:
             raise ValueError(f"no {split} scenes with objects in {[str(f) for f in folders]}")

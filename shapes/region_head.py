@@ -134,14 +134,12 @@ def build_region_samples(model, processor, data_root: Path, split: str, vocab: V
                          progress: bool = True) -> RegionSamples:
     """Each mostly visible object of ``split`` (``scenes.json``), ``per_object`` times: its box with each side
     moved by -10% .. +25% of the box's side, or (one time in three) a click on a random pixel of its mask."""
-    from grounding.data.refer import ReferDataset
     from shapes.locator_train import locator_keys
     from shapes.presence import load_rows
+    from shapes.scenes.synthetic import split_scenes
 
     rng = np.random.default_rng(seed)
-    ds = ReferDataset(data_root, dataset="synth", split_by="unc")
-    wanted = {s.image_id for s in ds.sentences(split)}
-    scenes = [s for s in json.loads((Path(data_root) / "scenes.json").read_text())["images"] if s["image_id"] in wanted]
+    ds, scenes = split_scenes(data_root, split)
     scenes = scenes[:limit] if limit else scenes
     images, rows = load_rows(ds, [s["image_id"] for s in scenes], rng, augment, f"{split} regions", progress)
     states = locator_keys(model, processor, images)

@@ -24,17 +24,17 @@ KINDLESS = ("shape", "object")
 
 
 def plain_names(phrase: str, vocab) -> tuple[list[str], list[str]] | None:
-    """(colours, kinds) a plain phrase names ("the cyan square" -> (["cyan"], ["square"])); None for a phrase
-    with any other word or naming neither."""
+    """(colours, kinds) a plain phrase names ("the cyan square" -> (["cyan"], ["square"]), "the red shape" ->
+    (["red"], [])); None for a phrase with any other word, or naming neither."""
     words = re.findall(r"[a-z]+(?:-[a-z]+)*", phrase.lower())
     if words and words[0] in ARTICLES:
         words = words[1:]
     colours = [w for w in words if w in vocab.colours]
     kinds = [w for w in words if w in vocab.kinds]
     rest = [w for w in words if w not in vocab.colours and w not in vocab.kinds]
-    if len(colours) > 1 or len(kinds) > 1 or not (colours or kinds) or rest not in ([], *([k] for k in KINDLESS)):
-        return None
-    if rest and (kinds or not colours):        # "red shape" names a colour only; "square shape" is not plain
+    if colours and not kinds and len(rest) == 1 and rest[0] in KINDLESS:
+        rest = []
+    if rest or len(colours) > 1 or len(kinds) > 1 or not (colours or kinds):
         return None
     return colours, kinds
 
@@ -65,20 +65,15 @@ def calibrate_verify(grounder, data_root: str | Path, split: str = "val", share:
     """The ``verify`` value under which ``share`` of the sureness values of present objects' plain phrases fall,
     read at the boxes of the model's answers to "Please segment {phrase}." (answers without a target are
     skipped: the presence head denied them). Returns {"verify", "phrases", "quantiles"}."""
-    import json
-
-    from grounding.data.refer import ReferDataset
     from grounding.images import load_image
     from grounding.inference.prepared import Query
     from grounding.progress import progress_bar
     from shapes.augment import corrupt
     from shapes.region_head import region_box
+    from shapes.scenes.synthetic import split_scenes
 
     rng = np.random.default_rng(seed)
-    ds = ReferDataset(data_root, dataset="synth", split_by="unc")
-    wanted = {s.image_id for s in ds.sentences(split)}
-    scenes = [s for s in json.loads((Path(data_root) / "scenes.json").read_text())["images"]
-              if s["image_id"] in wanted]
+    ds, scenes = split_scenes(data_root, split)
     scenes = scenes[:limit] if limit else scenes
     model = grounder.model
     region, locator = model.addons["region"], model.addons["locator"]

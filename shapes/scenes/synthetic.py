@@ -301,3 +301,13 @@ from .synthetic_video import generate_video, generate_video_dataset  # noqa: E40
 
 __all__ = ["generate_dataset", "generate_video", "generate_video_dataset", "compose_scene",
            "assign_splits", "scene_info_from_json", "main"]
+
+
+def split_scenes(data_root: str | Path, split: str):
+    """A synthetic REFER folder's ``(ReferDataset, [scenes.json records of split's images])``, in file order."""
+    from grounding.data.refer import ReferDataset
+
+    ds = ReferDataset(data_root, dataset="synth", split_by="unc")
+    wanted = {s.image_id for s in ds.sentences(split)}
+    scenes = json.loads((Path(data_root) / "scenes.json").read_text())["images"]
+    return ds, [s for s in scenes if s["image_id"] in wanted]
