@@ -1,8 +1,9 @@
 """Mask post-processing: the default model's box-prompt masks decoded on the whole image, then zoomed
-(segdecoder/zoom.py), then refined with GrabCut on their outline (segdecoder/refine.py), on scenes of a seed no
-training run used. Prints the time per mask of the decode and of each step, the ratio of the refined way to the
-plain zoomed one, and the mean IoU each stage reaches against the scenes' true masks; with ``--figure``, a picture
-of the first objects' mask errors, decoded (top row) and refined (bottom row).
+(segdecoder/zoom.py), then refined with GrabCut as the model's ``mask_refine`` says (its outline; with ``interior``
+its inside too; segdecoder/refine.py), on scenes of a seed no training run used. Prints the time per mask of the
+decode and of each step, the ratio of the refined way to the plain zoomed one, and the mean IoU each stage reaches
+against the scenes' true masks; with ``--figure``, a picture of the first objects' mask errors, decoded (top row)
+and refined (bottom row).
 
     python benchmarks/mask_refine.py [--scenes 20] [--model weights/shapes-tiny] [--figure out/mask_refine.png]
     python benchmarks/mask_refine.py --megapixels 12 --scenes 6     # the same scenes scaled up to 12 MP
@@ -60,7 +61,8 @@ def main() -> None:
     model, _ = load_checkpoint(args.model)
     decoder = model.mask_decoder.eval()
     zoom = model.config.addons.get("mask_zoom", {}).get("context", 3.0)
-    zoom_step, refine_step = build_addons({"mask_zoom": {"context": zoom}, "mask_refine": {"method": "grabcut"}})
+    refine = model.config.addons.get("mask_refine") or {"method": "grabcut"}
+    zoom_step, refine_step = build_addons({"mask_zoom": {"context": zoom}, "mask_refine": refine})
 
     rng = np.random.default_rng(4242)
     seconds = {"decode": 0.0, "zoom": 0.0, "refine": 0.0}
@@ -97,8 +99,8 @@ def main() -> None:
             if args.figure and len(tiles) < 6:
                 tiles.append(_tile(pixels, box_xyxy, [masks["zoomed"], masks["refined"]], truth))
     size = f"{np.mean(sizes) / 1e6:.1f} MP" if args.megapixels else "240-480 x 320-640 px"
-    print(f"mask post-processing, {args.model} (SAM {decoder.preset}, zoom {zoom}), {n} box prompts on {args.scenes} "
-          f"unseen scenes ({size}), CPU threads {torch.get_num_threads()}")
+    print(f"mask post-processing, {args.model} (SAM {decoder.preset}, zoom {zoom}, refinement {refine}), "
+          f"{n} box prompts on {args.scenes} unseen scenes ({size}), CPU threads {torch.get_num_threads()}")
     print(f"  decode on the whole image   {seconds['decode'] / n * 1000:8.1f} ms/mask   mean IoU {np.mean(ious['decoded']):.3f}")
     print(f"  + zoom                      {seconds['zoom'] / n * 1000:8.1f} ms/mask   mean IoU {np.mean(ious['zoomed']):.3f}"
           f"   (slowest {worst['zoom'] * 1000:.0f} ms)")

@@ -170,7 +170,8 @@ def test_a_mask_that_occurs_again_with_the_same_band_is_refined_once(monkeypatch
     masks = np.stack([a, b, a, a, b, a])
     sides, grid = np.array([320.0, 320.0, 320.0, 320.0, 320.0, 160.0]), 40
     calls = []
-    monkeypatch.setattr(refine, "refine_mask", lambda p, m, band: calls.append(band) or refine_mask(p, m, band))
+    monkeypatch.setattr(refine, "refine_mask",
+                        lambda p, m, band, interior: calls.append(band) or refine_mask(p, m, band, interior))
     together = refine.refine_masks(pixels, masks, sides, grid)
     assert len(calls) == 3 and sorted(calls) == sorted([band_pixels(320, grid)] * 2 + [band_pixels(160, grid)])
     for mask, side, out in zip(masks, sides, together):
@@ -178,3 +179,55 @@ def test_a_mask_that_occurs_again_with_the_same_band_is_refined_once(monkeypatch
     assert not np.array_equal(together[0], together[5])   # the narrower band moved the outline less
     together[0][:] = False
     assert together[2].any()                              # copies, not views of one another
+
+
+def _covered_scene(h=240, w=320):
+    """A red square on a noisy two-tone ground, partly under a disc of the ground's right-hand colour that lies on
+    it and reaches past it, and holding a hole that shows the left-hand ground. Returns (pixels, what shows of the
+    square, the whole square: what a decoder that completes the shape gives)."""
+    pixels = np.zeros((h, w, 3), np.uint8)
+    pixels[:, : w // 2], pixels[:, w // 2:] = (70, 110, 60), (150, 140, 120)
+    square = np.zeros((h, w), bool)
+    square[h // 4: 3 * h // 4, w // 4: w // 4 + h // 2] = True
+    disc = np.zeros((h, w), np.uint8)
+    cv2.circle(disc, (w // 4 + h // 2, h // 2), h // 6, 1, -1)
+    hole = np.zeros((h, w), np.uint8)
+    cv2.circle(hole, (w // 4 + h // 8, h // 2), h // 12, 1, -1)
+    shows = square & ~disc.astype(bool) & ~hole.astype(bool)
+    pixels[shows] = (200, 40, 40)
+    pixels[disc.astype(bool)] = (150, 140, 120)
+    noise = np.random.default_rng(0).integers(-12, 13, pixels.shape)
+    return np.clip(pixels.astype(np.int16) + noise, 0, 255).astype(np.uint8), shows, square
+
+
+@pytest.mark.parametrize("h, w", [(240, 320), (1800, 2400)])
+def test_the_inside_pass_takes_off_what_lies_on_the_object(h, w):
+    """The band pass cannot touch a mask's core, so a mask that covers an occluder or a hole keeps them; the inside
+    pass gives them to the background (also on a large image, read on a shrunk window) and moves the outline by
+    about a working pixel at most."""
+    pixels, shows, square = _covered_scene(h, w)
+    band = band_pixels(w, 64)
+    edges_only = refine_mask(pixels, square, band)
+    inside = refine_mask(pixels, square, band, interior=True)
+    assert _iou(edges_only, shows) < 0.85
+    assert _iou(inside, shows) > 0.97
+    grown = cv2.dilate(square.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    assert not inside[~grown].any()
+
+
+def test_the_inside_pass_keeps_an_object_the_colour_of_its_surroundings():
+    pixels, truth = _scene(grey=True, colour=(200, 40, 40))
+    coarse = _coarse(truth)
+    assert np.array_equal(refine_mask(pixels, coarse, band_pixels(320, 40), interior=True), coarse)
+
+
+def test_the_refine_add_on_reads_the_inside_where_its_setting_says():
+    from grounding.addons import MaskContext, build_addons
+
+    pixels, shows, square = _covered_scene()
+    box = torch.tensor([[0.0, 0.0, 320.0, 240.0]])
+    decoded = MaskPrediction(square[None].copy(), np.ones(1, np.float32), torch.zeros(1, 64, 64))
+    ctx = MaskContext(None, None, pixels, {"boxes": box}, "answer", {})
+    for interior, low, high in ((False, 0.0, 0.85), (True, 0.97, 1.0)):
+        step, = build_addons({"mask_refine": {"method": "grabcut", "interior": interior}})
+        assert low < _iou(step.refine(decoded, ctx).masks[0], shows) <= high

@@ -49,6 +49,7 @@ class MaskRefine(AddOn):
     @dataclass
     class Settings:
         method: str = "grabcut"
+        interior: bool = False   # after the outline, re-decide the mask's inside (segdecoder/refine.py)
 
         def __post_init__(self):
             if self.method not in MASK_REFINERS:
@@ -59,7 +60,8 @@ class MaskRefine(AddOn):
     def refine(self, pred: MaskPrediction, ctx: MaskContext) -> MaskPrediction:
         pixels = ctx.pixels
         sides = pred.region_sides if pred.region_sides is not None else np.full(len(pred.masks), max(pixels.shape[:2]))
-        return dataclasses.replace(pred, masks=refine_masks(pixels, pred.masks, sides, pred.low_res_logits.shape[-1]))
+        return dataclasses.replace(pred, masks=refine_masks(pixels, pred.masks, sides, pred.low_res_logits.shape[-1],
+                                                            self.settings.interior))
 
 
 @register_addon
