@@ -82,9 +82,9 @@ default-model: $(VENV)/.installed
 	rm -rf $(DEFAULT_MODEL)/model.safetensors $(DEFAULT_MODEL)/groundseg.json $(DEFAULT_MODEL)/tokenizer
 	mkdir -p $(DEFAULT_MODEL) && cp -r runs/shapes-tiny-v9/stage2/model/. $(DEFAULT_MODEL)/
 	# its add-ons: SAM decodes each mask again on a crop of 3 times the object's box side (mask_zoom), GrabCut
-	# re-decides the outline's pixels (mask_refine); the decoder gets the locator's box without its click, and
-	# masks are cut to that box grown by 5% (box_clip); the locator also reads the mirrored image, and a phrase's
-	# k-th repeat takes its k-th distinct box (distinct_boxes); <ref> phrases
+	# re-decides the outline's pixels, then what lies inside it (mask_refine); the decoder gets the locator's box
+	# without its click, and masks are cut to that box grown by 5% (box_clip); the locator also reads the mirrored
+	# image, and a phrase's k-th repeat takes its k-th distinct box (distinct_boxes); <ref> phrases
 	# keep to the question's words (ref_copy, strict); a mask from clicks keeps the parts under them (clicked_parts); a
 	# question mostly in words the model was never trained on (another language) gets a note, and its words are read
 	# in the case the vocabulary knows (question_language)
@@ -92,7 +92,7 @@ default-model: $(VENV)/.installed
 		from shapes.question_language import training_words; \
 		c.addons['locator'].update(click=False, mirror=True, distinct_boxes=True); \
 		c.addons.update(ref_copy={'bias': 3.0, 'strict': True}, \
-		mask_zoom={'context': 3.0}, mask_refine={'method': 'grabcut'}, box_clip={'margin': 0.05}, clicked_parts={}, \
+		mask_zoom={'context': 3.0}, mask_refine={'method': 'grabcut', 'interior': True}, box_clip={'margin': 0.05}, clicked_parts={}, \
 		question_language={'language': 'English', 'fold_case': True, 'words': training_words('data/synth', \
 		('seg', 'rec', 'no_target', 'multi', 'region', 'category'))}); \
 		c.save('$(DEFAULT_MODEL)')"
