@@ -37,7 +37,7 @@ def test_a_predictor_changes_the_addons_of_its_checkpoint(tiny):
 
     model, tok = tiny
     g = Grounder(model, tok, addons={"mask_zoom": {"context": 2.0}, "mask_refine": True})
-    assert g.addon_settings == {"mask_zoom": {"context": 2.0}, "mask_refine": {"method": "grabcut"}}
+    assert g.addon_settings == {"mask_zoom": {"context": 2.0}, "mask_refine": {"method": "grabcut", "interior": False}}
     assert [s.name for s in g.steps.mask_steps] == ["mask_zoom", "mask_refine"]   # in their mask order
     assert Grounder(model, tok, addons={"mask_zoom": None}).addon_settings == {}
     assert dict(model.addons) == {}   # the model itself is untouched
