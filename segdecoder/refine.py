@@ -55,6 +55,10 @@ _SEPARATION_SAMPLES = 1024
 # with ``interior``, the part of the mask the cut keeps and the far surroundings, judged after the cut (the default
 # model's val masks re-refined: cIoU 74.9 -> 76.6 at this level as without the judgement, 76.3 at 0.9)
 _MIN_KEPT_SEPARATION = 0.8
+# the graph cut runs on the box of the pixels it decides grown by this many working pixels (on the default model's
+# val split, teacher-forced cIoU / gIoU 76.32 / 82.52 on the whole window; 76.22 / 82.19 with 1 pixel, 76.45 /
+# 82.33 with 4, 76.47 / 82.43 with 8, 76.50 / 82.55 with 16), at about half the cut's cost
+_CUT_MARGIN = 16
 # more colours than this to test are looked up in a table (_foreground_wins)
 _LOOKUP_FROM = 16384
 # GrabCut's k-means start draws from OpenCV's per-thread random generator: seeded before each cut, a mask's
@@ -153,9 +157,10 @@ def _refine_pass(image: np.ndarray, window: np.ndarray, view: np.ndarray, scale:
     # (the inside of a mask holds what lies on the object too: there the part the cut keeps is judged instead)
     if not inside and not _colours_separate(small_image, core, far, foreground, background):
         return
-    # 2. the cut, with the models as fitted: one graph cut at the working size
+    # 2. the cut, with the models as fitted: one graph cut at the working size, on the part of the window around
+    #    the pixels it decides
     surroundings = trimap == cv2.GC_BGD
-    cv2.grabCut(image, trimap, None, background, foreground, 1, cv2.GC_EVAL_FREEZE_MODEL)
+    _cut(image, trimap, outer, foreground, background)
     cut = (trimap == cv2.GC_FGD) | (trimap == cv2.GC_PR_FGD)
     if inside:
         kept = cut & work.astype(bool)
@@ -174,35 +179,66 @@ def _refine_pass(image: np.ndarray, window: np.ndarray, view: np.ndarray, scale:
         _upsample_cut(cut, strip, window, foreground, background, view)
 
 
+def _cut(image: np.ndarray, trimap: np.ndarray, decided: np.ndarray, foreground: np.ndarray,
+         background: np.ndarray) -> None:
+    """GrabCut's graph cut with its colour models kept, written into ``trimap`` (uint8 ``h x w``, GrabCut's labels),
+    on ``image`` (BGR ``h x w x 3``) cut to the box of ``decided`` (bool ``h x w``: where the trimap is not sure)
+    grown by ``_CUT_MARGIN``. The pixels beyond are sure background or object either way (GrabCut ties a sure
+    pixel to its side more strongly than its neighbours can pull it), so the cut decides the same pixels for a
+    fraction of the graph; only its contrast scale (the mean colour step between neighbours) is measured on the
+    smaller part."""
+    x, y, w, h = cv2.boundingRect(decided.view(np.uint8))
+    top, left = max(0, y - _CUT_MARGIN), max(0, x - _CUT_MARGIN)
+    bottom, right = min(trimap.shape[0], y + h + _CUT_MARGIN), min(trimap.shape[1], x + w + _CUT_MARGIN)
+    part = np.ascontiguousarray(trimap[top:bottom, left:right])
+    cv2.grabCut(np.ascontiguousarray(image[top:bottom, left:right]), part, None, background, foreground, 1,
+                cv2.GC_EVAL_FREEZE_MODEL)
+    trimap[top:bottom, left:right] = part
+
+
 def _upsample_cut(cut: np.ndarray, strip: np.ndarray, window: np.ndarray, foreground: np.ndarray,
                   background: np.ndarray, out: np.ndarray) -> None:
     """Write GrabCut's answer on a shrunk window (bool ``cut``, in the ``strip``; ``h x w``) into ``out``, the mask
     at the size of ``window`` (uint8 ``H x W x 3`` RGB). Pixels more than a working pixel from the cut's outline
     take its side; those closer, where the shrunk cut cannot say, take the side whose colour model (GrabCut's
-    fitted ``foreground`` / ``background``) explains their full-size colour better. Only those pixels are tested,
-    so that cost grows with the outline's length, not the window's area."""
+    fitted ``foreground`` / ``background``) explains their full-size colour better. Only the strip's box is
+    brought to full size and only those pixels are tested, so that cost grows with the strip, not the window."""
     H, W = window.shape[:2]
-    soft = cv2.resize(cut.view(np.uint8) * np.uint8(255), (W, H), interpolation=cv2.INTER_LINEAR)
-    big_strip = cv2.resize(strip.view(np.uint8), (W, H), interpolation=cv2.INTER_NEAREST).view(bool)
-    np.copyto(out, soft >= 128, where=big_strip)
+    h, w = cut.shape
+    x, y, bw, bh = cv2.boundingRect(strip.view(np.uint8))
+    if not bw:
+        return
+    # the full-size pixels of the strip's box: working pixel j covers full-size pixels j * W / w .. (j + 1) * W / w
+    left, right = x * W // w, min(W, -(-(x + bw) * W // w))
+    top, bottom = y * H // h, min(H, -(-(y + bh) * H // h))
+    # as cv2.resize would scale the whole window: bilinear reads working coordinate (X + 0.5) * w / W - 0.5 for
+    # full-size column X, nearest reads working column floor(X * w / W)
+    to_working = np.float64([[w / W, 0, (left + 0.5) * w / W - 0.5], [0, h / H, (top + 0.5) * h / H - 0.5]])
+    soft = cv2.warpAffine(cut.view(np.uint8) * np.uint8(255), to_working, (right - left, bottom - top),
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+    big_strip = strip[np.arange(top, bottom) * h // H][:, np.arange(left, right) * w // W]
+    region = out[top:bottom, left:right]
+    np.copyto(region, soft >= 128, where=big_strip)
     unsure = cv2.findNonZero(cv2.inRange(soft, 1, 254) & big_strip.view(np.uint8))   # xy per pixel, or None
     if unsure is not None:
         xs, ys = unsure.reshape(-1, 2).T
-        out[ys, xs] = _foreground_wins(foreground, background, window[ys, xs][:, ::-1])
+        region[ys, xs] = _foreground_wins(foreground, background, window[top + ys, left + xs][:, ::-1])
 
 
 def _foreground_wins(foreground: np.ndarray, background: np.ndarray, colours: np.ndarray) -> np.ndarray:
     """Bool ``[P]``: whether GrabCut's ``foreground`` colour model explains each of ``colours`` (uint8 ``[P, 3]``
-    BGR) better than its ``background`` one. Many colours are looked up in a table of the two models on a
-    32 x 32 x 32 grid of colours (8 levels a cell) rather than computed one by one."""
+    BGR) better than its ``background`` one. Many colours are binned on a 32 x 32 x 32 grid of colours (8 levels a
+    cell) and the models compared once per occupied cell, at its centre."""
     if len(colours) < _LOOKUP_FROM:
         c = colours.astype(np.float64)
         return _gmm_log_likelihood(foreground, c) > _gmm_log_likelihood(background, c)
-    levels = np.arange(4, 256, 8, dtype=np.float64)
-    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
-    table = _gmm_log_likelihood(foreground, grid) > _gmm_log_likelihood(background, grid)
     cells = colours >> 3
-    return table[(cells[:, 0].astype(np.int32) << 10) | (cells[:, 1].astype(np.int32) << 5) | cells[:, 2]]
+    codes = (cells[:, 0].astype(np.int32) << 10) | (cells[:, 1].astype(np.int32) << 5) | cells[:, 2]
+    occupied = np.flatnonzero(np.bincount(codes, minlength=1 << 15))
+    centres = np.stack([occupied >> 10, (occupied >> 5) & 31, occupied & 31], 1) * 8.0 + 4.0
+    table = np.zeros(1 << 15, bool)
+    table[occupied] = _gmm_log_likelihood(foreground, centres) > _gmm_log_likelihood(background, centres)
+    return table[codes]
 
 
 def _gmm_log_likelihood(model: np.ndarray, colours: np.ndarray) -> np.ndarray:
