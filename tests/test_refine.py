@@ -231,3 +231,81 @@ def test_the_refine_add_on_reads_the_inside_where_its_setting_says():
     for interior, low, high in ((False, 0.0, 0.85), (True, 0.97, 1.0)):
         step, = build_addons({"mask_refine": {"method": "grabcut", "interior": interior}})
         assert low < _iou(step.refine(decoded, ctx).masks[0], shows) <= high
+
+
+def _fitted_trimap(pixels, mask, radius=6):
+    """GrabCut's trimap for ``mask`` (sure core, a ``radius``-px strip to decide, sure surroundings) on ``pixels``
+    (as GrabCut reads them: BGR) and colour models fitted on it."""
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    outer = cv2.dilate(mask.view(np.uint8), k).astype(bool)
+    trimap = np.full(mask.shape, cv2.GC_BGD, np.uint8)
+    trimap[outer] = cv2.GC_PR_BGD
+    trimap[mask] = cv2.GC_PR_FGD
+    trimap[cv2.erode(mask.view(np.uint8), k).astype(bool)] = cv2.GC_FGD
+    background, foreground = np.zeros((1, 65)), np.zeros((1, 65))
+    cv2.setRNGSeed(0)
+    cv2.grabCut(pixels, trimap.copy(), None, background, foreground, 2, cv2.GC_INIT_WITH_MASK)
+    return trimap, outer, foreground, background
+
+
+def test_the_cut_on_the_box_of_the_undecided_pixels_decides_them_as_on_the_whole_window(monkeypatch):
+    """The graph cut reads only the box around the strip it decides (grown by _CUT_MARGIN) and decides that strip
+    as a cut over the whole window does (only the contrast scale, measured on fewer pixels, differs)."""
+    import segdecoder.refine as refine
+
+    pixels, truth = _scene(h=400, w=560)
+    pixels = np.ascontiguousarray(pixels[..., ::-1])
+    coarse = _coarse(truth, cell=12)
+    trimap, outer, foreground, background = _fitted_trimap(pixels, coarse)
+    whole = trimap.copy()
+    cv2.grabCut(pixels, whole, None, background.copy(), foreground.copy(), 1, cv2.GC_EVAL_FREEZE_MODEL)
+    read = []
+    grabcut = cv2.grabCut
+    monkeypatch.setattr(refine.cv2, "grabCut", lambda image, *a: read.append(image.shape[:2]) or grabcut(image, *a))
+    part = trimap.copy()
+    refine._cut(pixels, part, outer, foreground, background)
+    x, y, w, h = cv2.boundingRect(outer.view(np.uint8))
+    assert read == [(h + 2 * refine._CUT_MARGIN, w + 2 * refine._CUT_MARGIN)]
+    assert read[0][0] * read[0][1] < 0.5 * pixels.shape[0] * pixels.shape[1]
+    side = lambda t: (t == cv2.GC_FGD) | (t == cv2.GC_PR_FGD)
+    assert (side(part) != side(whole))[outer].mean() < 0.01
+    assert _iou(side(part), truth) > 0.95
+    assert np.array_equal(part[~outer], trimap[~outer])    # sure pixels keep their labels
+
+
+def test_the_cut_is_brought_to_full_size_as_a_whole_window_resize_would():
+    """Only the strip's box is scaled up, with the coordinates a resize of the whole window uses: the pixels it
+    writes are those a whole-window resize writes (up to interpolation rounding), and nothing outside the strip."""
+    from segdecoder.refine import _upsample_cut
+
+    pixels, truth = _scene(h=1500, w=2000)
+    work_size = (384, 288)
+    small = np.ascontiguousarray(cv2.resize(pixels, work_size, interpolation=cv2.INTER_AREA)[..., ::-1])
+    small_truth = cv2.resize(truth.view(np.uint8), work_size, interpolation=cv2.INTER_NEAREST).astype(bool)
+    trimap, outer, foreground, background = _fitted_trimap(small, _coarse(small_truth, cell=6), radius=4)
+    cut = cv2.dilate(small_truth.view(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)   # a cut to scale up
+    strip = outer & ~cv2.erode(outer.view(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    out = np.zeros(truth.shape, bool)
+    _upsample_cut(cut, strip, pixels, foreground, background, out)
+    # the whole-window way
+    soft = cv2.resize(cut.view(np.uint8) * np.uint8(255), (2000, 1500), interpolation=cv2.INTER_LINEAR)
+    big_strip = cv2.resize(strip.view(np.uint8), (2000, 1500), interpolation=cv2.INTER_NEAREST).astype(bool)
+    expected = np.zeros(truth.shape, bool)
+    np.copyto(expected, soft >= 128, where=big_strip)
+    sure = big_strip & ((soft == 0) | (soft == 255))
+    assert (out != expected)[sure].mean() < 1e-3
+    assert not out[~big_strip].any()
+
+
+def test_many_colours_are_judged_by_their_cell_of_the_colour_grid():
+    """Past _LOOKUP_FROM colours, each is judged at the centre of its 8-level cell: the same answer as judging the
+    centres one by one."""
+    import segdecoder.refine as refine
+
+    pixels, truth = _scene()
+    trimap, outer, foreground, background = _fitted_trimap(np.ascontiguousarray(pixels[..., ::-1]), _coarse(truth))
+    colours = np.random.default_rng(1).integers(0, 256, (refine._LOOKUP_FROM + 5000, 3)).astype(np.uint8)
+    centres = (colours >> 3).astype(np.float64) * 8 + 4
+    expected = (refine._gmm_log_likelihood(foreground, centres) > refine._gmm_log_likelihood(background, centres))
+    assert np.array_equal(refine._foreground_wins(foreground, background, colours), expected)
+    assert 0.05 < expected.mean() < 0.95
