@@ -20,9 +20,10 @@ graph over every pixel, each pass), so it works in two steps: the colour models 
 and 2 rounds of cut and refit) on the window around the mask sampled down to at most 128 pixels a side, then one
 graph cut with those models kept runs on the window at most 384 pixels a side, cut to the box of the pixels it
 decides. Where the window was shrunk, the cut is brought back to full size inside the band only, the pixels
-within a working pixel of its outline taking the side whose colour model fits them. On the default model's val split this gives the cIoU / gIoU of the former
-single GrabCut of 3 rounds on the 384-px window (within 0.1 point) at under half its time, and on a 12-megapixel
-image about 0.15 s instead of 3-15 s (benchmarks/mask_refine.py, benchmarks/RESULTS.md).
+within a working pixel of its outline taking the side whose colour model fits them. On the default model's val
+split this gives the cIoU / gIoU of the former single GrabCut of 3 rounds on the 384-px window (within 0.1 point)
+at under half its time, and on a 12-megapixel image about 0.1 s instead of 3-15 s (benchmarks/mask_refine.py,
+benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
