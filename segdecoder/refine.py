@@ -133,9 +133,10 @@ def _refine_pass(image: np.ndarray, window: np.ndarray, view: np.ndarray, scale:
     outer = cv2.dilate(work, kernel).astype(bool)
     if inner.sum() / scale ** 2 < _MIN_CORE_PIXELS or outer.all():
         return
+    decoded = work.astype(bool)
     trimap = np.full(work.shape, cv2.GC_BGD, np.uint8)
     trimap[outer] = cv2.GC_PR_BGD
-    trimap[work.astype(bool)] = cv2.GC_PR_FGD
+    trimap[decoded] = cv2.GC_PR_FGD
     if not inside:
         trimap[inner] = cv2.GC_FGD
     # 1. the colour models: GrabCut's own fitting (a k-means start, then cuts and refits) on the window shrunk
@@ -164,8 +165,7 @@ def _refine_pass(image: np.ndarray, window: np.ndarray, view: np.ndarray, scale:
     _cut(image, trimap, outer, foreground, background)
     cut = (trimap == cv2.GC_FGD) | (trimap == cv2.GC_PR_FGD)
     if inside:
-        kept = cut & work.astype(bool)
-        changed = cut != work.astype(bool)
+        kept, changed = cut & decoded, cut != decoded
         if not (changed.any() and kept.any() and
                 _colours_separate(image, kept, surroundings, foreground, background, _MIN_KEPT_SEPARATION)):
             return
@@ -217,7 +217,7 @@ def _upsample_cut(cut: np.ndarray, strip: np.ndarray, window: np.ndarray, foregr
     to_working = np.float64([[w / W, 0, (left + 0.5) * w / W - 0.5], [0, h / H, (top + 0.5) * h / H - 0.5]])
     soft = cv2.warpAffine(cut.view(np.uint8) * np.uint8(255), to_working, (right - left, bottom - top),
                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
-    big_strip = strip[np.arange(top, bottom) * h // H][:, np.arange(left, right) * w // W]
+    big_strip = strip[np.ix_(np.arange(top, bottom) * h // H, np.arange(left, right) * w // W)]
     region = out[top:bottom, left:right]
     np.copyto(region, soft >= 128, where=big_strip)
     unsure = cv2.findNonZero(cv2.inRange(soft, 1, 254) & big_strip.view(np.uint8))   # xy per pixel, or None
