@@ -101,12 +101,13 @@ default-model: $(VENV)/.installed
 	$(VENV)/bin/groundseg train-presence --model $(DEFAULT_MODEL) --data data/synth --extra-data data/synth-s1 \
 		--out runs/shapes-tiny-v11/presence
 	# v12: the region head also checks plain targets ("the cyan square") in their box, at the level that drops 1% of
-	# val's present objects; SAM's image encoder learns corrupted and zoomed views (every other weight kept)
+	# val's present objects; SAM's image encoder learns corrupted and zoomed views (every other weight kept);
+	# v13: a fifth of those views grayscale
 	$(VENV)/bin/groundseg train-region --model runs/shapes-tiny-v11/presence/model --data data/synth \
 		--extra-data data/synth-s1 --out runs/shapes-tiny-v11/region --verify-share 0.01
 	$(VENV)/bin/groundseg train-mask-encoder --model runs/shapes-tiny-v11/region/model --data data/synth \
-		--extra-data data/synth-s1 --out runs/shapes-tiny-v12/mask-robust
-	cp runs/shapes-tiny-v12/mask-robust/model/model.safetensors runs/shapes-tiny-v12/mask-robust/model/groundseg.json \
+		--extra-data data/synth-s1 --grey 0.2 --out runs/shapes-tiny-v13/mask-robust
+	cp runs/shapes-tiny-v13/mask-robust/model/model.safetensors runs/shapes-tiny-v13/mask-robust/model/groundseg.json \
 		$(DEFAULT_MODEL)/
 
 clean:

@@ -263,6 +263,8 @@ def train_mask_encoder(
                                                               "then the whole image)."),
     zoom: float = typer.Option(0.5, min=0.0, max=1.0, help="Share of the views that are a crop around one object, "
                                                            "as mask_zoom decodes."),
+    grey: float = typer.Option(0.2, min=0.0, max=1.0, help="Share of the views made grayscale (after any "
+                                                            "corruption); 0 is v12's recipe."),
     seed: int = typer.Option(0, help="Seed of the views and the batch order."),
     extra_data: list[Path] = typer.Option([], help="More synthetic folders whose train split is learnt too (repeat "
                                                    "the option)."),
@@ -272,10 +274,11 @@ def train_mask_encoder(
     from shapes.mask_robust import train_mask_encoder as run
 
     report = run(_model_dir(model), data, out, extra_data=extra_data, steps=steps, batch_size=batch_size, lr=lr,
-                 augment=augment, zoom=zoom, seed=seed)
+                 augment=augment, grey=grey, zoom=zoom, seed=seed)
     before, after = report["before"], report["after"]
     console.print(f"model written to {out / 'model'}; SAM from each val object's box, mean IoU: clean views "
-                  f"{before['clean']:.3f} -> {after['clean']:.3f}, corrupted {before['seen']:.3f} -> {after['seen']:.3f}")
+                  f"{before['clean']:.3f} -> {after['clean']:.3f}, corrupted {before['seen']:.3f} -> {after['seen']:.3f}"
+                  f", grey {before['grey']:.3f} -> {after['grey']:.3f}")
 
 
 @app.command("video-eval")

@@ -7,16 +7,22 @@ and image sizes no training run used, and rendering styles the generator lacks:
   noisy      Gaussian-noise background, the whole image JPEG-compressed at quality 20-35
   gradient   two-colour gradient background under a blurred-noise "photographic" texture; anti-aliased edges
   outlined   paper-grey background, fills ringed by a dark outline 4-8 px wide (the object's mask includes it)
+  grey       a scene of one of the four styles above (in turn), its colour dropped: written as a 16-bit grayscale
+             PNG and read back by groundseg's loader, as a grey scan or photograph comes in. Drawn after the
+             others from a stream of their own, so that the four styles' scenes stay those of earlier runs. Its
+             questions name kinds only ("the star", "all the squares"): colours are not there to be named
 
 Questions (``FORMS``; ``*`` marks a form that is also a training template, the rest were never used in training;
 grounding/data/tasks.py lists the training forms), each phrase in varied case and punctuation:
 
   present    "Please segment the X."*, "Where is the X?", "Can you find the X in this picture?", "Show me the X."*,
-             "the X", "X" -- X names one object ("yellow circle", or "circle" when the kind is alone)
-  absent     the same forms about a colour + kind the scene lacks (a near miss: its colour or kind is there)
+             "the X", "X" -- X names one object ("yellow circle", or "circle" when the kind is alone; grey: a
+             kind the scene holds once)
+  absent     the same forms about a colour + kind the scene lacks (a near miss: its colour or kind is there;
+             grey: a kind the scene lacks)
   multi      "Please segment all C shapes.", "Segment all the Ks.", "Please segment the X and the Y."
   region     "What is in this region?" (the web app's) / "What is this?" with a box on one object
-  foreign    a Chinese, Spanish or German question about one object
+  foreign    a Chinese, Spanish or German question about one object (not asked of grey scenes)
 
 Measures (``TARGETS`` gives the bar beside each):
 
@@ -28,7 +34,7 @@ Measures (``TARGETS`` gives the bar beside each):
                       or a missing mask counts 0)
   multi exact         multi questions answered with one target per object, each target's box (IoU >= 0.5) and
                       mask (IoU >= 0.5) on the same object, no object twice
-  region named        region answers that hold the object's colour and kind words
+  region named        region answers that hold the object's colour and kind words (grey: its kind word)
   foreign handled     non-English questions whose first mask is right (IoU >= 0.5) or whose Prediction has a
                       note saying the model reads English only
 
@@ -50,6 +56,7 @@ import numpy as np
 from PIL import Image
 
 STYLES = ("plain", "noisy", "gradient", "outlined")
+GREY = "grey"
 
 # name -> RGB: near the training palette's hues (the model knows only those words) but not its exact values
 COLOURS = {"red": (205, 40, 50), "green": (50, 150, 70), "blue": (45, 90, 210), "yellow": (235, 215, 45),
@@ -210,6 +217,22 @@ def make_scene(rng: np.random.Generator, style: str) -> Scene:
     return Scene(style, out, objects)
 
 
+def grey_png(image: np.ndarray) -> bytes:
+    """The uint8 RGB ``image`` as a 16-bit grayscale PNG (luma 0.299, 0.587, 0.114, scaled to 0..65535)."""
+    luma = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    buf = io.BytesIO()
+    Image.fromarray(np.round(luma * 257).astype(np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_grey_scene(rng: np.random.Generator, style: str) -> Scene:
+    """A ``style`` scene, its colour dropped: what groundseg's loader reads from its 16-bit grayscale PNG."""
+    from grounding.images import load_image
+
+    scene = make_scene(rng, style)
+    return Scene(GREY, load_image(grey_png(scene.image)), scene.objects)
+
+
 # ------------------------------------------------------------------------------------------------ questions
 @dataclass
 class Item:
@@ -288,6 +311,41 @@ def make_items(scenes: list[Scene], rng: np.random.Generator, per_scene: int = 3
     return items
 
 
+def make_grey_items(scenes: list[Scene], rng: np.random.Generator, per_scene: int = 3) -> list[Item]:
+    """The items of grey scenes (``Item.scene`` indexes ``scenes``): present, absent, multi and region questions
+    that name kinds only."""
+    items: list[Item] = []
+    form_at = 0
+    for s, scene in enumerate(scenes):
+        objs = scene.objects
+        count = {k: sum(o.kind == k for o in objs) for k in KINDS}
+        alone = [i for i, o in enumerate(objs) if count[o.kind] == 1]
+        for i in rng.permutation(alone)[:per_scene]:
+            name, template, _ = FORMS[form_at % len(FORMS)]
+            form_at += 1
+            phrase = objs[int(i)].kind if name == "bare" else "the " + objs[int(i)].kind
+            items.append(Item(s, "present", _vary(template.format(x=phrase), rng), name, phrase, [int(i)]))
+        lacking = [k for k in KINDS if not count[k]]
+        for j in rng.permutation(len(lacking))[:max(1, per_scene - 1)]:
+            name, template, _ = FORMS[form_at % len(FORMS)]
+            form_at += 1
+            phrase = lacking[int(j)] if name == "bare" else "the " + lacking[int(j)]
+            items.append(Item(s, "absent", _vary(template.format(x=phrase), rng), name, phrase))
+        groups = [("all-kind", MULTI_FORMS[1].format(ks=PLURAL[k]), [i for i, o in enumerate(objs) if o.kind == k])
+                  for k in KINDS if count[k] >= 2]
+        if len(alone) >= 2:
+            a, b = (int(v) for v in rng.permutation(alone)[:2])
+            groups.append(("x-and-y", MULTI_FORMS[2].format(x="the " + objs[a].kind, y="the " + objs[b].kind),
+                           [a, b]))
+        for name, q, ids in groups[:2]:
+            items.append(Item(s, "multi", _vary(q, rng), name, objects=list(ids)))
+        i = int(rng.integers(len(objs)))
+        x1, y1, x2, y2 = objs[i].box
+        items.append(Item(s, "region", REGION_QUESTIONS[s % 2], "app-region" if s % 2 == 0 else "what-is-this",
+                          objects=[i], box=(x1 - 2, y1 - 2, x2 + 2, y2 + 2)))
+    return items
+
+
 # ------------------------------------------------------------------------------------------------ scoring
 def _iou(a: np.ndarray | None, b: np.ndarray) -> float:
     if a is None:
@@ -344,7 +402,7 @@ def score(item: Item, scene: Scene, pred) -> dict:
     elif item.kind == "region":
         o = objs[item.objects[0]]
         words = set(re.findall(r"[a-z]+", pred.answer.lower()))
-        row["named"] = o.colour in words and o.kind in words
+        row["named"] = (scene.style == GREY or o.colour in words) and o.kind in words
     elif item.kind == "foreign":
         right = bool(t) and _iou(t[0].mask, objs[item.objects[0]].mask) >= 0.5
         row["right"], row["english_note"] = right, _english_note(pred)
@@ -384,11 +442,26 @@ def summarise(rows: list[dict]) -> dict:
     return report
 
 
-def run_suite(grounder, scenes_per_style: int = 8, seed: int = 4711, per_scene: int = 3) -> tuple[dict, list[dict]]:
-    """Draw the scenes, ask every item, score it: (summary, rows)."""
+def draw_suite(scenes_per_style: int = 8, seed: int = 4711, per_scene: int = 3,
+               grey: bool = True) -> tuple[list[Scene], list[Item]]:
+    """The suite's scenes and items: ``scenes_per_style`` of each style, then as many grey ones (from a stream
+    of their own: the other styles' scenes do not depend on them)."""
     rng = np.random.default_rng(seed)
     scenes = [make_scene(rng, style) for _ in range(scenes_per_style) for style in STYLES]
     items = make_items(scenes, rng, per_scene)
+    if grey:
+        grey_rng = np.random.default_rng([seed, 1])
+        greys = [make_grey_scene(grey_rng, STYLES[n % len(STYLES)]) for n in range(scenes_per_style)]
+        items += [Item(**{**vars(item), "scene": item.scene + len(scenes)})
+                  for item in make_grey_items(greys, grey_rng, per_scene)]
+        scenes += greys
+    return scenes, items
+
+
+def run_suite(grounder, scenes_per_style: int = 8, seed: int = 4711, per_scene: int = 3,
+              grey: bool = True) -> tuple[dict, list[dict]]:
+    """Draw the scenes, ask every item, score it: (summary, rows)."""
+    scenes, items = draw_suite(scenes_per_style, seed, per_scene, grey)
     rows = []
     for item in items:
         scene = scenes[item.scene]
@@ -419,6 +492,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=4711)
     ap.add_argument("--json", type=Path, help="write the summary and every answer here")
     ap.add_argument("--save-scenes", type=Path, help="write the first scene of each style as PNG into this folder")
+    ap.add_argument("--no-grey", action="store_true", help="leave the grey scenes out (the suite before v12.3)")
     ap.add_argument("--addon", action="append", default=[], help="change an add-on for this run, as groundseg's "
                                                                   "--addon (NAME=off, NAME.SETTING=VALUE)")
     args = ap.parse_args()
@@ -426,16 +500,18 @@ def main() -> None:
     from grounding import Grounder
     grounder = Grounder.from_pretrained(args.model, device="cpu", addons=parse_addon_options(args.addon))
     t0 = time.perf_counter()
-    report, rows = run_suite(grounder, args.scenes, args.seed)
+    report, rows = run_suite(grounder, args.scenes, args.seed, grey=not args.no_grey)
     seconds = time.perf_counter() - t0
-    print(f"model {args.model}, {len(rows)} questions on {args.scenes * len(STYLES)} scenes, seed {args.seed}, "
-          f"{seconds:.0f} s")
+    scenes = args.scenes * (len(STYLES) + (not args.no_grey))
+    print(f"model {args.model}, {len(rows)} questions on {scenes} scenes, seed {args.seed}, {seconds:.0f} s")
     print(table(report))
     if args.save_scenes:
         args.save_scenes.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(args.seed)
         for style in STYLES:
             Image.fromarray(make_scene(rng, style).image).save(args.save_scenes / f"{style}.png")
+        (args.save_scenes / f"{GREY}.png").write_bytes(grey_png(make_scene(np.random.default_rng([args.seed, 1]),
+                                                                          STYLES[0]).image))
     if args.json:
         args.json.write_text(json.dumps({"summary": report, "rows": rows}, indent=1, ensure_ascii=False))
 

@@ -7,7 +7,8 @@ any one test renderer: Gaussian noise, blur, a colour gain and offset per channe
 
 ``corrupt_regions`` corrupts the background and each object apart (some regions noisy or blurred, others left
 clean) before the whole image is: a model that learnt "the textured region is the object" from the training
-scenes meets flat objects on a noisy ground, and the reverse.
+scenes meets flat objects on a noisy ground, and the reverse. ``grey`` drops the colour, as a grayscale photograph
+or scan does (every training scene is in colour; objects the colour told apart now differ in brightness only).
 """
 from __future__ import annotations
 
@@ -48,3 +49,12 @@ def corrupt(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         Image.fromarray(out).save(buf, format="JPEG", quality=int(rng.integers(15, 80)))
         out = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")).copy()
     return out
+
+
+def grey(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A grayscale copy of the uint8 ``H x W x 3`` ``image``, still ``H x W x 3``: a weighted sum of the channels,
+    the luma weights (0.299, 0.587, 0.114) each scaled by 0.5-1.5, since cameras and converters mix them
+    differently."""
+    weights = np.array([0.299, 0.587, 0.114]) * rng.uniform(0.5, 1.5, 3)
+    luma = image.astype(np.float32) @ (weights / weights.sum()).astype(np.float32)
+    return np.repeat(np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None], 3, axis=2)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from shapes.augment import corrupt_regions
+from shapes.augment import corrupt_regions, grey
 
 
 def test_corrupt_regions_treats_the_background_and_each_object_apart():
@@ -28,6 +28,22 @@ def test_corrupt_regions_treats_the_background_and_each_object_apart():
     assert ways == {"object", "ground"}
 
 
+def test_grey_mixes_the_channels_as_a_grayscale_camera_does():
+    """Each pixel becomes one value, between its darkest and brightest channel, in all three channels; the mix of
+    the channels varies from draw to draw (a red and a green of equal luma do not always come out equal)."""
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[:4] = (200, 0, 0)
+    image[4:] = (0, 102, 0)          # about the luma of the red above (0.299 * 200 ~ 0.587 * 102)
+    rng = np.random.default_rng(0)
+    outs = [grey(image, rng) for _ in range(20)]
+    for out in outs:
+        assert out.shape == image.shape and out.dtype == np.uint8
+        assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+        assert (out[..., 0] >= image.min(2)).all() and (out[..., 0] <= image.max(2)).all()
+    gaps = [int(out[0, 0, 0]) - int(out[7, 0, 0]) for out in outs]
+    assert min(gaps) < -5 and max(gaps) > 5
+
+
 def test_train_mask_encoder_changes_only_the_image_encoder(tmp_path, scene):
     from grounding import Grounder
     from grounding.checkpoint import save_checkpoint
@@ -40,7 +56,7 @@ def test_train_mask_encoder_changes_only_the_image_encoder(tmp_path, scene):
     data = generate_dataset(tmp_path / "synth", 12, seed=6, progress=False)
     report = train_mask_encoder(tmp_path / "base", data, tmp_path / "out", steps=6, batch_size=4, eval_views=3,
                                 progress=False)
-    assert set(report["before"]) == set(report["after"]) == {"clean", "seen"}
+    assert set(report["before"]) == set(report["after"]) == {"clean", "seen", "grey"}
     assert json.loads((tmp_path / "out" / "mask_robust.json").read_text())["steps"] == 6
 
     before = load_file(str(tmp_path / "base" / "model.safetensors"))

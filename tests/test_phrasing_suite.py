@@ -62,12 +62,40 @@ def test_the_suite_runs_on_a_tiny_model_and_reports_every_measure(suite, tiny_di
         value = report[key]
         assert value is None or 0.0 <= value <= 1.0, key
         assert report["passed"][key] == (value is not None and (value <= target if how == "max" else value >= target))
-    assert report["present_mask_iou"] is not None and set(report["by_style"]) == set(suite.STYLES)
+    assert report["present_mask_iou"] is not None and set(report["by_style"]) == {*suite.STYLES, suite.GREY}
     # a denial is a present question answered with no target, and then its IoU is 0
     for r in rows:
         if r["kind"] == "present" and r["denied"]:
             assert r["targets"] == 0 and r["iou"] == 0.0
     assert "present_denied" in suite.table(report)
+
+
+def test_grey_scenes_come_through_the_loader_and_their_questions_name_kinds_only(suite):
+    scenes = [suite.make_grey_scene(np.random.default_rng(n), style) for n, style in enumerate(suite.STYLES)]
+    for n, (scene, style) in enumerate(zip(scenes, suite.STYLES)):
+        image, colour = scene.image, suite.make_scene(np.random.default_rng(n), style).image
+        assert scene.style == suite.GREY and image.dtype == np.uint8 and image.shape == colour.shape
+        assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
+        # the 16-bit PNG was scaled to 8 bits, not clipped white: each pixel is the colour scene's luma
+        luma = colour.astype(float) @ np.array([0.299, 0.587, 0.114])
+        assert np.abs(image[..., 0] - luma).max() <= 1.0
+    rng = np.random.default_rng(4)
+    items = suite.make_grey_items(scenes, rng, per_scene=3)
+    assert {i.kind for i in items} == {"present", "absent", "multi", "region"}
+    colours = set(suite.COLOURS)
+    for item in items:
+        objs = scenes[item.scene].objects
+        assert not colours & set(item.question.lower().replace(".", " ").split()), item.question
+        named = item.phrase.lower().removeprefix("the ")
+        if item.kind == "present":
+            assert [o.kind for o in objs].count(named) == 1
+        if item.kind == "absent":
+            assert named not in [o.kind for o in objs]
+    # a region answer on a grey scene is right with the kind alone
+    from grounding.result import Prediction
+    o = scenes[0].objects[0]
+    region = suite.Item(0, "region", "What is this?", "what-is-this", objects=[0], box=o.box)
+    assert suite.score(region, scenes[0], Prediction(f"a large {o.kind}", [], image.shape[:2]))["named"]
 
 
 def test_scoring_counts_a_right_answer_right(suite):
