@@ -492,7 +492,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=4711)
     ap.add_argument("--json", type=Path, help="write the summary and every answer here")
     ap.add_argument("--save-scenes", type=Path, help="write the first scene of each style as PNG into this folder")
-    ap.add_argument("--no-grey", action="store_true", help="leave the grey scenes out (the suite before v12.3)")
+    ap.add_argument("--no-grey", action="store_true", help="leave the grey scenes out (the suite before v13)")
     ap.add_argument("--addon", action="append", default=[], help="change an add-on for this run, as groundseg's "
                                                                   "--addon (NAME=off, NAME.SETTING=VALUE)")
     args = ap.parse_args()
