@@ -12,7 +12,8 @@ folders add their train phrases: the locator learns from phrases alone, and on a
 their phrases by heart (the model card measures what more scenes gave).
 
 Top-1 (the best cell lies on the referred object) is reported on the evaluation split, per expression category
-where the data has ``scenes.json`` (the synthetic sets); the last step's locator is kept (no selection on it).
+where the data has ``scenes.json`` (the synthetic sets), also at step 0 when the model's own fusion locator of as many
+layers trains on (a warm restart); the last step's locator is kept (no selection on it).
 """
 from __future__ import annotations
 
@@ -161,6 +162,9 @@ def train_locator(model_dir: str | Path, data: str | Path, out: str | Path, step
     (scores per evaluation) and ``locator_scores.json``. Returns the last evaluation."""
     torch.manual_seed(seed)
     model, tokenizer = load_checkpoint(model_dir)
+    had = model.addons["locator"] if "locator" in model.addons else None
+    # a fusion locator of as many layers carries on from its weights: scored at step 0 too
+    continued = had is not None and had.fusion and had.settings.layers == layers
     # a fusion locator reads text-independent features: computed once per image
     model.add_addon("locator", {"kind": "fusion", "layers": layers}, tokenizer)
     processor = GroundingProcessor(tokenizer, model.config, model.vision_image_size, model.num_image_tokens)
@@ -180,6 +184,9 @@ def train_locator(model_dir: str | Path, data: str | Path, out: str | Path, step
     log_path.write_text("")
     eval_path.write_text("")
     scores_now: dict[str, float] = {}
+    if continued:
+        scores_now = top1(locator, eval_set, embed)
+        eval_path.write_text(json.dumps({"step": 0, **scores_now}) + "\n")
     start = time.perf_counter()
     with progress_bar(steps, "locator", enabled=progress, fields={"top1": "top-1 {}"}) as advance:
         for step in range(steps):

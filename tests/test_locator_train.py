@@ -38,6 +38,13 @@ def test_train_locator_learns_the_training_phrases_and_keeps_every_other_weight(
     trained = dict(model.named_parameters())
     assert all(torch.equal(p, trained[n]) for n, p in base.named_parameters())  # nothing else changed
 
+    # trained on (a warm restart), it is scored before its first step too, where the first fit left it
+    again = train_locator(out / "model", data, tmp_path / "again", steps=10, batch_size=32, lr=1e-4, layers=1,
+                          eval_split="train", eval_every=10, progress=False)
+    evals = [json.loads(line) for line in (tmp_path / "again" / "locator_eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals] == [0, 10] and evals[0]["top1"] == scores["top1"], evals
+    assert again["top1"] > 0.8, again
+
     # the saved model's locator gives the mask decoder a click inside the image
     ds = ReferDataset(data, dataset="synth")
     sent = ds.sentences("train")[0]
