@@ -4,7 +4,8 @@ The default model's language model writes "<ref>all blue shapes</ref>..[SEG]" ab
 (most training groups have two members; weights/shapes-tiny/MODEL_CARD.md, v11), and the locator's score map cannot
 count (its peaks merge). But the locator does say where the next candidate is (its k-th peak, or with its
 ``distinct_boxes`` its k-th cell boxing a new object, as the k-th repeat's box and mask already use), and the
-region head says what is there. So after the k-th repeat of a group phrase ("all ...", "every ...", "both ..."),
+region head says what is there. So after the k-th repeat of a group phrase ("all ...", "every ...", "both ...", or
+a plural: "the green pentagons"),
 where the model would end its answer, this rule reads the region head at the locator's box for candidate k: when
 that region is a new object (its box overlaps none of the earlier ones by more than ``overlap`` IoU, nor holds one's
 centre) that the head is sure (``confidence``) has every colour and kind the phrase names, the answer goes on with
@@ -37,6 +38,7 @@ class GroupCount:
         self.space = [i for i in words.ids_of.get("", ()) if tokenizer.convert_ids_to_tokens(i) in ("Ġ", "▁")][:1]
         kinds = region.vocab.kinds
         self.kind_of = {k: k for k in kinds} | {k + "s": k for k in kinds} | {k + "es": k for k in kinds}
+        self.plurals = {w for w in self.kind_of if w not in kinds} | {"shapes"}
         self.queue: list[list[int]] = [[] for _ in images]
 
     def adjust(self, row: int, ids: list[int], scores: torch.Tensor) -> None:
@@ -54,13 +56,19 @@ class GroupCount:
         if not ends or not seq or seq[-1] not in (self.words.seg, self.words.box_end):   # a target's end
             return None
         done, _ = self.words.ref_phrases(seq)
-        if not done or not done[-1] or self.words.words[done[-1][0]] not in self.GROUP_WORDS:
+        if not done or not done[-1] or not self.is_group(done[-1]):
             return None
         phrase = done[-1]
         if not self.another(row, phrase, sum(p == phrase for p in done)):
             return None
         self.queue[row] = self.space + [self.words.ref_start, *phrase, self.words.ref_end]
         return self.queue[row].pop(0)
+
+    def is_group(self, phrase: list[int]) -> bool:
+        """Whether ``phrase`` names a group: it starts "all", "every" or "both", or names a plural ("the green
+        pentagons", "red shapes")."""
+        text = [self.words.words[t] for t in phrase]
+        return text[0] in self.GROUP_WORDS or any(w in self.plurals for w in text)
 
     @torch.no_grad()
     def another(self, row: int, phrase: list[int], k: int) -> bool:

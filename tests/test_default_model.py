@@ -192,6 +192,25 @@ def test_all_shapes_of_a_colour_are_named_once_each(grounder):
     assert min(ious) > 0.5, ious
 
 
+def test_a_plural_names_each_of_its_objects(grounder):
+    """"Please segment the green pentagons." about examples/pentagons.png (two green pentagons, one dotted, beside a
+    red hexagon, a ring and a triangle): a target on each, as "all ..." gets (v13 named only the first)."""
+    import cv2
+    from apps.demo import EXAMPLES_DIR
+    from grounding.images import load_image
+
+    image = load_image(EXAMPLES_DIR / "pentagons.png")
+    r, g, b = (image[..., i].astype(int) for i in range(3))
+    green = ((g > 100) & (g > r + 50) & (g > b + 50)).astype(np.uint8)
+    green = cv2.morphologyEx(green, cv2.MORPH_CLOSE, np.ones((9, 9), np.uint8))   # the dots inside one of them
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(green)
+    pentagons = [labels == i for i in np.argsort(-stats[1:, cv2.CC_STAT_AREA])[:2] + 1]
+    answer = grounder.predict(image, "Please segment the green pentagons.")
+    assert len(answer.targets) == 2, answer.answer
+    hits = [[(t.mask & p).sum() / (t.mask | p).sum() for p in pentagons] for t in answer.targets]
+    assert sorted(int(np.argmax(h)) for h in hits) == [0, 1] and min(max(h) for h in hits) > 0.7, hits
+
+
 def test_a_grayscale_scan_gets_whole_masks(grounder, unseen):
     """The unseen scenes as 16-bit grayscale PNGs (read by groundseg's loader): a box around an object gives its
     mask, and "Please segment the {kind}." about a kind the scene holds once finds it. Every training scene is in
