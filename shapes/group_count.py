@@ -5,11 +5,11 @@ The default model's language model writes "<ref>all blue shapes</ref>..[SEG]" ab
 count (its peaks merge). But the locator does say where the next candidate is (its k-th peak, or with its
 ``distinct_boxes`` its k-th cell boxing a new object, as the k-th repeat's box and mask already use), and the
 region head says what is there. So after the k-th repeat of a group phrase ("all ...", "every ...", "both ...", or
-a plural: "the green pentagons"),
-where the model would end its answer, this rule reads the region head at the locator's box for candidate k: when
-that region is a new object (its box overlaps none of the earlier ones by more than ``overlap`` IoU, nor holds one's
-centre) that the head is sure (``confidence``) has every colour and kind the phrase names, the answer goes on with
-the phrase once more. It only adds objects the model left out; the model's own repeats stay.
+a plural: "the green pentagons"), where the model would end its answer, this rule reads the region head at the
+locator's box for candidate k: when that region is a new object (its box overlaps none of the earlier ones by more
+than ``overlap`` IoU, nor holds one's centre) that the head is sure (``confidence``) has every colour and kind the
+phrase names, the answer goes on with the phrase once more. It only adds objects the model left out; the model's own
+repeats stay.
 """
 from __future__ import annotations
 
