@@ -170,7 +170,7 @@ class Locator(AddOn):
         mirror = self.settings.mirror and self.fusion and not training
         phrases = self.phrases(model, seg.phrase_ids, mirror) if self.reads_phrases else None
         cells = mask_cells(targets.to(seg.states.device), model.token_grid) if training else None
-        ranks = phrases.repeats() if phrases is not None and not training else None
+        ranks = seg.repeats().to(seg.states.device) if phrases is not None and not training else None
         found = self.locate(model, seg.states, image if mirror else LocatorImage(image.keys), phrases, size,
                             cells, ranks)
         loss = None
@@ -188,7 +188,7 @@ class Locator(AddOn):
         """One image's [SEG]s (states ``[n, h]``) -> scores and prompts in the ``size = (H, W)`` image: a click at
         the best cell's centre, and the box read there (a ``FusionLocator``). In training (``targets`` bool
         ``[n, g*g]``) the best cell *on* the object, so the decoder learns to segment what is under a click that
-        is right. ``ranks [n]`` (``Phrases.repeats``): a [SEG] repeating an earlier one's phrase takes the next
+        is right. ``ranks [n]`` (``SegRead.repeats``): a [SEG] repeating an earlier target's phrase takes the next
         peak. With ``image.mirrored`` and ``phrases.mirrored`` both readings are added (scores are then
         log-probabilities)."""
         grid = model.token_grid

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from grounding.addons.base import ref_repeats
 from grounding.text.boxes import format_box
 from grounding.text.tokens import BOX_START, REF_END, REF_START
 
@@ -52,15 +53,8 @@ class BoxWriter:
 
     def repeats(self, ids: list[int], phrase: list[int]) -> int:
         """How many ``<ref>..</ref>`` spans of ``ids`` hold exactly ``phrase``: the [SEG]s of "all red shapes" each
-        repeat it, and the k-th repeat must name the k-th object, as its mask does (``Phrases.repeats``)."""
-        count, start = 0, None
-        for i, t in enumerate(ids):
-            if t == self.ref_start:
-                start = i
-            elif t == self.ref_end and start is not None:
-                count += int(ids[start + 1:i] == phrase)
-                start = None
-        return count
+        repeat it, and the k-th repeat must name the k-th object, as its mask does (``SegRead.repeats``)."""
+        return ref_repeats(ids, phrase, (self.ref_start, self.ref_end))
 
     @torch.no_grad()
     def box(self, row: int, phrase_ids: list[int], rank: int = 0) -> list[float]:

@@ -46,16 +46,6 @@ class Phrases:
             embeds[i, :len(r)], mask[i, :len(r)] = r, True
         return cls(embeds, mask)
 
-    def repeats(self) -> torch.Tensor:
-        """``[n]`` long: how many earlier rows hold the same (non-empty) phrase, as the [SEG]s of "all red
-        shapes" do; the k-th repeat clicks on its score map's k-th peak (``peak_cells``)."""
-        out = torch.zeros(len(self.mask), dtype=torch.long)
-        for i in range(len(self.mask)):
-            if self.mask[i].any():
-                out[i] = sum(torch.equal(self.mask[j], self.mask[i]) and torch.equal(self.embeds[j], self.embeds[i])
-                             for j in range(i))
-        return out
-
     def mean(self) -> torch.Tensor:
         """``[n, h]``: each phrase's mean word embedding (zeros for an empty one)."""
         m = self.mask[..., None].to(self.embeds.dtype)

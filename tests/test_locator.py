@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from grounding.addons.base import SegRead
 from shapes.locator import (FusionLocator, Phrases, cell_centres, distinct_cells, locator_loss, mask_cells,
                             peak_cells, square_boxes, square_to_pixels)
 
@@ -187,12 +188,12 @@ def test_repeated_phrases_click_on_successive_peaks():
     scores = torch.maximum(bump(1, 1, 9.0), bump(6, 6, 7.5)).expand(3, 64)
     assert scores[0].argmax() == 9 and scores[0, 10] > scores[0, 54]     # the best cell's neighbour beats the 2nd peak
     assert peak_cells(scores, 8, torch.tensor([0, 1, 5])).tolist() == [9, 54, 54]   # past the last peak: the last
-    word = torch.randn(2, 8)
-    embeds = torch.zeros(5, 2, 8)
-    mask = torch.zeros(5, 2, dtype=torch.bool)
-    for i, w in enumerate([word, word[:1], word]):
-        embeds[i, :len(w)], mask[i, :len(w)] = w, True
-    assert Phrases(embeds, mask).repeats().tolist() == [0, 0, 1, 0, 0]   # empty phrases are never repeats
+    # a [SEG]'s rank counts the earlier targets with its phrase, a boxed one without a [SEG] too, as the box text
+    # written for it does: "[SEG]. <ref>a</ref><box> <ref>a</ref>[SEG] <ref>b</ref>[SEG] <ref>a</ref>[SEG]"
+    R, E, S, BOX, A, B = 1, 2, 3, 5, 10, 11
+    ids = torch.tensor([S, R, A, E, BOX, R, A, E, S, R, B, E, S, R, A, E, S])
+    seg = SegRead(torch.zeros(4, 8), ids, (ids == S).nonzero().flatten(), (R, E))
+    assert seg.repeats().tolist() == [0, 1, 0, 2]   # an empty phrase is never a repeat
 
 
 def test_repeated_phrases_take_successive_distinct_boxes():

@@ -84,6 +84,29 @@ class SegRead:
             self._phrases = rows
         return self._phrases
 
+    def repeats(self) -> torch.Tensor:
+        """``[n]`` long: per [SEG], how many ``<ref>`` spans before its own hold the same (non-empty) phrase, boxed
+        targets without a [SEG] included: the k-th repeat of "all red shapes" names the k-th object, as the box
+        text written for it does (shapes/box_writer.py)."""
+        ids = self.input_ids.tolist()
+        out = []
+        for pos, phrase in zip(self.positions.tolist(), self.phrase_ids):
+            start = max((i for i in range(pos) if ids[i] == self.ref_ids[0]), default=0)
+            out.append(ref_repeats(ids[:start], phrase.tolist(), self.ref_ids) if len(phrase) else 0)
+        return torch.tensor(out, dtype=torch.long)
+
+
+def ref_repeats(ids: Sequence[int], phrase: Sequence[int], ref_ids: tuple[int, int]) -> int:
+    """How many ``<ref>..</ref>`` spans of ``ids`` hold exactly ``phrase`` (``ref_ids``: the two tokens' ids)."""
+    count, start = 0, None
+    for i, t in enumerate(ids):
+        if t == ref_ids[0]:
+            start = i
+        elif t == ref_ids[1] and start is not None:
+            count += int(list(ids[start + 1:i]) == list(phrase))
+            start = None
+    return count
+
 
 @dataclass
 class AnswerRows:
