@@ -373,6 +373,17 @@ def _english_note(pred) -> bool:
     return any("english" in n.lower() for n in pred.notes)
 
 
+def _hits(targets, objects: list[Obj]) -> int:
+    """How many ``targets`` each land on an object of ``objects`` no earlier target took (mask and box IoU >= 0.5)."""
+    free, hits = list(objects), 0
+    for tg in targets:
+        best = max(free, key=lambda o: _iou(tg.mask, o.mask), default=None)
+        if best is not None and _iou(tg.mask, best.mask) >= 0.5 and _box_iou(tg.box, best.box) >= 0.5:
+            free.remove(best)
+            hits += 1
+    return hits
+
+
 def score(item: Item, scene: Scene, pred) -> dict:
     """One item's outcome (a JSON-ready dict)."""
     t = pred.targets
@@ -399,6 +410,7 @@ def score(item: Item, scene: Scene, pred) -> dict:
                 why.append(f"target {n}: mask IoU {mask_iou:.2f}, box IoU {box_iou:.2f}")
             used.add(best)
         row["exact"], row["why"] = not why, "; ".join(why)
+        row["hits"], row["wanted"] = _hits(t, [objs[j] for j in wanted]), len(wanted)
     elif item.kind == "region":
         o = objs[item.objects[0]]
         words = set(re.findall(r"[a-z]+", pred.answer.lower()))
@@ -414,6 +426,11 @@ def summarise(rows: list[dict]) -> dict:
     def mean(kind, key, where: Callable[[dict], bool] = lambda r: True):
         vals = [float(r[key]) for r in rows if r["kind"] == kind and where(r)]
         return (sum(vals) / len(vals)) if vals else None
+
+    def ratio(part, whole):
+        multi = [r for r in rows if r["kind"] == "multi"]
+        total = sum(r[whole] for r in multi)
+        return sum(r[part] for r in multi) / total if total else None
     report = {
         "present_denied": mean("present", "denied"),
         "absent_denied": mean("absent", "denied"),
@@ -422,6 +439,10 @@ def summarise(rows: list[dict]) -> dict:
         "multi_exact": mean("multi", "exact"),
         "region_named": mean("region", "named"),
         "foreign_handled": mean("foreign", "handled"),
+        # informative, without a target: of the multi answers' targets, the share on a wanted object (precision),
+        # and of the wanted objects, the share a target found (recall)
+        "multi_precision": ratio("hits", "targets"),
+        "multi_recall": ratio("hits", "wanted"),
         "counts": {k: sum(r["kind"] == k for r in rows) for k in ("present", "absent", "multi", "region", "foreign")},
         "by_form": {}, "by_style": {},
     }
@@ -477,6 +498,9 @@ def table(report: dict) -> str:
         value = "n/a" if v is None else f"{v:7.3f}"
         lines.append(f"{key:<18} {value:>7}  {'<=' if how == 'max' else '>='} {t:.2f}  "
                      f"{'ok' if report['passed'][key] else 'MISSED'}")
+    for key in ("multi_precision", "multi_recall"):
+        v = report[key]
+        lines.append(f"{key:<18} {'n/a' if v is None else f'{v:7.3f}':>7}  (no target)")
     lines.append(f"items: {report['counts']}")
     lines.append("present, by form:  " + ", ".join(f"{k} denied {d['denied']:.2f} IoU {d['iou']:.2f} (n={d['n']})"
                                                    for k, d in report["by_form"].items()))

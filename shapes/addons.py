@@ -33,7 +33,7 @@ from shapes.locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_c
                             mask_cells, peak_cells, square_boxes, square_to_pixels)
 from shapes.locator_mirror import locate_both, mirror_ids, mirror_token_ids
 from shapes.presence import PresenceHead, presence_features
-from shapes.presence_review import NoDenialStart, drop_absent
+from shapes.presence_review import NoDenialStart, drop_absent, drop_targets
 from shapes.projector_norm import install_projector_norm
 from shapes.question_language import CaseFolder, language_note
 from shapes.region_head import RegionHead, Vocabulary, describe, region_box
@@ -240,7 +240,9 @@ class RefCopyBias(AddOn):
             return None
         questions = [rows.tokenizer(q, add_special_tokens=False)["input_ids"] for q in rows.questions]
         if self.settings.strict:
-            return StrictCopy(self.words, questions, rows.prefixes, self.settings.start_margin)
+            region = rows.addons.get("region")
+            nouns = frozenset() if region is None else region.vocab.nouns()
+            return StrictCopy(self.words, questions, rows.prefixes, self.settings.start_margin, nouns)
         return RefCopy(self.words, questions, rows.prefixes, self.settings.bias)
 
 
@@ -330,19 +332,26 @@ class Region(AddOn):
 
     @torch.no_grad()
     def verify(self, model, image, prediction):
-        """``prediction`` without its plain targets whose box the head does not read as what they name."""
+        """``prediction`` without its plain targets whose box the head does not read as what they name: the first
+        target of a phrase under ``verify``, a repeat of it (an "all ..." answer's further objects) under
+        ``GroupCount.confidence``."""
         keys = model.addons["locator"].read_image(model, [image])[0].keys
-        dropped = {}
-        for target in prediction.targets:
+        dropped, seen = {}, set()
+        for i, target in enumerate(prediction.targets):
             names = plain_names(target.phrase or "", self.vocab)
-            if names is None or target.box is None or target.phrase in dropped:
+            repeat = target.phrase in seen
+            seen.add(target.phrase)
+            if names is None or target.box is None:
                 continue
+            # a group's further objects are the model's guesses (it writes about two whatever the count): they
+            # need the sureness GroupCount asks of the ones it adds
+            level = GroupCount.confidence if repeat else self.settings.verify
             square = region_box(image.size, target.box).to(keys.device, keys.dtype)
             sure = sureness(self, keys, square, *names)
-            if sure < self.settings.verify:
-                dropped[target.phrase] = (f"the region head reads its box as {' '.join(sum(names, []))} with "
-                                          f"probability {sure:.4f} only (verify {self.settings.verify:.4f})")
-        return drop_absent(prediction, dropped) if dropped else prediction
+            if sure < level:
+                dropped[i] = (f"the region head reads its box as {' '.join(sum(names, []))} with "
+                              f"probability {sure:.4f} only (needed {level:.4f})")
+        return drop_targets(prediction, dropped) if dropped else prediction
 
     def probabilities(self, keys: torch.Tensor, region: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per attribute, the head's probabilities ``[values]`` for a region ``[4]`` (fractions of the square) of

@@ -36,9 +36,8 @@ class GroupCount:
         self.boxes = BoxWriter(locator, model, tokenizer, images, prefixes)   # its box at a candidate rank
         self.eos = tokenizer.eos_token_id
         self.space = [i for i in words.ids_of.get("", ()) if tokenizer.convert_ids_to_tokens(i) in ("Ġ", "▁")][:1]
-        kinds = region.vocab.kinds
-        self.kind_of = {k: k for k in kinds} | {k + "s": k for k in kinds} | {k + "es": k for k in kinds}
-        self.plurals = {w for w in self.kind_of if w not in kinds} | {"shapes"}
+        self.kind_of = region.vocab.kind_words()
+        self.plurals = {w for w in self.kind_of if w not in region.vocab.kinds} | {"shapes"}
         self.queue: list[list[int]] = [[] for _ in images]
 
     def adjust(self, row: int, ids: list[int], scores: torch.Tensor) -> None:

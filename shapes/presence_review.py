@@ -27,23 +27,52 @@ class NoDenialStart:
             scores[self.banned] = float("-inf")
 
 
-def _no_article(phrase: str) -> str:
-    return re.sub(r"^(the|a|an)\s+", "", phrase.strip(), flags=re.IGNORECASE)
+# words after which a phrase's head noun has been named ("the circle below ...", "the shape that has ...")
+_LINKS = frozenset({"above", "below", "beside", "behind", "between", "by", "closest", "covering", "from", "in",
+                    "left", "near", "next", "of", "on", "right", "that", "to", "under", "which", "with"})
 
 
 def denial(phrase: str) -> str:
-    """The training answers' denial of ``phrase`` ("There is no red star in the image.")."""
-    return f"There is no {_no_article(phrase)} in the image."
+    """The training answers' denial of ``phrase``, in the number of its head noun: "the red star" -> "There is no
+    red star in the image.", "all the purple stars" -> "There are no purple stars in the image.", "every pentagon"
+    -> "There is no pentagon in the image."."""
+    words = phrase.split()
+    if words and words[0].lower() in ("all", "both", "every", "each"):
+        words = words[1:]
+    if words and words[0].lower() in ("the", "a", "an"):
+        words = words[1:]
+    head = next((w for w, after in zip(words, words[1:] + [""]) if after.lower() in _LINKS or not after), "").lower()
+    plural = head.endswith("s") and not head.endswith(("ss", "us", "is"))
+    return f"There {'are' if plural else 'is'} no {' '.join(words)} in the image."
+
+
+def drop_targets(prediction, reasons: dict[int, str]):
+    """The Prediction without the targets whose index is a key of ``reasons``. Their ``<ref>`` spans leave the
+    answer text; a phrase that loses every target is denied ("There is no ..."), with one note giving the reason,
+    while a group that keeps some ("all red shapes") gets a note for each target dropped."""
+    targets = prediction.targets
+    text, denied, notes = prediction.answer, [], list(prediction.notes)
+    for phrase in dict.fromkeys(targets[i].phrase for i in reasons):
+        mine = [i for i, t in enumerate(targets) if t.phrase == phrase]
+        gone = [k for k, i in enumerate(mine) if i in reasons]
+        span = re.escape(f"<ref>{phrase}</ref>") + r"(?:<box>.*?</box>)?\s*(?:" + re.escape(SEG) + r")?"
+        spans = list(re.finditer(span, text))
+        if len(spans) == len(mine):          # the k-th span is the phrase's k-th target
+            for k in reversed(gone):
+                text = text[:spans[k].start()] + text[spans[k].end():]
+        elif len(gone) == len(mine):
+            text = re.sub(span, "", text)
+        if len(gone) == len(mine):
+            denied.append(phrase)
+            notes.append(f"target {phrase!r} dropped: {reasons[mine[0]]}")
+        else:
+            notes += [f"target {i} ({phrase!r}) dropped: {reasons[i]}" for i in mine if i in reasons]
+    text = " ".join([re.sub(r"\s{2,}", " ", text).strip()] + [denial(p) for p in sorted(denied)]).strip()
+    kept = [t for i, t in enumerate(targets) if i not in reasons]
+    return dataclasses.replace(prediction, answer=text, targets=kept, notes=notes)
 
 
 def drop_absent(prediction, reasons: dict[str, str]):
-    """The Prediction without the targets whose phrase is a key of ``reasons``: their ``<ref>`` spans leave the
-    answer text, which then says "There is no ..." of each; a note gives each one's reason."""
-    kept = [t for t in prediction.targets if t.phrase not in reasons]
-    text = prediction.answer
-    for phrase in sorted(reasons):
-        span = re.escape(f"<ref>{phrase}</ref>") + r"(?:<box>.*?</box>)?\s*(?:" + re.escape(SEG) + r")?"
-        text = re.sub(span, "", text)
-    text = " ".join([text.strip()] + [denial(p) for p in sorted(reasons)]).strip()
-    notes = list(prediction.notes) + [f"target {p!r} dropped: {reasons[p]}" for p in sorted(reasons)]
-    return dataclasses.replace(prediction, answer=text, targets=kept, notes=notes)
+    """The Prediction without every target whose phrase is a key of ``reasons`` (see ``drop_targets``)."""
+    return drop_targets(prediction, {i: reasons[t.phrase] for i, t in enumerate(prediction.targets)
+                                     if t.phrase in reasons})

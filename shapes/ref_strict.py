@@ -9,7 +9,9 @@ therefore rules out, while decoding, every token but these:
   a phrase's first token  the question's earliest word whose logit is within ``start_margin`` nats of the best
                           question word's (a referring phrase keeps its modifiers), never punctuation;
   inside a phrase         the next question word of a run the phrase continues, or ``</ref>`` (not after "the",
-                          "this", "of", "and"..., on which no noun phrase ends);
+                          "this", "of", "and"..., on which no noun phrase ends, nor before a noun the phrase can
+                          go on with: "the yellow circles" does not end at "yellow", a word the model has seen
+                          end phrases while "circles" it has not);
   in both                 only words the vocabulary holds whole (and the "-" of "medium-sized"), from which the
                           phrase can still reach an end ("the square in this picture": "picture" is spelt in
                           pieces, so the phrase ends at "square");
@@ -44,8 +46,8 @@ class StrictCopy:
     to -inf in place."""
 
     def __init__(self, vocab: TokenWords, questions: list[list[int]], prefixes: list[list[int]],
-                 start_margin: float = 3.0):
-        self.vocab, self.prefixes, self.start_margin = vocab, prefixes, float(start_margin)
+                 start_margin: float = 3.0, nouns: frozenset[str] = frozenset()):
+        self.vocab, self.prefixes, self.start_margin, self.nouns = vocab, prefixes, float(start_margin), nouns
         self.questions = [[vocab.words[t] for t in q] for q in questions]
         self.ands = [self.and_ends(q) for q in questions]
         self.reach, self.ends = zip(*(self.reachable(q) for q in questions)) if questions else ((), ())
@@ -55,7 +57,8 @@ class StrictCopy:
         """Per question token: (a phrase may go on with it and from it still reach an end, a phrase may end after
         it). Usable tokens spell letter runs the vocabulary holds whole ("medium", "sized", "isn", "4"; not "picture",
         which it spells in pieces and no training phrase held) or the punctuation inside a word ("-" in
-        "medium-sized"); a phrase ends after a letter run that ends a word and is not a word like "the" or "of"."""
+        "medium-sized"); a phrase ends after a letter run that ends a word, is not a word like "the" or "of", and is
+        not followed by one of ``nouns`` the phrase can go on with."""
         v = self.vocab
         texts = [(" " if v.spaced[t] else "") + v.words[t] for t in question]
         text = "".join(texts)
@@ -73,6 +76,9 @@ class StrictCopy:
             word = re.search(r"[^\W_]+$", text[:b])
             ends.append(usable[-1] and text[b - 1].isalnum() and (b == len(text) or not (text[b].isalnum() or inner[b]))
                         and word is not None and word.group() not in CLOSED_WORDS)
+        for i in range(len(question) - 1):
+            if ends[i] and usable[i + 1] and texts[i + 1][:1].isspace() and texts[i + 1].strip() in self.nouns:
+                ends[i] = False
         reach = [False] * (len(question) + 1)
         for i in range(len(question) - 1, -1, -1):
             reach[i] = usable[i] and (ends[i] or reach[i + 1])

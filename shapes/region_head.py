@@ -83,6 +83,15 @@ class Vocabulary:
         return {"colour": self.colours, "kind": self.kinds, "size": self.sizes, "texture": self.textures,
                 "outline": self.outlines}[name]
 
+    def kind_words(self) -> dict[str, str]:
+        """Each word that names a kind, singular or plural ("cross", "crosses") -> the kind."""
+        return {k: k for k in self.kinds} | {k + ("es" if k.endswith(("s", "x", "sh", "ch")) else "s"): k
+                                             for k in self.kinds}
+
+    def nouns(self) -> frozenset[str]:
+        """The words that name objects: the kind words, "shape(s)" and "object(s)"."""
+        return frozenset(self.kind_words()) | {"shape", "shapes", "object", "objects"}
+
     @classmethod
     def of_scenes(cls) -> "Vocabulary":
         from shapes.scenes.figures import COLOURS, SHAPE_KINDS, SIZE_WORD, TEXTURE_ADJECTIVE

@@ -5,8 +5,9 @@ on near misses ("the cyan square" beside a cyan pentagon and a blue square) it c
 boxes a neighbour. The region head (shapes/region_head.py) reads colour and kind from the cells under a box. For a
 phrase that names nothing but a colour and / or a kind ("the cyan square", "yellow circle", "the star", "the red
 shape"), the ``region`` add-on's ``verify`` setting drops a target when the head gives its box the phrase's colour
-and kind with a probability (their product) under ``verify``. Phrases with any other word (sizes, places,
-relations, "all ...") are left to the presence head alone: their words do not describe the boxed object alone.
+and kind with a probability (their product) under ``verify``; in a group ("all red shapes", "the stars") each
+target is checked on its own. Phrases with any other word (sizes, places, relations) are left to the presence head
+alone: their words do not describe the boxed object alone.
 
 ``calibrate_verify`` sets ``verify`` where a chosen share of present objects' phrases would be dropped, on the
 model's own answers over a synthetic val split (clean scenes and corrupted copies), as the presence threshold is set.
@@ -20,18 +21,23 @@ import numpy as np
 import torch
 
 ARTICLES = ("the", "a", "an")
-KINDLESS = ("shape", "object")
+QUANTIFIERS = ("all", "every", "each", "both")
+KINDLESS = ("shape", "shapes", "object", "objects")
 
 
 def plain_names(phrase: str, vocab) -> tuple[list[str], list[str]] | None:
-    """(colours, kinds) a plain phrase names ("the cyan square" -> (["cyan"], ["square"]), "the red shape" ->
-    (["red"], [])); None for a phrase with any other word, or naming neither."""
+    """(colours, kinds) a plain phrase names, kinds in the singular ("the cyan square" -> (["cyan"], ["square"]),
+    "the red shape" -> (["red"], []), "all the stars" -> ([], ["star"])); None for a phrase with any other word, or
+    naming neither. A group phrase ("all ...", "every ...", a plural) names what each of its objects is."""
     words = re.findall(r"[a-z]+(?:-[a-z]+)*", phrase.lower())
+    if words and words[0] in QUANTIFIERS:
+        words = words[1:]
     if words and words[0] in ARTICLES:
         words = words[1:]
+    kind_of = vocab.kind_words()
     colours = [w for w in words if w in vocab.colours]
-    kinds = [w for w in words if w in vocab.kinds]
-    rest = [w for w in words if w not in vocab.colours and w not in vocab.kinds]
+    kinds = [kind_of[w] for w in words if w in kind_of]
+    rest = [w for w in words if w not in vocab.colours and w not in kind_of]
     if colours and not kinds and len(rest) == 1 and rest[0] in KINDLESS:
         rest = []
     if rest or len(colours) > 1 or len(kinds) > 1 or not (colours or kinds):

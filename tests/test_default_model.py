@@ -211,6 +211,24 @@ def test_a_plural_names_each_of_its_objects(grounder):
     assert sorted(int(np.argmax(h)) for h in hits) == [0, 1] and min(max(h) for h in hits) > 0.7, hits
 
 
+def test_a_plural_phrase_is_copied_whole_and_a_group_keeps_only_its_objects(grounder):
+    """"the yellow circles" is copied whole (it was cut to "the yellow", the last word the model had seen end a
+    phrase) and boxes the yellow circle of examples/shapes.png; the model's second "all the triangles" on
+    examples/crosses.png (one triangle, beside crosses) is dropped, and absent groups are denied in the plural."""
+    from apps.demo import EXAMPLES_DIR
+    from grounding.images import load_image
+
+    shapes, crosses = (load_image(EXAMPLES_DIR / f"{n}.png") for n in ("shapes", "crosses"))
+    circles = grounder.predict(shapes, "Please segment the yellow circles.")
+    assert [t.phrase for t in circles.targets] == ["the yellow circles"], circles.answer
+    x1, y1, x2, y2 = circles.targets[0].box
+    assert abs(x1 - 170) < 8 and abs(y1 - 108) < 8 and abs(x2 - 249) < 8 and abs(y2 - 188) < 8, circles.targets[0].box
+    triangles = grounder.predict(crosses, "Please segment all the triangles.")
+    assert len(triangles.targets) == 1 and triangles.targets[0].box[0] > 200, triangles.answer   # the blue one
+    stars = grounder.predict(shapes, "Please segment all the purple stars.")
+    assert not stars.targets and stars.answer == "There are no purple stars in the image.", stars.answer
+
+
 def test_a_grayscale_scan_gets_whole_masks(grounder, unseen):
     """The unseen scenes as 16-bit grayscale PNGs (read by groundseg's loader): a box around an object gives its
     mask, and "Please segment the {kind}." about a kind the scene holds once finds it. Every training scene is in

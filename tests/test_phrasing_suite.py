@@ -113,10 +113,15 @@ def test_scoring_counts_a_right_answer_right(suite):
     assert row["iou"] == 0.0 and not row["copied"]
     multi = suite.Item(0, "multi", "", "x-and-y", objects=[0, 1])
     twice = Prediction("", [Target(box=o.box, mask=o.mask), Target(box=o.box, mask=o.mask)], (h, w))
-    assert not suite.score(multi, scene, twice)["exact"]       # one object named twice is not two objects
+    row = suite.score(multi, scene, twice)
+    assert not row["exact"] and (row["hits"], row["wanted"]) == (1, 2)   # one object named twice is not two
     b = scene.objects[1]
     both = Prediction("", [Target(box=b.box, mask=b.mask), Target(box=o.box, mask=o.mask)], (h, w))
-    assert suite.score(multi, scene, both)["exact"]
+    row = suite.score(multi, scene, both)
+    assert row["exact"] and row["hits"] == 2
+    one = suite.score(multi, scene, Prediction("", [Target(box=b.box, mask=b.mask)], (h, w)))
+    report = suite.summarise([row, one, suite.score(multi, scene, twice)])
+    assert report["multi_precision"] == 4 / 5 and report["multi_recall"] == 4 / 6
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,11 @@ import torch
 
 from grounding.result import Prediction, Target
 from shapes.presence import scene_phrases
-from shapes.presence_review import NoDenialStart, drop_absent
+from shapes.presence_review import NoDenialStart, denial, drop_absent, drop_targets
 from shapes.question_language import CaseFolder
 from shapes.ref_copy import TokenWords
 from shapes.ref_strict import StrictCopy
+from shapes.region_head import Vocabulary
 
 
 def _ids(tok, text: str) -> list[int]:
@@ -31,13 +32,14 @@ def shapes_tok():
     return AutoTokenizer.from_pretrained(Path(__file__).resolve().parent.parent / "weights/shapes-tiny/tokenizer")
 
 
-def _allowed(tok, question: str, written: str, favour: dict[str, float] | None = None) -> set[str] | int:
+def _allowed(tok, question: str, written: str, favour: dict[str, float] | None = None,
+             nouns: frozenset[str] = frozenset()) -> set[str] | int:
     """The words StrictCopy allows next after ``written`` (the model's logits: 0, or ``favour`` for some tokens);
     the number of tokens allowed when it rules nothing out."""
     scores = torch.zeros(len(tok))
     for word, value in (favour or {}).items():
         scores[tok.convert_tokens_to_ids(word)] = value
-    StrictCopy(TokenWords.of(tok), [_ids(tok, question)], [[]]).adjust(0, _ids(tok, written), scores)
+    StrictCopy(TokenWords.of(tok), [_ids(tok, question)], [[]], nouns=nouns).adjust(0, _ids(tok, written), scores)
     allowed = torch.isfinite(scores).nonzero().flatten().tolist()
     return len(allowed) if len(allowed) == len(tok) else {t.lstrip("Ġ") for t in tok.convert_ids_to_tokens(allowed)}
 
@@ -60,6 +62,13 @@ def test_strict_copy_starts_at_the_earliest_likely_word_and_keeps_to_the_questio
     assert _allowed(tok, "the rectangle which isn't white", "<ref>the rectangle which isn") == {"'t"}
     assert "that" in _allowed(tok, "Please segment the shape that has 4 corners.", "<ref>the shape")  # " 4" is 2 tokens
     assert _allowed(tok, question, "a large") == len(tok)                   # no phrase open: nothing ruled out
+    # a phrase does not end before a noun it can go on with
+    nouns = Vocabulary.of_scenes().nouns()
+    plural = "Please segment the yellow circles."
+    assert _allowed(tok, plural, "<ref>the yellow", nouns=nouns) == {"circles"}
+    assert _allowed(tok, plural, "<ref>the yellow") == {"circles", "</ref>"}
+    assert _allowed(tok, "the yellow circle in the top left", "<ref>the yellow circle", nouns=nouns) == {
+        "in", "</ref>"}
 
 
 def test_a_question_joining_two_phrases_with_and_gets_both(shapes_tok):
@@ -139,6 +148,32 @@ def test_dropping_an_absent_target_rewrites_the_answer():
     everything = drop_absent(pred, {"the red star": "-1.00", "the blue ring": "-3.00"})
     assert everything.targets == [] and everything.answer == (
         "There is no blue ring in the image. There is no red star in the image.")
+
+
+def test_dropping_one_target_of_a_group_keeps_the_others_and_their_text():
+    group = "<ref>all red shapes</ref><box>(1,2),(3,4)</box>[SEG]"
+    pred = Prediction(" ".join([group.replace("1,2", "9,9")] + [group] * 2),
+                      [_target("all red shapes", x) for x in (1, 10, 20)], (20, 30))
+    out = drop_targets(pred, {1: "not red"})
+    assert [t.box[0] for t in out.targets] == [1, 20]
+    assert out.answer == " ".join([group.replace("1,2", "9,9"), group]), out.answer
+    assert out.notes == ["target 1 ('all red shapes') dropped: not red"]
+    gone = drop_targets(pred, {0: "none", 1: "none", 2: "none"})
+    assert not gone.targets and gone.answer == "There are no red shapes in the image."
+
+
+@pytest.mark.parametrize("phrase, said", [
+    ("the red star", "There is no red star in the image."),
+    ("all the purple stars", "There are no purple stars in the image."),
+    ("every pentagon", "There is no pentagon in the image."),
+    ("the crosses", "There are no crosses in the image."),
+    ("the cross", "There is no cross in the image."),
+    ("the circle below the cyan shapes", "There is no circle below the cyan shapes in the image."),
+    ("both squares", "There are no squares in the image."),
+    ("all dotted square", "There is no dotted square in the image."),   # a model's phrase need not be English
+])
+def test_a_denial_speaks_in_the_phrases_number(phrase, said):
+    assert denial(phrase) == said
 
 
 def test_scene_phrases_name_what_is_there_and_what_is_not():

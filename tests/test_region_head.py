@@ -83,7 +83,10 @@ def test_plain_phrases_are_those_naming_only_a_colour_and_a_kind():
     assert plain_names("Yellow circle", vocab) == (["yellow"], ["circle"])
     assert plain_names("the star", vocab) == ([], ["star"])
     assert plain_names("the red shape", vocab) == (["red"], [])
-    for other in ("the small red square", "all red shapes", "the circle below the cyan shape", "the square shape",
+    assert plain_names("all red shapes", vocab) == (["red"], [])          # a group: what each of its objects is
+    assert plain_names("all the stars", vocab) == ([], ["star"])
+    assert plain_names("every green cross", vocab) == (["green"], ["cross"])
+    for other in ("the small red square", "all small shapes", "the circle below the cyan shape", "the square shape",
                   "the shape", "the red blue square", ""):
         assert plain_names(other, vocab) is None, other
 
