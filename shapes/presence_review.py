@@ -12,6 +12,7 @@ import re
 import torch
 
 from grounding.text.tokens import SEG
+from shapes.region_verify import ARTICLES, QUANTIFIERS
 
 
 class NoDenialStart:
@@ -37,9 +38,9 @@ def denial(phrase: str) -> str:
     red star in the image.", "all the purple stars" -> "There are no purple stars in the image.", "every pentagon"
     -> "There is no pentagon in the image."."""
     words = phrase.split()
-    if words and words[0].lower() in ("all", "both", "every", "each"):
+    if words and words[0].lower() in QUANTIFIERS:
         words = words[1:]
-    if words and words[0].lower() in ("the", "a", "an"):
+    if words and words[0].lower() in ARTICLES:
         words = words[1:]
     head = next((w for w, after in zip(words, words[1:] + [""]) if after.lower() in _LINKS or not after), "").lower()
     plural = head.endswith("s") and not head.endswith(("ss", "us", "is"))
