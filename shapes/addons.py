@@ -27,15 +27,16 @@ from typing import Any
 import torch
 
 from grounding.addons import AddOn, AnswerRows, DecoderPrompts, SegRead, register_addon
+from grounding.text.boxes import box_iou
 from shapes.box_writer import BoxWriter
 from shapes.group_count import GroupCount
 from shapes.locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_centres, distinct_cells, locator_loss,
                             mask_cells, peak_cells, square_boxes, square_to_pixels)
 from shapes.locator_mirror import locate_both, mirror_ids, mirror_token_ids
 from shapes.presence import PresenceHead, presence_features
-from shapes.presence_review import NoDenialStart, drop_absent, drop_targets
+from shapes.presence_review import NoDenialStart, drop_absent, drop_targets, rename_targets
 from shapes.projector_norm import install_projector_norm
-from shapes.question_language import CaseFolder, language_note
+from shapes.question_language import CaseFolder, language_note, words_of
 from shapes.region_head import RegionHead, Vocabulary, describe, region_box
 from shapes.region_verify import plain_names, sureness
 from shapes.ref_copy import RefCopy, TokenWords
@@ -242,7 +243,9 @@ class RefCopyBias(AddOn):
         if self.settings.strict:
             region = rows.addons.get("region")
             nouns = frozenset() if region is None else region.vocab.nouns()
-            return StrictCopy(self.words, questions, rows.prefixes, self.settings.start_margin, nouns)
+            language = rows.addons.get("question_language")   # the training questions' words
+            known = frozenset(language.settings.words) if language is not None else frozenset()
+            return StrictCopy(self.words, questions, rows.prefixes, self.settings.start_margin, nouns, known)
         return RefCopy(self.words, questions, rows.prefixes, self.settings.bias)
 
 
@@ -358,8 +361,23 @@ class Region(AddOn):
         an image's cell features ``[g*g, width]``."""
         return {name: v[0].softmax(-1) for name, v in self.head(keys[None], region[None]).items()}
 
+    def name_unasked(self, model, image, query, prediction):
+        """``prediction`` with each generated target whose phrase shares no word with the question (a question in
+        another language leaves the phrase to the model) named by the head's reading of its box instead."""
+        asked, targets = set(words_of(query.question or "")), prediction.targets
+        names = {i: self.describe(model, image, box=t.box) for i, t in enumerate(targets)
+                 if t.box is not None and t.phrase and not asked & set(words_of(t.phrase))}
+        if not names:
+            return prediction
+        again = {i: f"the same object as target {j}" for i in names for j in names
+                 if j < i and box_iou(targets[i].box, targets[j].box) > GroupCount.overlap}
+        prediction = rename_targets(prediction, names)
+        return drop_targets(prediction, again) if again else prediction
+
     def review(self, model, tokenizer, image, query, prediction):
         if prediction.targets:   # the answer named objects: not a description
+            if query.answer is None:
+                prediction = self.name_unasked(model, image, query, prediction)
             return self.verify(model, image, prediction) if self.settings.verify > 0 else prediction
         if query.boxes is not None and len(query.boxes):
             text = self.describe(model, image, box=query.boxes[0])

@@ -47,6 +47,28 @@ def denial(phrase: str) -> str:
     return f"There {'are' if plural else 'is'} no {' '.join(words)} in the image."
 
 
+def _ref_spans(text: str, phrase: str) -> list[re.Match]:
+    """Each ``<ref>phrase</ref>`` of ``text`` with its box and [SEG]: the k-th is the phrase's k-th target."""
+    span = re.escape(f"<ref>{phrase}</ref>") + r"(?:<box>.*?</box>)?\s*(?:" + re.escape(SEG) + r")?"
+    return list(re.finditer(span, text))
+
+
+def rename_targets(prediction, names: dict[int, str]):
+    """The Prediction with target ``i`` named ``names[i]``, in its ``phrase`` and its ``<ref>`` span of the answer."""
+    targets, text = list(prediction.targets), prediction.answer
+    for phrase in dict.fromkeys(targets[i].phrase for i in names):
+        mine = [i for i, t in enumerate(targets) if t.phrase == phrase]
+        spans = _ref_spans(text, phrase)
+        if len(spans) == len(mine):          # the k-th span is the phrase's k-th target
+            for i, m in reversed(list(zip(mine, spans))):
+                if i in names:
+                    text = text[:m.start()] + f"<ref>{names[i]}" + m.group()[m.group().index("</ref>"):] + text[m.end():]
+        for i in mine:
+            if i in names:
+                targets[i] = dataclasses.replace(targets[i], phrase=names[i])
+    return dataclasses.replace(prediction, answer=text, targets=targets)
+
+
 def drop_targets(prediction, reasons: dict[int, str]):
     """The Prediction without the targets whose index is a key of ``reasons``. Their ``<ref>`` spans leave the
     answer text; a phrase that loses every target is denied ("There is no ..."), with one note giving the reason,
@@ -56,13 +78,13 @@ def drop_targets(prediction, reasons: dict[int, str]):
     for phrase in dict.fromkeys(targets[i].phrase for i in reasons):
         mine = [i for i, t in enumerate(targets) if t.phrase == phrase]
         gone = [k for k, i in enumerate(mine) if i in reasons]
-        span = re.escape(f"<ref>{phrase}</ref>") + r"(?:<box>.*?</box>)?\s*(?:" + re.escape(SEG) + r")?"
-        spans = list(re.finditer(span, text))
-        if len(spans) == len(mine):          # the k-th span is the phrase's k-th target
-            for k in reversed(gone):
-                text = text[:spans[k].start()] + text[spans[k].end():]
-        elif len(gone) == len(mine):
-            text = re.sub(span, "", text)
+        spans = _ref_spans(text, phrase)
+        if len(gone) == len(mine):
+            cut = range(len(spans))
+        else:                                # the k-th span is the phrase's k-th target
+            cut = gone if len(spans) == len(mine) else []
+        for k in reversed(cut):
+            text = text[:spans[k].start()] + text[spans[k].end():]
         if len(gone) == len(mine):
             denied.append(phrase)
             notes.append(f"target {phrase!r} dropped: {reasons[mine[0]]}")

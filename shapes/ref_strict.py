@@ -7,14 +7,17 @@ was not trained on: asked "yellow circle" it may write "<ref>purple circle</ref>
 therefore rules out, while decoding, every token but these:
 
   a phrase's first token  the question's earliest word whose logit is within ``start_margin`` nats of the best
-                          question word's (a referring phrase keeps its modifiers), never punctuation;
+                          question word's (a referring phrase keeps its modifiers), never punctuation nor a word
+                          that asks ("Please", "segment", "Where", ...);
   inside a phrase         the next question word of a run the phrase continues, or ``</ref>`` (not after "the",
                           "this", "of", "and"..., on which no noun phrase ends, nor before a noun the phrase can
                           go on with: "the yellow circles" does not end at "yellow", a word the model has seen
                           end phrases while "circles" it has not);
   in both                 only words the vocabulary holds whole (and the "-" of "medium-sized"), from which the
                           phrase can still reach an end ("the square in this picture": "picture" is spelt in
-                          pieces, so the phrase ends at "square");
+                          pieces, so the phrase ends at "square") and that the training questions used;
+  no word to copy         (a question in another language) a phrase of the vocabulary's whole English words, in
+                          the model's own choice, never a byte piece that decodes to "\ufffd";
   after a target         ([SEG], or a box with no [SEG]) while "and" follows the last copied phrase in the
                           question, no end of the answer: a space, then ``<ref>``; that next phrase starts after
                           the "and".
@@ -36,6 +39,11 @@ CLOSED_WORDS = frozenset({"the", "a", "an", "this", "these", "those", "that", "i
                           "every", "of", "in", "on", "at", "to", "with", "and", "or", "is", "has", "which"})
 
 
+# words that ask, never the start of what is asked about: "Please segment circle." names "circle", not "Please"
+ASKING_WORDS = frozenset({"please", "segment", "find", "show", "locate", "highlight", "detect", "mark", "give",
+                          "tell", "point", "where", "what", "can", "could", "would", "will", "you", "me", "is", "are"})
+
+
 def _wordy(w: str) -> bool:
     return any(ch.isalnum() for ch in w)
 
@@ -46,33 +54,43 @@ class StrictCopy:
     to -inf in place."""
 
     def __init__(self, vocab: TokenWords, questions: list[list[int]], prefixes: list[list[int]],
-                 start_margin: float = 3.0, nouns: frozenset[str] = frozenset()):
+                 start_margin: float = 3.0, nouns: frozenset[str] = frozenset(), known: frozenset[str] = frozenset()):
         self.vocab, self.prefixes, self.start_margin, self.nouns = vocab, prefixes, float(start_margin), nouns
+        self.known = known
         self.questions = [[vocab.words[t] for t in q] for q in questions]
         self.ands = [self.and_ends(q) for q in questions]
-        self.reach, self.ends = zip(*(self.reachable(q) for q in questions)) if questions else ((), ())
+        self.reach, self.ends, self.opens = zip(*(self.reachable(q) for q in questions)) if questions else ((),) * 3
         self.spaces = [i for i in vocab.ids_of.get("", ())]
+        # a phrase with no question word to copy ("请分割黄色的圆") is still spelt in whole letters, never in the
+        # byte pieces of another script, which alone decode to "\ufffd"
+        self.letters = [i for i, w in enumerate(vocab.words) if w.isascii() and w.isalpha()]
 
-    def reachable(self, question: list[int]) -> tuple[list[bool], list[bool]]:
+    def reachable(self, question: list[int]) -> tuple[list[bool], list[bool], list[bool]]:
         """Per question token: (a phrase may go on with it and from it still reach an end, a phrase may end after
-        it). Usable tokens spell letter runs the vocabulary holds whole ("medium", "sized", "isn", "4"; not "picture",
-        which it spells in pieces and no training phrase held) or the punctuation inside a word ("-" in
+        it, a phrase may start with it). Usable tokens spell letter runs the vocabulary holds whole ("medium", "sized", "isn", "4"; not "picture",
+        which it spells in pieces and no training phrase held), in ASCII (not the byte pieces of another script)
+        and, given ``known`` words, among them (not "est" of "Où est le cercle", a piece of "largest"), or the
+        punctuation inside a word ("-" in
         "medium-sized"); a phrase ends after a letter run that ends a word, is not a word like "the" or "of", and is
-        not followed by one of ``nouns`` the phrase can go on with."""
+        not followed by one of ``nouns`` the phrase can go on with; a phrase starts at the start of a word that
+        does not ask (``ASKING_WORDS``), as "se" opens "segment" (spelt "se" "gm" "ent" at a question's start)."""
         v = self.vocab
         texts = [(" " if v.spaced[t] else "") + v.words[t] for t in question]
         text = "".join(texts)
         known = [False] * len(text)
         for m in re.finditer(r"[^\W_]+", text):
-            if m.group() in v.ids_of:
+            run = m.group()
+            if run.isascii() and run in v.ids_of and (not self.known or not run.isalpha() or run in self.known):
                 known[m.start():m.end()] = [True] * (m.end() - m.start())
         inner = [not c.isspace() and not c.isalnum() and 0 < k < len(text) - 1 and text[k - 1].isalnum()
                  and text[k + 1].isalnum() for k, c in enumerate(text)]
-        usable, ends, at = [], [], 0
+        usable, ends, words, at = [], [], [], 0
         for piece in texts:
             a, b = at + (len(piece) - len(piece.lstrip())), at + len(piece)
             at = b
             usable.append(all(known[k] or inner[k] for k in range(a, b)))   # a lone space passes through
+            opens = a < b and text[a].isalnum() and (a == 0 or not (text[a - 1].isalnum() or inner[a - 1]))
+            words.append(re.match(r"[^\W_]+", text[a:]).group() if opens else None)
             word = re.search(r"[^\W_]+$", text[:b])
             ends.append(usable[-1] and text[b - 1].isalnum() and (b == len(text) or not (text[b].isalnum() or inner[b]))
                         and word is not None and word.group() not in CLOSED_WORDS)
@@ -82,7 +100,8 @@ class StrictCopy:
         reach = [False] * (len(question) + 1)
         for i in range(len(question) - 1, -1, -1):
             reach[i] = usable[i] and (ends[i] or reach[i + 1])
-        return reach[:-1], ends
+        opens = [r and w is not None and w not in ASKING_WORDS for r, w in zip(reach, words)]
+        return reach[:-1], ends, opens
 
     def and_ends(self, question: list[int]) -> list[int]:
         """Token positions just past each word "and" of a question (a vocabulary without the word spells it in
@@ -127,30 +146,33 @@ class StrictCopy:
             if len(seq) > 1 and seq[-2] in (v.seg, v.box_end) and not v.words[seq[-1]].strip():
                 return [v.ref_start]
             return None
-        reach = self.reach[row]
         if not current:
-            return self.earliest_start(question, reach, floor, scores)
+            return self.earliest_start(question, self.opens[row], floor, scores) or self.letters
         n = len(current)
         starts = [j for j in range(floor, len(question) - n + 1) if question[j:j + n] == current]
         if not starts:
-            return None
-        words = {question[j + n] for j in starts if j + n < len(question) and reach[j + n]}
+            return [v.ref_end] + self.letters
+        words = {question[j + n] for j in starts if j + n < len(question) and self.reach[row][j + n]}
         nxt = [i for w in words for i in v.ids_of.get(w, ())]
         closes = any(self.ends[row][j + n - 1] for j in starts) or not nxt
         return ([v.ref_end] if closes else []) + nxt
 
-    def earliest_start(self, question: list[str], reach: list[bool], floor: int, scores: torch.Tensor) -> list[int]:
-        """The phrase's first token: the earliest question word from ``floor`` on (one a phrase may go on with)
-        whose logit is within ``start_margin`` of the best such word's."""
+    def earliest_start(self, question: list[str], opens: list[bool], floor: int, scores: torch.Tensor) -> list[int]:
+        """The phrase's first token: the earliest question word from ``floor`` on (one a phrase may start with)
+        whose logit is within ``start_margin`` of the best such word's, without a space marker where the
+        vocabulary has it so."""
         best = {}
         for j in range(floor, len(question)):
-            ids = self.vocab.ids_of.get(question[j], ()) if reach[j] else ()
+            ids = self.vocab.ids_of.get(question[j], ()) if opens[j] else ()
             if ids:
                 best[j] = max(ids, key=lambda i: float(scores[i]))
         if not best:
             return []
         top = max(float(scores[i]) for i in best.values())
-        return [best[min(j for j, i in best.items() if float(scores[i]) >= top - self.start_margin)]]
+        first = best[min(j for j, i in best.items() if float(scores[i]) >= top - self.start_margin)]
+        # spelt as the training answers spell a phrase's first word: with no space after "<ref>" where it can be
+        unspaced = [i for i in self.vocab.ids_of[self.vocab.words[first]] if not self.vocab.spaced[i]]
+        return unspaced[:1] or [first]
 
     def adjust(self, row: int, ids: list[int], scores: torch.Tensor) -> None:
         index = self.allowed(row, ids, scores)

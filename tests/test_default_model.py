@@ -229,6 +229,26 @@ def test_a_plural_phrase_is_copied_whole_and_a_group_keeps_only_its_objects(grou
     assert not stars.targets and stars.answer == "There are no purple stars in the image.", stars.answer
 
 
+@pytest.mark.parametrize("question", ["请分割黄色的圆", "Où est le cercle jaune ?", "Dónde está el círculo amarillo?"])
+def test_a_question_in_another_language_is_answered_in_words_that_name_what_is_boxed(grounder, question):
+    """With no English word to copy, each target is named by the region head's reading of its box (once per
+    object), never by the byte pieces of another script ("<ref>\ufffd</ref>") nor a word the question never asked
+    ("est"), and the note says that the model reads English only."""
+    from apps.demo import EXAMPLES_DIR
+    from grounding.images import load_image
+    from grounding.text.boxes import box_iou
+
+    image = load_image(EXAMPLES_DIR / "shapes.png")
+    answer = grounder.predict(image, question)
+    assert "\ufffd" not in answer.answer and any("English only" in n for n in answer.notes), answer
+    region = grounder.model.addons["region"]
+    for i, t in enumerate(answer.targets):
+        prepared = grounder.prepare([image])[0]
+        assert t.phrase == region.describe(grounder.model, prepared, box=t.box), answer.answer
+        assert all(box_iou(t.box, u.box) <= 0.2 for u in answer.targets[:i]), answer.answer
+        assert f"<ref>{t.phrase}</ref>" in answer.answer
+
+
 def test_a_grayscale_scan_gets_whole_masks(grounder, unseen):
     """The unseen scenes as 16-bit grayscale PNGs (read by groundseg's loader): a box around an object gives its
     mask, and "Please segment the {kind}." about a kind the scene holds once finds it. Every training scene is in

@@ -12,7 +12,7 @@ import torch
 
 from grounding.result import Prediction, Target
 from shapes.presence import scene_phrases
-from shapes.presence_review import NoDenialStart, denial, drop_absent, drop_targets
+from shapes.presence_review import NoDenialStart, denial, drop_absent, drop_targets, rename_targets
 from shapes.question_language import CaseFolder
 from shapes.ref_copy import TokenWords
 from shapes.ref_strict import StrictCopy
@@ -33,13 +33,14 @@ def shapes_tok():
 
 
 def _allowed(tok, question: str, written: str, favour: dict[str, float] | None = None,
-             nouns: frozenset[str] = frozenset()) -> set[str] | int:
+             nouns: frozenset[str] = frozenset(), known: frozenset[str] = frozenset()) -> set[str] | int:
     """The words StrictCopy allows next after ``written`` (the model's logits: 0, or ``favour`` for some tokens);
     the number of tokens allowed when it rules nothing out."""
     scores = torch.zeros(len(tok))
     for word, value in (favour or {}).items():
         scores[tok.convert_tokens_to_ids(word)] = value
-    StrictCopy(TokenWords.of(tok), [_ids(tok, question)], [[]], nouns=nouns).adjust(0, _ids(tok, written), scores)
+    StrictCopy(TokenWords.of(tok), [_ids(tok, question)], [[]], nouns=nouns, known=known).adjust(
+        0, _ids(tok, written), scores)
     allowed = torch.isfinite(scores).nonzero().flatten().tolist()
     return len(allowed) if len(allowed) == len(tok) else {t.lstrip("Ġ") for t in tok.convert_ids_to_tokens(allowed)}
 
@@ -69,6 +70,25 @@ def test_strict_copy_starts_at_the_earliest_likely_word_and_keeps_to_the_questio
     assert _allowed(tok, plural, "<ref>the yellow") == {"circles", "</ref>"}
     assert _allowed(tok, "the yellow circle in the top left", "<ref>the yellow circle", nouns=nouns) == {
         "in", "</ref>"}
+
+
+def test_a_phrase_starts_at_what_is_asked_about_as_training_answers_spell_it(shapes_tok):
+    tok = shapes_tok
+    # " pentagon" is the model's favourite, but a phrase's first word is written without the space where it can be
+    assert _allowed(tok, "Segment the big pentagon.", "<ref>", {"Ġpentagon": 6.0}) == {"pentagon"}
+    # nor at a word that asks, however likely ("segment" at a question's start is spelt "se" "gm" "ent")
+    for question in ("Please segment circle.", "segment circle", "Where is circle?"):
+        assert _allowed(tok, question, "<ref>", {"Please": 6.0, "se": 6.0, "Where": 6.0}) == {"circle"}, question
+    # "est" is a whole token (a piece of "largest") but no training question's word: nothing to copy in French,
+    # so the phrase is the model's own (below)
+    french = "Où est le cercle jaune ?"
+    assert _allowed(tok, french, "<ref>") == {"est"}
+    assert len(_allowed(tok, french, "<ref>", known=frozenset({"the", "circle", "largest"}))) > 100
+    # a question in another script is all byte pieces: the phrase is spelt in whole letters, never in those pieces
+    chinese = _allowed(tok, "请分割黄色的圆", "<ref>")
+    assert chinese and all(w.isascii() and w.isalpha() for w in chinese), sorted(chinese)[:10]
+    assert "</ref>" in _allowed(tok, "请分割黄色的圆", "<ref>yellow")
+    assert all(w.isascii() for w in _allowed(tok, "请分割黄色的圆", "<ref>yellow"))
 
 
 def test_a_question_joining_two_phrases_with_and_gets_both(shapes_tok):
@@ -160,6 +180,14 @@ def test_dropping_one_target_of_a_group_keeps_the_others_and_their_text():
     assert out.notes == ["target 1 ('all red shapes') dropped: not red"]
     gone = drop_targets(pred, {0: "none", 1: "none", 2: "none"})
     assert not gone.targets and gone.answer == "There are no red shapes in the image."
+
+
+def test_renaming_targets_rewrites_their_phrases_in_the_answer():
+    one = "<ref>all triangle</ref><box>(1,2),(3,4)</box>[SEG]"
+    pred = Prediction(f"{one} {one}", [_target("all triangle", x) for x in (1, 10)], (20, 30))
+    out = rename_targets(pred, {1: "a small red square"})
+    assert [t.phrase for t in out.targets] == ["all triangle", "a small red square"]
+    assert out.answer == f"{one} " + one.replace("all triangle", "a small red square")
 
 
 @pytest.mark.parametrize("phrase, said", [
