@@ -38,7 +38,7 @@ from shapes.presence_review import NoDenialStart, drop_absent, drop_targets, ren
 from shapes.projector_norm import install_projector_norm
 from shapes.question_language import CaseFolder, language_note, words_of
 from shapes.region_head import RegionHead, Vocabulary, describe, region_box
-from shapes.region_verify import plain_names, sureness
+from shapes.region_verify import REPEAT_BOX_FIT, plain_names, sureness
 from shapes.ref_copy import RefCopy, TokenWords
 from shapes.ref_strict import StrictCopy
 from shapes.vision_stem import install_vision_stem
@@ -337,7 +337,7 @@ class Region(AddOn):
     def verify(self, model, image, prediction):
         """``prediction`` without its plain targets whose box the head does not read as what they name: the first
         target of a phrase under ``verify``, a repeat of it (an "all ..." answer's further objects) under
-        ``GroupCount.confidence``."""
+        ``GroupCount.confidence``, or whose mask's box overlaps its box under ``REPEAT_BOX_FIT``."""
         keys = model.addons["locator"].read_image(model, [image])[0].keys
         dropped, seen = {}, set()
         for i, target in enumerate(prediction.targets):
@@ -351,9 +351,14 @@ class Region(AddOn):
             level = GroupCount.confidence if repeat else self.settings.verify
             square = region_box(image.size, target.box).to(keys.device, keys.dtype)
             sure = sureness(self, keys, square, *names)
+            mask_box = target.box_from_mask() if repeat else None
+            fit = 1.0 if mask_box is None else box_iou(target.box, mask_box)
             if sure < level:
                 dropped[i] = (f"the region head reads its box as {' '.join(sum(names, []))} with "
                               f"probability {sure:.4f} only (needed {level:.4f})")
+            elif fit < REPEAT_BOX_FIT:   # a locator cell at an object's edge boxes it and its surroundings
+                dropped[i] = (f"its mask's box overlaps its box by IoU {fit:.2f} only (needed {REPEAT_BOX_FIT}): "
+                              f"not one object's box")
         return drop_targets(prediction, dropped) if dropped else prediction
 
     def probabilities(self, keys: torch.Tensor, region: torch.Tensor) -> dict[str, torch.Tensor]:

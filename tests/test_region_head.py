@@ -2,6 +2,7 @@
 description read from the cells under it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -109,3 +110,33 @@ def test_the_region_check_drops_plain_targets_its_head_does_not_read_in_their_bo
     assert strict.predict(image, "Please segment the circle below the cyan shape.").targets
     kept = Grounder.from_pretrained(model, device="cpu", addons={"region": {"verify": 0.0}})
     assert kept.predict(image, "Where is the yellow circle?").targets
+
+
+def test_a_group_repeat_whose_mask_fills_little_of_its_box_is_dropped():
+    """A further object of "all the yellow shapes" is kept when its mask fills its box, and dropped with a note when
+    its box also holds a stretch of empty ground (the mask's tight box overlaps it under REPEAT_BOX_FIT), as a
+    locator cell at an object's edge boxes it."""
+    from pathlib import Path
+
+    from grounding import Grounder
+    from grounding.images import load_image
+    from grounding.result import Prediction
+    from shapes.region_verify import REPEAT_BOX_FIT
+
+    model = Path(__file__).resolve().parent.parent / "weights/shapes-tiny"
+    image = load_image(model.parent.parent / "examples/shapes.png")
+    grounder = Grounder.from_pretrained(model, device="cpu")
+    circle, square = grounder.segment(image, boxes=[[168, 109, 247, 192], [197, 171, 287, 262]]).targets
+    phrase = "all the yellow shapes"
+    ref = f"<ref>{phrase}</ref>[SEG]"
+
+    def verified(square_box):
+        targets = [dataclasses.replace(circle, phrase=phrase), dataclasses.replace(square, phrase=phrase, box=square_box)]
+        prediction = Prediction(f"{ref} {ref}", targets, image.shape[:2])
+        return grounder.model.addons["region"].verify(grounder.model, grounder.prepare([image])[0], prediction)
+
+    assert len(verified(square.box).targets) == 2
+    x1, y1, x2, y2 = square.box
+    loose = verified((x1, y1 - (y2 - y1), x2 + (x2 - x1), y2))          # three times its area, above and right
+    assert len(loose.targets) == 1 and loose.answer == ref, loose.answer
+    assert any(f"needed {REPEAT_BOX_FIT}" in n for n in loose.notes), loose.notes
