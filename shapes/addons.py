@@ -40,7 +40,7 @@ from shapes.question_language import CaseFolder, language_note, words_of
 from shapes.region_head import RegionHead, Vocabulary, describe, region_box
 from shapes.region_verify import REPEAT_BOX_FIT, plain_names, sureness
 from shapes.ref_copy import RefCopy, TokenWords
-from shapes.ref_strict import StrictCopy
+from shapes.ref_strict import CLOSED_WORDS, StrictCopy
 from shapes.vision_stem import install_vision_stem
 
 
@@ -367,9 +367,10 @@ class Region(AddOn):
         return {name: v[0].softmax(-1) for name, v in self.head(keys[None], region[None]).items()}
 
     def name_unasked(self, model, image, query, prediction):
-        """``prediction`` with each generated target whose phrase shares no word with the question (a question in
-        another language leaves the phrase to the model) named by the head's reading of its box instead."""
-        asked, targets = set(words_of(query.question or "")), prediction.targets
+        """``prediction`` with each generated target whose phrase shares no word with the question but "the", "of"
+        and the like (a question in another language leaves the phrase to the model) named by the head's reading of
+        its box instead."""
+        asked, targets = set(words_of(query.question or "")) - CLOSED_WORDS, prediction.targets
         names = {i: self.describe(model, image, box=t.box) for i, t in enumerate(targets)
                  if t.box is not None and t.phrase and not asked & set(words_of(t.phrase))}
         if not names:

@@ -7,8 +7,8 @@ was not trained on: asked "yellow circle" it may write "<ref>purple circle</ref>
 therefore rules out, while decoding, every token but these:
 
   a phrase's first token  the question's earliest word whose logit is within ``start_margin`` nats of the best
-                          question word's (a referring phrase keeps its modifiers), never punctuation nor a word
-                          that asks ("Please", "segment", "Where", ...);
+                          question word's (a referring phrase keeps its modifiers), never punctuation, a word
+                          that asks ("Please", "segment", "Where", ...) nor the picture ("the image");
   inside a phrase         the next question word of a run the phrase continues, or ``</ref>`` (not after "the",
                           "this", "of", "and"..., on which no noun phrase ends, nor before a noun the phrase can
                           go on with: "the yellow circles" does not end at "yellow", a word the model has seen
@@ -34,14 +34,19 @@ import torch
 
 from shapes.ref_copy import TokenWords
 
-# words a noun phrase does not end on: articles, determiners, prepositions, conjunctions
-CLOSED_WORDS = frozenset({"the", "a", "an", "this", "these", "those", "that", "its", "their", "my", "your", "all",
-                          "every", "of", "in", "on", "at", "to", "with", "and", "or", "is", "has", "which"})
+# words a noun phrase does not start on: prepositions, conjunctions, verbs
+LINKING_WORDS = frozenset({"of", "in", "on", "at", "to", "with", "and", "or", "is", "has", "which"})
+# words a noun phrase does not end on: those and articles, determiners
+CLOSED_WORDS = LINKING_WORDS | {"the", "a", "an", "this", "these", "those", "that", "its", "their", "my", "your",
+                                "all", "every"}
 
 
 # words that ask, never the start of what is asked about: "Please segment circle." names "circle", not "Please"
 ASKING_WORDS = frozenset({"please", "segment", "find", "show", "locate", "highlight", "detect", "mark", "give",
-                          "tell", "point", "where", "what", "can", "could", "would", "will", "you", "me", "is", "are"})
+                          "tell", "point", "describe", "identify", "select", "where", "what", "can", "could", "would",
+                          "will", "you", "me", "is", "are"})
+# the picture itself, never what a phrase is about ("Describe the image." names no object in it)
+IMAGE_WORDS = frozenset({"image", "picture", "photo", "photograph", "scene"})
 
 
 def _wordy(w: str) -> bool:
@@ -58,12 +63,13 @@ class StrictCopy:
         self.vocab, self.prefixes, self.start_margin, self.nouns = vocab, prefixes, float(start_margin), nouns
         self.known = known
         self.questions = [[vocab.words[t] for t in q] for q in questions]
+        self.spaced = [[vocab.spaced[t] for t in q] for q in questions]
         self.ands = [self.and_ends(q) for q in questions]
         self.reach, self.ends, self.opens = zip(*(self.reachable(q) for q in questions)) if questions else ((),) * 3
         self.spaces = [i for i in vocab.ids_of.get("", ())]
         # a phrase with no question word to copy ("请分割黄色的圆") is still spelt in whole letters, never in the
         # byte pieces of another script, which alone decode to "\ufffd"
-        self.letters = [i for i, w in enumerate(vocab.words) if w.isascii() and w.isalpha()]
+        self.letters = [i for i, w in enumerate(vocab.words) if w.isascii() and w.isalpha() and w not in IMAGE_WORDS]
 
     def reachable(self, question: list[int]) -> tuple[list[bool], list[bool], list[bool]]:
         """Per question token: (a phrase may go on with it and from it still reach an end, a phrase may end after
@@ -73,7 +79,8 @@ class StrictCopy:
         punctuation inside a word ("-" in
         "medium-sized"); a phrase ends after a letter run that ends a word, is not a word like "the" or "of", and is
         not followed by one of ``nouns`` the phrase can go on with; a phrase starts at the start of a word that
-        does not ask (``ASKING_WORDS``), as "se" opens "segment" (spelt "se" "gm" "ent" at a question's start)."""
+        does not ask (``ASKING_WORDS``; "se" opens "segment", spelt "se" "gm" "ent" at a question's start), link
+        (``LINKING_WORDS``) nor name the picture itself (``IMAGE_WORDS``, or "the" before one)."""
         v = self.vocab
         texts = [(" " if v.spaced[t] else "") + v.words[t] for t in question]
         text = "".join(texts)
@@ -100,7 +107,13 @@ class StrictCopy:
         reach = [False] * (len(question) + 1)
         for i in range(len(question) - 1, -1, -1):
             reach[i] = usable[i] and (ends[i] or reach[i + 1])
-        opens = [r and w is not None and w not in ASKING_WORDS for r, w in zip(reach, words)]
+        following = {}   # per token opening a word: the next word
+        starts = [i for i, w in enumerate(words) if w is not None]
+        for i, j in zip(starts, starts[1:]):
+            following[i] = words[j]
+        opens = [r and w is not None and w not in ASKING_WORDS | IMAGE_WORDS | LINKING_WORDS
+                 and not (w in CLOSED_WORDS and following.get(i) in IMAGE_WORDS)
+                 for i, (r, w) in enumerate(zip(reach, words))]
         return reach[:-1], ends, opens
 
     def and_ends(self, question: list[int]) -> list[int]:
@@ -149,11 +162,12 @@ class StrictCopy:
         if not current:
             return self.earliest_start(question, self.opens[row], floor, scores) or self.letters
         n = len(current)
-        starts = [j for j in range(floor, len(question) - n + 1) if question[j:j + n] == current]
-        if not starts:
-            return [v.ref_end] + self.letters
-        words = {question[j + n] for j in starts if j + n < len(question) and self.reach[row][j + n]}
-        nxt = [i for w in words for i in v.ids_of.get(w, ())]
+        starts = [j for j in range(floor, len(question) - n + 1) if question[j:j + n] == current and self.opens[row][j]]
+        if not starts:   # the model's own phrase: it may end after a word that can end a noun phrase
+            return ([] if current[-1] in CLOSED_WORDS else [v.ref_end]) + self.letters
+        # the next question word, spelt with the question's space before it or without, as the question has it
+        nxt = sorted({i for j in starts if j + n < len(question) and self.reach[row][j + n]
+                      for i in v.ids_of[question[j + n]] if v.spaced[i] == self.spaced[row][j + n]})
         closes = any(self.ends[row][j + n - 1] for j in starts) or not nxt
         return ([v.ref_end] if closes else []) + nxt
 

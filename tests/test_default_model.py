@@ -249,6 +249,21 @@ def test_a_question_in_another_language_is_answered_in_words_that_name_what_is_b
         assert f"<ref>{t.phrase}</ref>" in answer.answer
 
 
+@pytest.mark.parametrize("question", ["What is in the image?", "Describe the image."])
+def test_a_question_about_the_picture_names_an_object_in_it(grounder, question):
+    """The picture itself is not what a phrase is about (it was "There is no image in the image."): the model
+    boxes an object of its choice, named by the region head's reading of its box."""
+    from apps.demo import EXAMPLES_DIR
+    from grounding.images import load_image
+
+    image = load_image(EXAMPLES_DIR / "shapes.png")
+    answer = grounder.predict(image, question)
+    assert answer.targets and "There is no" not in answer.answer, answer.answer
+    prepared = grounder.prepare([image])[0]
+    for t in answer.targets:
+        assert t.phrase == grounder.model.addons["region"].describe(grounder.model, prepared, box=t.box)
+
+
 def test_a_grayscale_scan_gets_whole_masks(grounder, unseen):
     """The unseen scenes as 16-bit grayscale PNGs (read by groundseg's loader): a box around an object gives its
     mask, and "Please segment the {kind}." about a kind the scene holds once finds it. Every training scene is in

@@ -79,6 +79,17 @@ def test_a_phrase_starts_at_what_is_asked_about_as_training_answers_spell_it(sha
     # nor at a word that asks, however likely ("segment" at a question's start is spelt "se" "gm" "ent")
     for question in ("Please segment circle.", "segment circle", "Where is circle?"):
         assert _allowed(tok, question, "<ref>", {"Please": 6.0, "se": 6.0, "Where": 6.0}) == {"circle"}, question
+    # nor at a linking word or the picture itself: "What is in the image?" has no phrase to copy, so the model names
+    # one of its own, which may not end on "the" nor name the picture
+    own = _allowed(tok, "What is in the image?", "<ref>")
+    assert len(own) > 100 and "image" not in own
+    assert "</ref>" not in _allowed(tok, "What is in the image?", "<ref>the")
+    # inside a phrase each word is spelt as the question spells it: " the" after "in", not "the" ("inthe")
+    ids = [tok.convert_tokens_to_ids(t) for t in ("the", "Ġthe")]
+    scores = torch.zeros(len(tok))
+    StrictCopy(TokenWords.of(tok), [_ids(tok, "Please segment the square in the image.")], [[]]).adjust(
+        0, _ids(tok, "<ref>the square in"), scores)
+    assert torch.isinf(scores[ids[0]]) and torch.isfinite(scores[ids[1]])
     # "est" is a whole token (a piece of "largest") but no training question's word: nothing to copy in French,
     # so the phrase is the model's own (below)
     french = "Où est le cercle jaune ?"
