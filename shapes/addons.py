@@ -284,7 +284,9 @@ class Presence(AddOn):
         return out.float()
 
     def review(self, model, tokenizer, image, query, prediction):
-        phrases = sorted({t.phrase for t in prediction.targets if t.phrase})
+        # what the question names; a phrase of the model's own (a question in another language) names what it boxed
+        asked = set(words_of(query.question or "")) - CLOSED_WORDS
+        phrases = sorted({t.phrase for t in prediction.targets if t.phrase and asked & set(words_of(t.phrase))})
         if not phrases:
             return prediction
         found = dict(zip(phrases, self.logits(model, tokenizer, image, phrases).tolist()))

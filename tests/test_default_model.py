@@ -233,7 +233,7 @@ def test_a_plural_phrase_is_copied_whole_and_a_group_keeps_only_its_objects(grou
 def test_a_question_in_another_language_is_answered_in_words_that_name_what_is_boxed(grounder, question):
     """With no English word to copy, each target is named by the region head's reading of its box (once per
     object), never by the byte pieces of another script ("<ref>\ufffd</ref>") nor a word the question never asked
-    ("est"), and the note says that the model reads English only."""
+    ("est"); no such name is denied, and the note says that the model reads English only."""
     from apps.demo import EXAMPLES_DIR
     from grounding.images import load_image
     from grounding.text.boxes import box_iou
@@ -241,6 +241,7 @@ def test_a_question_in_another_language_is_answered_in_words_that_name_what_is_b
     image = load_image(EXAMPLES_DIR / "shapes.png")
     answer = grounder.predict(image, question)
     assert "\ufffd" not in answer.answer and any("English only" in n for n in answer.notes), answer
+    assert answer.targets and "There is no" not in answer.answer, answer.answer   # nothing denied it never asked
     region = grounder.model.addons["region"]
     for i, t in enumerate(answer.targets):
         prepared = grounder.prepare([image])[0]
