@@ -62,7 +62,8 @@ def rename_targets(prediction, names: dict[int, str]):
         if len(spans) == len(mine):          # the k-th span is the phrase's k-th target
             for i, m in reversed(list(zip(mine, spans))):
                 if i in names:
-                    text = text[:m.start()] + f"<ref>{names[i]}" + m.group()[m.group().index("</ref>"):] + text[m.end():]
+                    tail = m.group()[m.group().index("</ref>"):]   # its box and [SEG]
+                    text = text[:m.start()] + f"<ref>{names[i]}" + tail + text[m.end():]
         for i in mine:
             if i in names:
                 targets[i] = dataclasses.replace(targets[i], phrase=names[i])

@@ -39,8 +39,6 @@ LINKING_WORDS = frozenset({"of", "in", "on", "at", "to", "with", "and", "or", "i
 # words a noun phrase does not end on: those and articles, determiners
 CLOSED_WORDS = LINKING_WORDS | {"the", "a", "an", "this", "these", "those", "that", "its", "their", "my", "your",
                                 "all", "every"}
-
-
 # words that ask, never the start of what is asked about: "Please segment circle." names "circle", not "Please"
 ASKING_WORDS = frozenset({"please", "segment", "find", "show", "locate", "highlight", "detect", "mark", "give",
                           "tell", "point", "describe", "identify", "select", "where", "what", "can", "could", "would",
@@ -72,14 +70,14 @@ class StrictCopy:
         self.letters = [i for i, w in enumerate(vocab.words) if w.isascii() and w.isalpha() and w not in IMAGE_WORDS]
 
     def reachable(self, question: list[int]) -> tuple[list[bool], list[bool], list[bool]]:
-        """Per question token: (a phrase may go on with it and from it still reach an end, a phrase may end after
-        it, a phrase may start with it). Usable tokens spell letter runs the vocabulary holds whole ("medium", "sized", "isn", "4"; not "picture",
-        which it spells in pieces and no training phrase held), in ASCII (not the byte pieces of another script)
-        and, given ``known`` words, among them (not "est" of "Où est le cercle", a piece of "largest"), or the
-        punctuation inside a word ("-" in
-        "medium-sized"); a phrase ends after a letter run that ends a word, is not a word like "the" or "of", and is
-        not followed by one of ``nouns`` the phrase can go on with; a phrase starts at the start of a word that
-        does not ask (``ASKING_WORDS``; "se" opens "segment", spelt "se" "gm" "ent" at a question's start), link
+        """Per question token: (a phrase may go on with it and from it still reach an end, a phrase may end after it, a
+        phrase may start with it). Usable tokens spell letter runs the vocabulary holds whole ("medium",
+        "sized", "isn", "4"; not "picture", which it spells in pieces and no training phrase held), in ASCII
+        (not the byte pieces of another script) and, given ``known`` words, among them (not "est" of "Où est le
+        cercle", a piece of "largest"), or the punctuation inside a word ("-" in "medium-sized"); a phrase ends
+        after a letter run that ends a word, is not a word like "the" or "of", and is not followed by one of
+        ``nouns`` the phrase can go on with; a phrase starts at the start of a word that does not ask
+        (``ASKING_WORDS``; "se" opens "segment", spelt "se" "gm" "ent" at a question's start), link
         (``LINKING_WORDS``) nor name the picture itself (``IMAGE_WORDS``, or "the" before one)."""
         v = self.vocab
         texts = [(" " if v.spaced[t] else "") + v.words[t] for t in question]
@@ -107,10 +105,8 @@ class StrictCopy:
         reach = [False] * (len(question) + 1)
         for i in range(len(question) - 1, -1, -1):
             reach[i] = usable[i] and (ends[i] or reach[i + 1])
-        following = {}   # per token opening a word: the next word
         starts = [i for i, w in enumerate(words) if w is not None]
-        for i, j in zip(starts, starts[1:]):
-            following[i] = words[j]
+        following = {i: words[j] for i, j in zip(starts, starts[1:])}   # per token opening a word: the next word
         opens = [r and w is not None and w not in ASKING_WORDS | IMAGE_WORDS | LINKING_WORDS
                  and not (w in CLOSED_WORDS and following.get(i) in IMAGE_WORDS)
                  for i, (r, w) in enumerate(zip(reach, words))]
@@ -186,7 +182,7 @@ class StrictCopy:
         first = best[min(j for j, i in best.items() if float(scores[i]) >= top - self.start_margin)]
         # spelt as the training answers spell a phrase's first word: with no space after "<ref>" where it can be
         unspaced = [i for i in self.vocab.ids_of[self.vocab.words[first]] if not self.vocab.spaced[i]]
-        return unspaced[:1] or [first]
+        return [max(unspaced, key=lambda i: float(scores[i]))] if unspaced else [first]
 
     def adjust(self, row: int, ids: list[int], scores: torch.Tensor) -> None:
         index = self.allowed(row, ids, scores)
