@@ -379,7 +379,14 @@ class Region(AddOn):
             return prediction
         again = {i: f"the same object as target {j}" for i in names for j in names
                  if j < i and box_iou(targets[i].box, targets[j].box) > GroupCount.overlap}
+        language = model.addons["question_language"] if "question_language" in model.addons else None
+        unknown = [w for w in dict.fromkeys(words_of(query.question or ""))
+                   if language is not None and language.settings.words and w not in language.settings.words]
+        note = ("the question names nothing the model can copy"
+                + (f" (words it never read: {', '.join(repr(w) for w in unknown)})" if unknown else "")
+                + ": each target is named by the region head's reading of its box")
         prediction = rename_targets(prediction, names)
+        prediction = dataclasses.replace(prediction, notes=list(prediction.notes) + [note])
         return drop_targets(prediction, again) if again else prediction
 
     def review(self, model, tokenizer, image, query, prediction):

@@ -250,10 +250,11 @@ def test_a_question_in_another_language_is_answered_in_words_that_name_what_is_b
         assert f"<ref>{t.phrase}</ref>" in answer.answer
 
 
-@pytest.mark.parametrize("question", ["What is in the image?", "Describe the image."])
+@pytest.mark.parametrize("question", ["What is in the image?", "Describe the image.", "Segment the dog."])
 def test_a_question_about_the_picture_names_an_object_in_it(grounder, question):
-    """The picture itself is not what a phrase is about (it was "There is no image in the image."): the model
-    boxes an object of its choice, named by the region head's reading of its box."""
+    """The picture itself is not what a phrase is about (it was "There is no image in the image."), nor is a word
+    the model never read ("dog"; it was `<ref>segment</ref>`): the model boxes an object of its choice, named by the
+    region head's reading of its box, and a note says so, naming the words it never read."""
     from apps.demo import EXAMPLES_DIR
     from grounding.images import load_image
 
@@ -263,6 +264,8 @@ def test_a_question_about_the_picture_names_an_object_in_it(grounder, question):
     prepared = grounder.prepare([image])[0]
     for t in answer.targets:
         assert t.phrase == grounder.model.addons["region"].describe(grounder.model, prepared, box=t.box)
+    [note] = [n for n in answer.notes if "named by the region head" in n]
+    assert ("'dog'" in note) == ("dog" in question), note
 
 
 def test_a_grayscale_scan_gets_whole_masks(grounder, unseen):
