@@ -36,11 +36,11 @@ from shapes.locator_mirror import locate_both, mirror_ids, mirror_token_ids
 from shapes.presence import PresenceHead, presence_features
 from shapes.presence_review import NoDenialStart, drop_absent, drop_targets, rename_targets
 from shapes.projector_norm import install_projector_norm
-from shapes.question_language import CaseFolder, language_note, words_of
+from shapes.question_language import CaseFolder, language_note, shares_a_word, words_of
 from shapes.region_head import RegionHead, Vocabulary, describe, region_box
 from shapes.region_verify import REPEAT_BOX_FIT, plain_names, sureness
 from shapes.ref_copy import RefCopy, TokenWords
-from shapes.ref_strict import CLOSED_WORDS, StrictCopy
+from shapes.ref_strict import StrictCopy
 from shapes.vision_stem import install_vision_stem
 
 
@@ -285,8 +285,8 @@ class Presence(AddOn):
 
     def review(self, model, tokenizer, image, query, prediction):
         # what the question names; a phrase of the model's own (a question in another language) names what it boxed
-        asked = set(words_of(query.question or "")) - CLOSED_WORDS
-        phrases = sorted({t.phrase for t in prediction.targets if t.phrase and asked & set(words_of(t.phrase))})
+        question = query.question or ""
+        phrases = sorted({t.phrase for t in prediction.targets if t.phrase and shares_a_word(t.phrase, question)})
         if not phrases:
             return prediction
         found = dict(zip(phrases, self.logits(model, tokenizer, image, phrases).tolist()))
@@ -372,16 +372,16 @@ class Region(AddOn):
         """``prediction`` with each generated target whose phrase shares no word with the question but "the", "of"
         and the like (a question in another language leaves the phrase to the model) named by the head's reading of
         its box instead."""
-        asked, targets = set(words_of(query.question or "")) - CLOSED_WORDS, prediction.targets
+        targets = prediction.targets
         names = {i: self.describe(model, image, box=t.box) for i, t in enumerate(targets)
-                 if t.box is not None and t.phrase and not asked & set(words_of(t.phrase))}
+                 if t.box is not None and t.phrase and not shares_a_word(t.phrase, query.question or "")}
         if not names:
             return prediction
         again = {i: f"the same object as target {j}" for i in names for j in names
                  if j < i and box_iou(targets[i].box, targets[j].box) > GroupCount.overlap}
         language = model.addons["question_language"] if "question_language" in model.addons else None
-        unknown = [w for w in dict.fromkeys(words_of(query.question or ""))
-                   if language is not None and language.settings.words and w not in language.settings.words]
+        known = set(language.settings.words) if language is not None else set()
+        unknown = [w for w in dict.fromkeys(words_of(query.question or "")) if known and w not in known]
         note = ("the question names nothing the model can copy"
                 + (f" (words it never read: {', '.join(repr(w) for w in unknown)})" if unknown else "")
                 + ": each target is named by the region head's reading of its box")

@@ -19,6 +19,13 @@ def words_of(text: str) -> list[str]:
     return [w for w in _WORD.findall(text.lower()) if w not in ("box", "point")]
 
 
+def shares_a_word(phrase: str, question: str) -> bool:
+    """Whether ``phrase`` has a word of ``question`` other than "the", "of" and the like: it names what the question
+    asks about, rather than what the model chose itself."""
+    from shapes.ref_strict import CLOSED_WORDS
+    return bool(set(words_of(phrase)) & (set(words_of(question)) - CLOSED_WORDS))
+
+
 def unknown_words(question: str, known: set[str]) -> tuple[int, int]:
     """(words of ``question`` not in ``known``, all its words)."""
     words = words_of(question)
