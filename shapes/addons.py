@@ -218,7 +218,7 @@ class Locator(AddOn):
         if not (self.fusion and self.settings.write_boxes and rows.model.config.box_format == "qwen"):
             return None
         self.read_image(rows.model, rows.images)
-        return BoxWriter(self, rows.model, rows.tokenizer, rows.images, rows.prefixes)
+        return BoxWriter(self, rows.model, rows.tokenizer, rows.images, rows.prefixes, rows.questions)
 
 
 @register_addon

@@ -5,6 +5,10 @@ language model writes box coordinates as text (weights/shapes-tiny/MODEL_CARD.md
 every ``<ref>phrase</ref>`` an answer writes is followed by ``<box>`` and the tokens ``(x1,y1),(x2,y2)</box>`` of
 the locator's box for that phrase: the answer's box and its mask then come from the same place, and every object
 an answer names gets its box, as Qwen-VL's answers do. Qwen-VL box text only (``box_format="qwen"``).
+
+Given the questions, each box is then followed by ``[SEG]`` unless the question asks for a box (``asks_for_box``):
+the model was taught box-only answers for "Answer with a box." alone, yet writes them for unseen forms too ("How
+many squares are there?"), which would leave a user of a segmentation service with boxes and no masks.
 """
 from __future__ import annotations
 
@@ -12,18 +16,21 @@ import torch
 
 from grounding.addons.base import ref_repeats
 from grounding.text.boxes import format_box
-from grounding.text.tokens import BOX_START, REF_END, REF_START
+from grounding.text.tokens import BOX_END, BOX_START, REF_END, REF_START, SEG
+from shapes.question_language import asks_for_box
 
 
 class BoxWriter:
-    """Per answer row: its image (a ``PreparedImage`` the ``locator`` add-on has read) and the ids of any answer
-    prefix given in the prompt. A logits rule: ``adjust(row, ids, scores)`` forces the next token where a box is
-    being written (``next_token``)."""
+    """Per answer row: its image (a ``PreparedImage`` the ``locator`` add-on has read), the ids of any answer
+    prefix given in the prompt and, optionally, its question. A logits rule: ``adjust(row, ids, scores)`` forces the
+    next token where a box is being written, and the ``[SEG]`` after it (``next_token``)."""
 
-    def __init__(self, locator, model, tokenizer, images: list, prefixes: list[list[int]]):
+    def __init__(self, locator, model, tokenizer, images: list, prefixes: list[list[int]],
+                 questions: list[str] | None = None):
         self.locator, self.model, self.tokenizer, self.images, self.prefixes = locator, model, tokenizer, images, prefixes
-        self.ref_start, self.ref_end, self.box_start = (tokenizer.convert_tokens_to_ids(t)
-                                                        for t in (REF_START, REF_END, BOX_START))
+        self.ref_start, self.ref_end, self.box_start, self.box_end, self.seg = (
+            tokenizer.convert_tokens_to_ids(t) for t in (REF_START, REF_END, BOX_START, BOX_END, SEG))
+        self.seg_after_box = [questions is not None and not asks_for_box(q) for q in questions or [""] * len(images)]
         self.queue: list[list[int]] = [[] for _ in images]
 
     def adjust(self, row: int, ids: list[int], scores: torch.Tensor) -> None:
@@ -40,6 +47,8 @@ class BoxWriter:
         ids = self.prefixes[row] + ids
         if ids and ids[-1] == self.ref_end:
             return self.box_start
+        if ids and ids[-1] == self.box_end and self.seg_after_box[row]:
+            return self.seg
         if len(ids) < 3 or ids[-1] != self.box_start or ids[-2] != self.ref_end:
             return None
         start = max((i for i, t in enumerate(ids[:-2]) if t == self.ref_start), default=None)

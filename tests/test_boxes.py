@@ -379,3 +379,16 @@ def test_box_iou_is_symmetric_and_bounded(a, b):
     iou = box_iou(a[1], b[1])
     assert 0.0 <= iou <= 1.0
     assert iou == pytest.approx(box_iou(b[1], a[1]))
+
+
+def test_the_spaces_inside_a_ref_are_not_part_of_the_name():
+    """A phrase whose first token carries its space ("Ġsquares") reads "<ref>squares</ref>" to the user."""
+    from grounding.inference.steps import tidy_phrases
+    from grounding.result import Prediction, Target
+
+    answer = "<ref> squares </ref><box>(1,2),(3,4)</box>[SEG] <ref>the red  circle</ref>[SEG]"
+    pred = tidy_phrases(Prediction(answer=answer, targets=[Target(" squares ", (1, 2, 3, 4)),
+                                                           Target("the red  circle", (5, 6, 7, 8))],
+                                   image_size=(10, 10)))
+    assert pred.answer == "<ref>squares</ref><box>(1,2),(3,4)</box>[SEG] <ref>the red  circle</ref>[SEG]"
+    assert [t.phrase for t in pred.targets] == ["squares", "the red  circle"]

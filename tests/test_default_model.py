@@ -305,10 +305,10 @@ def test_a_grayscale_scan_gets_whole_masks(grounder, unseen):
     assert np.mean(found) > 0.55, f"kind mean IoU {np.mean(found):.3f}"
 
 
-def test_each_mask_lies_in_its_own_box_when_a_repeat_has_no_mask(grounder):
-    """"Where are the yellow shapes?" is answered with a box first (a "Where is" answer) and then repeats with
-    [SEG]s: the k-th repeat's mask is the k-th object's, the one its box text names (the mask of a repeat once
-    counted only earlier [SEG]s, so each mask lay on the object of the box before it)."""
+def test_each_mask_lies_in_its_own_box(grounder):
+    """"Where are the yellow shapes?" is answered with repeats of one phrase: the k-th repeat's mask is the k-th
+    object's, the one its box text names (the mask of a repeat once counted only earlier [SEG]s, so each mask lay
+    on the object of the box before it)."""
     import cv2
 
     from grounding.text.boxes import box_iou
@@ -320,8 +320,31 @@ def test_each_mask_lies_in_its_own_box_when_a_repeat_has_no_mask(grounder):
     cv2.rectangle(image, (200, 40), (290, 130), (220, 50, 50), -1)
     cv2.rectangle(image, (360, 60), (430, 130), (230, 200, 40), -1)
     answer = grounder.predict(image, "Where are the yellow shapes?")
-    masked = [t for t in answer.targets if t.mask is not None and t.mask.any()]
-    assert len(answer.targets) == 3 and len(masked) >= 2, answer.answer
-    for t in masked:
+    assert len(answer.targets) == 3 and all(t.mask is not None and t.mask.any() for t in answer.targets), answer.answer
+    for t in answer.targets:
         ys, xs = np.nonzero(t.mask)
         assert box_iou([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], t.box) > 0.8, (answer.answer, t.box)
+
+
+def test_a_box_gets_its_mask_unless_the_question_asks_for_a_box(grounder):
+    """"How many squares are there?" about examples/shapes.png (three squares and a circle): the model answers with
+    boxes, as it learnt to for "Answer with a box.", and each box is now followed by its [SEG]: three masks, each on
+    its own square, named "squares" (the phrase's first token carries a space, "<ref> squares</ref>" before).
+    "Answer with a box." still gets a box and no mask."""
+    from apps.demo import EXAMPLES_DIR
+    from grounding.images import load_image
+    from grounding.text.boxes import box_iou
+
+    image = load_image(EXAMPLES_DIR / "shapes.png")
+    squares = grounder.predict(image, "How many squares are there?")
+    assert [t.phrase for t in squares.targets] == ["squares"] * 3 and "<ref> " not in squares.answer, squares.answer
+    boxes = []
+    for t in squares.targets:
+        ys, xs = np.nonzero(t.mask)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        assert box_iou(boxes[-1], t.box) > 0.8, (squares.answer, t.box)
+    assert max(box_iou(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]) < 0.1, boxes
+    boxed = grounder.predict(image, "Where is the cyan square? Answer with a box.")
+    assert len(boxed.targets) == 1 and boxed.targets[0].mask is None and "[SEG]" not in boxed.answer, boxed.answer
+    x1, y1, x2, y2 = boxed.targets[0].box
+    assert abs(x1 - 92) < 8 and abs(y1 - 32) < 8 and abs(x2 - 188) < 8 and abs(y2 - 128) < 8, boxed.targets[0].box

@@ -146,6 +146,15 @@ def test_case_folding_reads_shouted_and_capitalised_words_as_the_vocabulary_has_
     assert len(tok.tokenize(fold("WHERE IS THE CYAN SQUARE?"))) == 6          # one token a word, and "?"
 
 
+def test_a_question_asks_for_a_box_in_words_not_in_its_box_prompt():
+    from shapes.question_language import asks_for_box
+
+    assert asks_for_box("Where is the red circle? Answer with a box.")
+    assert asks_for_box("Give the BOUNDING box of the star.") and asks_for_box("bboxes of all squares")
+    assert not asks_for_box("How many squares are there?") and not asks_for_box("Please segment the boxy shape.")
+    assert not asks_for_box("What is in <box>(10,20),(30,40)</box>?")
+
+
 def test_the_denial_cannot_open_an_answer(tiny):
     _, tok = tiny
     words = TokenWords.of(tok)

@@ -4,6 +4,7 @@ add-ons, turning [SEG]s into decoder prompts, decoding masks and reading the ans
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -16,7 +17,7 @@ from grounding.inference.prepared import PreparedImage, Query, check_prompts
 from grounding.processor import EncodedText, GroundingProcessor
 from grounding.text.prompts import build_prompt, visual_prompt_text
 from grounding.result import Prediction, Target, box_from_mask
-from grounding.text.tokens import IMAGE, SEG
+from grounding.text.tokens import IMAGE, REF_END, REF_START, SEG
 from segdecoder import ImageEmbedding, MaskPrediction
 
 
@@ -201,7 +202,7 @@ class AnswerSteps:
                 pred = addon.review(self.model, self.processor.tokenizer, prep, query, pred)
         question = self.question_text(query)
         pred.notes += [n for a in self.addons for n in a.notes(question, pred.answer)]
-        return pred
+        return tidy_phrases(pred)
 
     def box_masks(self, prep: PreparedImage, targets: list[Target]) -> list[Target]:
         """For a family whose answers carry boxes and no [SEG]: each target's box becomes a box prompt, and the
@@ -216,6 +217,17 @@ class AnswerSteps:
         for i, mask, score in zip(todo, pred.masks, pred.scores):
             out[i] = dataclasses.replace(out[i], mask=mask, score=float(score))
         return out
+
+
+def tidy_phrases(pred: Prediction) -> Prediction:
+    """``pred`` with the spaces just inside each ``<ref>..</ref>`` taken out of its answer and phrases.
+
+    A tokenizer that spells a word with its leading space ("Ġsquares") may start a phrase with it, and the model's
+    checks read the phrase as it was written; the user reads the name. Done last, after the add-ons' reviews."""
+    answer = re.sub(rf"{re.escape(REF_START)}\s+", REF_START, pred.answer)
+    answer = re.sub(rf"\s+{re.escape(REF_END)}", REF_END, answer)
+    targets = [dataclasses.replace(t, phrase=t.phrase.strip()) if t.phrase else t for t in pred.targets]
+    return dataclasses.replace(pred, answer=answer, targets=targets)
 
 
 def cut_at(ids: list[int], eos: int, pad: int) -> list[int]:
