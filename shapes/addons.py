@@ -337,22 +337,22 @@ class Region(AddOn):
 
     @torch.no_grad()
     def verify(self, model, image, prediction):
-        """``prediction`` without its plain targets whose box the head does not read as what they name: the first
-        target of a phrase under ``verify``, a repeat of it (an "all ..." answer's further objects) under
-        ``GroupCount.confidence``, or whose mask's box overlaps its box under ``REPEAT_BOX_FIT``."""
+        """``prediction`` without its plain targets whose box the head does not read as what they name (the first
+        target of a phrase under ``verify``, a repeat of it, an "all ..." answer's further objects, under
+        ``GroupCount.confidence``), nor any repeat whose mask's box overlaps its box under ``REPEAT_BOX_FIT``."""
         keys = model.addons["locator"].read_image(model, [image])[0].keys
         dropped, seen = {}, set()
         for i, target in enumerate(prediction.targets):
             names = plain_names(target.phrase or "", self.vocab)
             repeat = target.phrase in seen
             seen.add(target.phrase)
-            if names is None or target.box is None:
+            if target.box is None or (names is None and not repeat):
                 continue
             # a group's further objects are the model's guesses (it writes about two whatever the count): they
             # need the sureness GroupCount asks of the ones it adds
             level = GroupCount.confidence if repeat else self.settings.verify
             square = region_box(image.size, target.box).to(keys.device, keys.dtype)
-            sure = sureness(self, keys, square, *names)
+            sure = 1.0 if names is None else sureness(self, keys, square, *names)
             mask_box = target.box_from_mask() if repeat else None
             fit = 1.0 if mask_box is None else box_iou(target.box, mask_box)
             if sure < level:

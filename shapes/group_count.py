@@ -8,7 +8,8 @@ region head says what is there. So after the k-th repeat of a group phrase ("all
 a plural: "the green pentagons"), where the model would end its answer, this rule reads the region head at the
 locator's box for candidate k: when that region is a new object (its box overlaps none of the earlier ones by more
 than ``overlap`` IoU, nor holds one's centre) that the head is sure (``confidence``) has every colour and kind the
-phrase names, the answer goes on with the phrase once more. It only adds objects the model left out; the model's own
+phrase names (for a phrase of no colour or kind, "all shapes" or "all the objects": of some kind), the answer goes
+on with the phrase once more. It only adds objects the model left out; the model's own
 repeats stay.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from grounding.text.boxes import box_iou
 from shapes.region_head import region_box
-from shapes.region_verify import sureness
+from shapes.region_verify import ARTICLES, KINDLESS, sureness
 
 
 class GroupCount:
@@ -26,7 +27,8 @@ class GroupCount:
     answer right after a group phrase's target (its ``[SEG]``, or its box when the answer gives boxes only)."""
 
     GROUP_WORDS = ("all", "every", "both")
-    confidence = 0.5    # the head's probability that the region has the phrase's colour and kind
+    confidence = 0.5    # the head's probability that the region has the phrase's colour and kind (for "all shapes":
+                        # its likeliest kind)
     overlap = 0.2       # a box overlapping an earlier one by more is the same object again
 
     def __init__(self, region, locator, model, tokenizer, words, images: list, prefixes: list[list[int]]):
@@ -69,13 +71,19 @@ class GroupCount:
         text = [self.words.words[t] for t in phrase]
         return text[0] in self.GROUP_WORDS or any(w in self.plurals for w in text)
 
+    def names_every_object(self, text: list[str]) -> bool:
+        """Whether a group phrase's words name objects of any kind ("all shapes", "all the objects")."""
+        rest = [w for w in text if w not in self.GROUP_WORDS and w not in ARTICLES]
+        return bool(rest) and all(w in KINDLESS for w in rest)
+
     @torch.no_grad()
     def another(self, row: int, phrase: list[int], k: int) -> bool:
         """Whether the locator's candidate ``k`` (0-based) for ``phrase`` is a new object the phrase names."""
         text = [self.words.words[t] for t in phrase]
         wanted = {"colour": {w for w in text if w in self.region.vocab.colours},
                   "kind": {self.kind_of[w] for w in text if w in self.kind_of}}
-        if not any(wanted.values()):
+        every = not any(wanted.values())   # "all shapes": any object the head is sure is of some kind
+        if every and not self.names_every_object(text):
             return False
         box = self.boxes.box(row, phrase, k)
         for j in range(k):   # the same object again, or a box around an earlier one and more
@@ -86,4 +94,6 @@ class GroupCount:
         image = self.images[row]
         keys = image.extras["locator"].keys
         square = region_box(image.size, box).to(keys.device, keys.dtype)
+        if every:
+            return float(self.region.probabilities(keys, square)["kind"].max()) >= self.confidence
         return sureness(self.region, keys, square, sorted(wanted["colour"]), sorted(wanted["kind"])) >= self.confidence

@@ -211,6 +211,21 @@ def test_a_plural_names_each_of_its_objects(grounder):
     assert sorted(int(np.argmax(h)) for h in hits) == [0, 1] and min(max(h) for h in hits) > 0.7, hits
 
 
+def test_all_shapes_names_every_object(grounder):
+    """"Please segment all shapes." about examples/shapes.png: one target on each of its four objects (v14.2 named
+    the two the model wrote, whatever the count: a group of no colour or kind got none added)."""
+    from apps.demo import EXAMPLES_DIR
+    from grounding.images import load_image
+    from grounding.text.boxes import box_iou
+
+    objects = [(92, 32, 188, 128), (170, 108, 249, 188), (200, 173, 287, 262), (332, 21, 390, 77)]
+    answer = grounder.predict(load_image(EXAMPLES_DIR / "shapes.png"), "Please segment all shapes.")
+    assert len(answer.targets) == 4, answer.answer
+    found = sorted(max(range(4), key=lambda j: box_iou(t.box, objects[j])) for t in answer.targets)
+    assert found == [0, 1, 2, 3] and all(max(box_iou(t.box, o) for o in objects) > 0.8 for t in answer.targets)
+    assert all(t.mask is not None and t.mask.sum() > 1500 for t in answer.targets), answer.answer
+
+
 def test_a_plural_phrase_is_copied_whole_and_a_group_keeps_only_its_objects(grounder):
     """"the yellow circles" is copied whole (it was cut to "the yellow", the last word the model had seen end a
     phrase) and boxes the yellow circle of examples/shapes.png; the model's second "all the triangles" on
