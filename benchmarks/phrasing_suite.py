@@ -23,6 +23,9 @@ grounding/data/tasks.py lists the training forms), each phrase in varied case an
   multi      "Please segment all C shapes.", "Segment all the Ks.", "Please segment the X and the Y."
   region     "What is in this region?" (the web app's) / "What is this?" with a box on one object
   foreign    a Chinese, Spanish or German question about one object (not asked of grey scenes)
+  every      "Please segment all shapes.", "Segment all the shapes.", "Segment every shape.", "How many shapes are
+             there?" -- every object of the scene, grey ones too. One per scene, drawn after the rest from a stream
+             of their own, so that the other items are those of earlier runs
 
 Measures (``TARGETS`` gives the bar beside each):
 
@@ -34,6 +37,7 @@ Measures (``TARGETS`` gives the bar beside each):
                       or a missing mask counts 0)
   multi exact         multi questions answered with one target per object, each target's box (IoU >= 0.5) and
                       mask (IoU >= 0.5) on the same object, no object twice
+  every exact         the same of the "every" questions
   region named        region answers that hold the object's colour and kind words (grey: its kind word)
   foreign handled     non-English questions whose first mask is right (IoU >= 0.5) or whose Prediction has a
                       note saying the model reads English only
@@ -75,6 +79,8 @@ FORMS: tuple[tuple[str, str, bool], ...] = (   # (name, template, also a trainin
 )
 MULTI_FORMS = ("Please segment all {c} shapes.", "Segment all the {ks}.", "Please segment {x} and {y}.")
 REGION_QUESTIONS = ("What is in this region?", "What is this?")
+EVERY_FORMS = ("Please segment all shapes.", "Segment all the shapes.", "Segment every shape.",
+               "How many shapes are there?")
 FOREIGN = {   # language -> (template, colour words, kind words)
     "zh": ("请分割{c}的{k}。", {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "orange": "橙色",
                               "purple": "紫色", "pink": "粉色", "cyan": "青色", "brown": "棕色"},
@@ -95,7 +101,7 @@ FOREIGN = {   # language -> (template, colour words, kind words)
 # measure -> (target, "max" when the figure must stay at or under it, else "min")
 TARGETS = {"present_denied": (0.02, "max"), "absent_denied": (0.90, "min"), "phrase_copied": (0.98, "min"),
            "present_mask_iou": (0.80, "min"), "multi_exact": (0.90, "min"), "region_named": (0.90, "min"),
-           "foreign_handled": (1.00, "min")}
+           "foreign_handled": (1.00, "min"), "every_exact": (0.90, "min")}
 
 
 # ------------------------------------------------------------------------------------------------ scenes
@@ -237,7 +243,7 @@ def make_grey_scene(rng: np.random.Generator, style: str) -> Scene:
 @dataclass
 class Item:
     scene: int
-    kind: str                 # present / absent / multi / region / foreign
+    kind: str                 # present / absent / multi / region / foreign / every
     question: str
     form: str
     phrase: str = ""          # present: the phrase the answer should copy
@@ -346,6 +352,12 @@ def make_grey_items(scenes: list[Scene], rng: np.random.Generator, per_scene: in
     return items
 
 
+def make_every_items(scenes: list[Scene], rng: np.random.Generator) -> list[Item]:
+    """One question per scene about all of its objects."""
+    return [Item(s, "every", _vary(EVERY_FORMS[s % len(EVERY_FORMS)], rng), f"every-{s % len(EVERY_FORMS)}",
+                 objects=list(range(len(scene.objects)))) for s, scene in enumerate(scenes)]
+
+
 # ------------------------------------------------------------------------------------------------ scoring
 def _iou(a: np.ndarray | None, b: np.ndarray) -> float:
     if a is None:
@@ -397,7 +409,7 @@ def score(item: Item, scene: Scene, pred) -> dict:
         row["iou"] = _iou(t[0].mask, target.mask) if t else 0.0
     elif item.kind == "absent":
         row["denied"] = not t
-    elif item.kind == "multi":
+    elif item.kind in ("multi", "every"):
         wanted = list(item.objects)
         why = [] if len(t) == len(wanted) else [f"{len(t)} targets for {len(wanted)} objects"]
         used: set[int] = set()
@@ -427,8 +439,8 @@ def summarise(rows: list[dict]) -> dict:
         vals = [float(r[key]) for r in rows if r["kind"] == kind and where(r)]
         return (sum(vals) / len(vals)) if vals else None
 
-    def ratio(part, whole):
-        multi = [r for r in rows if r["kind"] == "multi"]
+    def ratio(part, whole, kind="multi"):
+        multi = [r for r in rows if r["kind"] == kind]
         total = sum(r[whole] for r in multi)
         return sum(r[part] for r in multi) / total if total else None
     report = {
@@ -443,7 +455,11 @@ def summarise(rows: list[dict]) -> dict:
         # and of the wanted objects, the share a target found (recall)
         "multi_precision": ratio("hits", "targets"),
         "multi_recall": ratio("hits", "wanted"),
-        "counts": {k: sum(r["kind"] == k for r in rows) for k in ("present", "absent", "multi", "region", "foreign")},
+        "every_exact": mean("every", "exact"),
+        "every_precision": ratio("hits", "targets", "every"),
+        "every_recall": ratio("hits", "wanted", "every"),
+        "counts": {k: sum(r["kind"] == k for r in rows)
+                   for k in ("present", "absent", "multi", "region", "foreign", "every")},
         "by_form": {}, "by_style": {},
     }
     for r in rows:
@@ -476,7 +492,7 @@ def draw_suite(scenes_per_style: int = 8, seed: int = 4711, per_scene: int = 3,
         items += [Item(**{**vars(item), "scene": item.scene + len(scenes)})
                   for item in make_grey_items(greys, grey_rng, per_scene)]
         scenes += greys
-    return scenes, items
+    return scenes, items + make_every_items(scenes, np.random.default_rng([seed, 2]))
 
 
 def run_suite(grounder, scenes_per_style: int = 8, seed: int = 4711, per_scene: int = 3,
@@ -498,7 +514,7 @@ def table(report: dict) -> str:
         value = "n/a" if v is None else f"{v:7.3f}"
         lines.append(f"{key:<18} {value:>7}  {'<=' if how == 'max' else '>='} {t:.2f}  "
                      f"{'ok' if report['passed'][key] else 'MISSED'}")
-    for key in ("multi_precision", "multi_recall"):
+    for key in ("multi_precision", "multi_recall", "every_precision", "every_recall"):
         v = report[key]
         lines.append(f"{key:<18} {'n/a' if v is None else f'{v:7.3f}':>7}  (no target)")
     lines.append(f"items: {report['counts']}")

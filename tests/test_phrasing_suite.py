@@ -53,6 +53,22 @@ def test_items_cover_every_kind_and_held_out_form(suite):
             assert item.phrase.lower().removeprefix("the ") in item.question.lower()
 
 
+def test_each_scene_gets_one_question_about_all_its_objects(suite):
+    from grounding.result import Prediction, Target
+
+    scenes, items = suite.draw_suite(scenes_per_style=1, seed=5, per_scene=1)
+    every = [i for i in items if i.kind == "every"]
+    assert [i.scene for i in every] == list(range(len(scenes))) and len(scenes) == len(suite.STYLES) + 1
+    assert all(i.objects == list(range(len(scenes[i.scene].objects))) for i in every)
+    scene = scenes[0]
+    size = scene.image.shape[:2]
+    right = suite.score(every[0], scene, Prediction("", [Target(box=o.box, mask=o.mask) for o in scene.objects], size))
+    short = suite.score(every[0], scene, Prediction("", [Target(box=o.box, mask=o.mask) for o in scene.objects[1:]],
+                                                    size))
+    assert right["exact"] and right["hits"] == len(scene.objects) and not short["exact"]
+    assert suite.summarise([right, short])["every_recall"] == (2 * len(scene.objects) - 1) / (2 * len(scene.objects))
+
+
 def test_the_suite_runs_on_a_tiny_model_and_reports_every_measure(suite, tiny_dir):
     from grounding import Grounder
     grounder = Grounder.from_pretrained(tiny_dir, device="cpu", max_new_tokens=12)
