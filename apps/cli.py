@@ -49,7 +49,8 @@ def predict(
     overlay: Optional[Path] = typer.Option(None, help="Also write a picture of the masks and boxes (PNG/JPEG)."),
     model: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: the embedded shapes-tiny)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
-    max_new_tokens: int = typer.Option(128, min=1, help="Longest answer to generate."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Longest answer to generate (less where a long question "
+                                                        "leaves the model less room)."),
     answer_prefix: Optional[str] = typer.Option(None, help=(
         "Image questions: the answer starts with this text and the model writes the rest; "
         "'<ref>the circle</ref>' asks for that phrase's mask whatever the model would have answered.")),
@@ -359,7 +360,7 @@ def _register_demo() -> None:
         host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the app to the network."),
         port: int = typer.Option(7860, min=1, max=65535, help="Port to listen on."),
         device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
-        max_new_tokens: int = typer.Option(128, min=1, max=1024, help="Default longest answer (the page has a slider)."),
+        max_new_tokens: int = typer.Option(256, min=1, max=1024, help="Default longest answer (the page has a slider)."),
         max_file_size: str = typer.Option("25mb", help="Largest upload, e.g. 25mb, 1gb."),
         quantize: Optional[str] = typer.Option(None, help="4bit or 8bit: the language model through bitsandbytes "
                                                           "(CUDA only)."),

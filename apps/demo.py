@@ -264,7 +264,7 @@ TABS: list[tuple[str, TabBuilder]] = [("Image", image_tab), ("Video", video_tab)
 
 
 def build_app(grounder, *, examples_dir: Path | None = EXAMPLES_DIR, download_dir: Path | None = None,
-              max_new_tokens: int = 128, tabs: Sequence[tuple[str, TabBuilder]] | None = None) -> gr.Blocks:
+              max_new_tokens: int = 256, tabs: Sequence[tuple[str, TabBuilder]] | None = None) -> gr.Blocks:
     """The Blocks app around ``grounder`` (a :class:`~grounding.Grounder`), queue configured."""
     fast_png_results()
     owned = download_dir is None
@@ -310,7 +310,7 @@ def launch_options(host: str = "127.0.0.1", port: int | None = 7860,
 
 
 def serve(model: Path, host: str = "127.0.0.1", port: int = 7860, device: str = "auto",
-          max_new_tokens: int = 128, max_file_size: str | int = DEFAULT_MAX_FILE_SIZE,
+          max_new_tokens: int = 256, max_file_size: str | int = DEFAULT_MAX_FILE_SIZE,
           quantize: str | None = None) -> None:
     """Load the model and serve the app until interrupted."""
     from grounding import Grounder

@@ -362,7 +362,7 @@ class DemoHandlers:
     A click is two events: ``on_click`` adds the point and draws it at once (no model), then ``on_masks`` runs
     the mask decoder for every object whose clicks / box changed, and ``on_downloads`` writes the files last."""
 
-    def __init__(self, service: ModelService, downloads: DownloadFolder, default_max_new_tokens: int = 128):
+    def __init__(self, service: ModelService, downloads: DownloadFolder, default_max_new_tokens: int = 256):
         self.service = service
         self.downloads = downloads
         self.default_max_new_tokens = default_max_new_tokens

@@ -82,7 +82,7 @@ def render_frame(session: VideoSession) -> np.ndarray | None:
 class VideoHandlers:
     """The Video tab's actions. ``max_pixels``: the largest frame accepted (pixels per frame)."""
 
-    def __init__(self, service: ModelService, downloads: DownloadFolder, default_max_new_tokens: int = 128,
+    def __init__(self, service: ModelService, downloads: DownloadFolder, default_max_new_tokens: int = 256,
                  max_pixels: int = DEFAULT_MAX_VIDEO_PIXELS):
         self.service, self.downloads = service, downloads
         self.default_max_new_tokens, self.max_pixels = default_max_new_tokens, max_pixels

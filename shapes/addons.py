@@ -377,7 +377,7 @@ class Region(AddOn):
                  if t.box is not None and t.phrase and not shares_a_word(t.phrase, query.question or "")}
         if not names:
             return prediction
-        again = {i: f"the same object as target {j}" for i in names for j in names
+        again = {i: f"the same object as target {j + 1}" for i in names for j in names
                  if j < i and box_iou(targets[i].box, targets[j].box) > GroupCount.overlap}
         language = model.addons["question_language"] if "question_language" in model.addons else None
         known = set(language.settings.words) if language is not None else set()

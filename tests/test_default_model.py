@@ -226,6 +226,30 @@ def test_all_shapes_names_every_object(grounder):
     assert all(t.mask is not None and t.mask.sum() > 1500 for t in answer.targets), answer.answer
 
 
+def test_every_shape_of_a_drawn_scene_gets_its_own_target(grounder):
+    """Six shapes drawn with OpenCV: "Please segment all shapes." and "Segment every shape." name each once, with a
+    mask on it. Six targets need about 160 answer tokens (the answer was cut at 128 before, after the fourth)."""
+    import cv2
+
+    image = np.full((360, 480, 3), (200, 200, 190), np.uint8)
+    cv2.circle(image, (70, 80), 40, (220, 40, 40), -1)
+    cv2.rectangle(image, (180, 40), (270, 120), (40, 90, 220), -1)
+    cv2.fillPoly(image, [np.array([[380, 30], [440, 130], [320, 130]])], (40, 160, 60))
+    cv2.circle(image, (400, 270), 45, (235, 210, 40), -1)
+    cv2.rectangle(image, (40, 200), (150, 310), (140, 60, 180), -1)
+    cv2.fillPoly(image, [np.array([[240, 190], [300, 250], [240, 310], [180, 250]])], (240, 140, 40))
+    _, labels = cv2.connectedComponents((np.abs(image.astype(int) - (200, 200, 190)).sum(-1) > 30).astype(np.uint8))
+    shapes = [labels == i for i in range(1, labels.max() + 1)]
+    assert len(shapes) == 6
+    for question in ("Please segment all shapes.", "Segment every shape."):
+        answer = grounder.predict(image, question)
+        assert len(answer.targets) == 6, (question, answer.answer)
+        found = [max(range(6), key=lambda j: (t.mask & shapes[j]).sum() / (t.mask | shapes[j]).sum())
+                 for t in answer.targets]
+        assert sorted(found) == list(range(6)), (question, found)
+        assert all((t.mask & shapes[j]).sum() / (t.mask | shapes[j]).sum() > 0.8 for t, j in zip(answer.targets, found))
+
+
 def test_a_plural_phrase_is_copied_whole_and_a_group_keeps_only_its_objects(grounder):
     """"the yellow circles" is copied whole (it was cut to "the yellow", the last word the model had seen end a
     phrase) and boxes the yellow circle of examples/shapes.png; the model's second "all the triangles" on

@@ -624,7 +624,7 @@ def test_cli_demo_command(monkeypatch, tmp_path):
     monkeypatch.setattr(apps.demo, "serve", lambda model, **kw: calls.append((model, kw)))
     result = CliRunner().invoke(app, ["demo", "--port", "7999"])
     assert result.exit_code == 0, result.output
-    assert calls == [(DEFAULT_MODEL, dict(host="127.0.0.1", port=7999, device="auto", max_new_tokens=128,
+    assert calls == [(DEFAULT_MODEL, dict(host="127.0.0.1", port=7999, device="auto", max_new_tokens=256,
                                           max_file_size="25mb", quantize=None))]
 
 

@@ -160,6 +160,26 @@ def test_questions_empty_long_and_non_english(grounder, scene):
         assert pred.question == q
 
 
+def test_a_long_question_gets_the_room_left_for_its_answer(tiny, scene):
+    """max_new_tokens is a ceiling: a question that leaves less room in the model's context is answered in that
+    room (both engines), and only one leaving too little for one target is an error."""
+    from grounding import Grounder, PrefixEngine, Query
+    from grounding.inference.steps import MIN_ANSWER_TOKENS
+
+    model, tok = tiny
+    g = Grounder(model, tok, max_new_tokens=model.config.max_length)   # never all of it: the image takes some
+    image = scene[0]
+    prompt = g.steps.encode_question(Query(image, "where is it"), g.prepare([image])[0], g.max_new_tokens)
+    room = model.config.max_length - len(prompt.input_ids)
+    assert 0 < room < g.max_new_tokens and g.steps.answer_budget([prompt], g.max_new_tokens) == room
+    answer = g.predict(image, "where is it")   # was "too long": the room is under max_new_tokens
+    assert answer.answer
+    assert PrefixEngine(g).predict_group(image, [Query(image, "where is it")])[0].answer == answer.answer
+    words = (room - MIN_ANSWER_TOKENS) // len(tok(" it", add_special_tokens=False)["input_ids"]) + 4
+    with pytest.raises(QuestionError, match="too long"):
+        g.predict(image, "where is it" + " it" * words)
+
+
 def test_clicks_go_into_the_question_as_text(grounder, scene):
     from grounding.text.prompts import build_prompt, visual_prompt_text
     image = scene[0]

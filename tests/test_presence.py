@@ -197,7 +197,7 @@ def test_dropping_one_target_of_a_group_keeps_the_others_and_their_text():
     out = drop_targets(pred, {1: "not red"})
     assert [t.box[0] for t in out.targets] == [1, 20]
     assert out.answer == " ".join([group.replace("1,2", "9,9"), group]), out.answer
-    assert out.notes == ["target 1 ('all red shapes') dropped: not red"]
+    assert out.notes == ["target 2 ('all red shapes') dropped: not red"]   # counted from 1
     gone = drop_targets(pred, {0: "none", 1: "none", 2: "none"})
     assert not gone.targets and gone.answer == "There are no red shapes in the image."
 

@@ -146,6 +146,7 @@ class PrefixEngine:
         # prompt ids (+ any answer prefix, labelled) and, for teacher forcing, the given answer
         prompts = [steps.encode_question(q, p, max_new_tokens) for p, q in items]
         forced = [steps.given_answer_ids(q) for _, q in items]
+        max_new_tokens = steps.answer_budget([p for p, f in zip(prompts, forced) if f is None], max_new_tokens)
         rows = [EncodedText(p.input_ids + (f or []), [int(lab != IGNORE_INDEX) for lab in p.labels] + [1] * len(f or []))
                 for p, f in zip(prompts, forced)]
         # one prefix row per distinct image; row i continues prefix row owner[i]

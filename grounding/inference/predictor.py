@@ -35,7 +35,7 @@ class Grounder:
     ``{name: {setting: value}}`` changed; ``steps.active_addons``)."""
 
     def __init__(self, model, tokenizer, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 cache_size: int = 32, max_new_tokens: int = 128, max_pixels: int = 100_000_000,
+                 cache_size: int = 32, max_new_tokens: int = 256, max_pixels: int = 100_000_000,
                  mask_threshold: float = 0.0, addons: Mapping[str, Any] | None = None):
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device, self.dtype = torch.device(device), dtype
@@ -195,7 +195,8 @@ class Grounder:
         if todo:
             batch = {k: v.to(self.device) for k, v in self.processor.pad([prompts[i] for i in todo], side="left").items()}
             tok = self.processor.tokenizer
-            gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            budget = self.steps.answer_budget([prompts[i] for i in todo], max_new_tokens)
+            gen_config = GenerationConfig(max_new_tokens=budget, do_sample=False, num_beams=1,
                                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
             rules = self.steps.logits_rules([queries[i] for i in todo], [preps[i] for i in todo],
                                             [prompts[i].answer_ids for i in todo])

@@ -61,6 +61,11 @@ class AnswerRulesProcessor(LogitsProcessor):
         return scores
 
 
+# a question may leave its answer less room than ``max_new_tokens`` asks (it then gets what is left), but not less
+# than this: one target with its box takes about 26 tokens of the default model's vocabulary
+MIN_ANSWER_TOKENS = 32
+
+
 class AnswerSteps:
     """The model, its processor and the active add-ons, and the steps both answer paths take."""
 
@@ -101,13 +106,18 @@ class AnswerSteps:
         encoded = self.processor.encode(prompt)
         prefix = self.answer_prefix_ids(query)
         encoded = EncodedText(encoded.input_ids + prefix, encoded.labels + prefix)
-        room = config.max_length - len(encoded.input_ids)
-        if query.answer is None and room < max_new_tokens:
+        room, needed = config.max_length - len(encoded.input_ids), min(max_new_tokens, MIN_ANSWER_TOKENS)
+        if query.answer is None and room < needed:
             raise QuestionError(
                 f"the question is too long: {len(encoded.input_ids)} tokens with the image leave {max(room, 0)} of "
-                f"the {max_new_tokens} needed for the answer (the model accepts {config.max_length})"
+                f"the {needed} needed for the answer (the model accepts {config.max_length})"
             )
         return encoded
+
+    def answer_budget(self, prompts: Sequence[EncodedText], max_new_tokens: int) -> int:
+        """``max_new_tokens``, or the room the longest of the generating rows' ``prompts`` leaves in the model's
+        context when that is less."""
+        return min([max_new_tokens] + [self.model.config.max_length - len(p.input_ids) for p in prompts])
 
     def answer_prefix_ids(self, query: Query) -> list[int]:
         """Token ids of ``query.answer_prefix`` (tokenised as the start of an answer), or []."""
