@@ -339,7 +339,8 @@ class Region(AddOn):
     def verify(self, model, image, prediction):
         """``prediction`` without its plain targets whose box the head does not read as what they name (the first
         target of a phrase under ``verify``, a repeat of it, an "all ..." answer's further objects, under
-        ``GroupCount.confidence``), nor any repeat whose mask's box overlaps its box under ``REPEAT_BOX_FIT``."""
+        ``GroupCount.confidence``), nor any repeat whose mask's box overlaps its box under ``REPEAT_BOX_FIT`` or whose
+        mask is empty."""
         keys = model.addons["locator"].read_image(model, [image])[0].keys
         dropped, seen = {}, set()
         for i, target in enumerate(prediction.targets):
@@ -353,8 +354,8 @@ class Region(AddOn):
             level = GroupCount.confidence if repeat else self.settings.verify
             square = region_box(image.size, target.box).to(keys.device, keys.dtype)
             sure = 1.0 if names is None else sureness(self, keys, square, *names)
-            mask_box = target.box_from_mask() if repeat else None
-            fit = 1.0 if mask_box is None else box_iou(target.box, mask_box)
+            mask_box = target.box_from_mask() if repeat and target.mask is not None else target.box
+            fit = 0.0 if mask_box is None else box_iou(target.box, mask_box)   # None: an empty mask
             if sure < level:
                 dropped[i] = (f"the region head reads its box as {' '.join(sum(names, []))} with "
                               f"probability {sure:.4f} only (needed {level:.4f})")

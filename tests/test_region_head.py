@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,9 +131,10 @@ def test_a_group_repeat_whose_mask_fills_little_of_its_box_is_dropped():
     phrase = "all the yellow shapes"
     ref = f"<ref>{phrase}</ref>[SEG]"
 
-    def verified(square_box):
-        targets = [dataclasses.replace(circle, phrase=phrase), dataclasses.replace(square, phrase=phrase, box=square_box)]
-        prediction = Prediction(f"{ref} {ref}", targets, image.shape[:2])
+    def verified(square_box, mask=square.mask, group=phrase):
+        targets = [dataclasses.replace(circle, phrase=group),
+                   dataclasses.replace(square, phrase=group, box=square_box, mask=mask)]
+        prediction = Prediction(f"<ref>{group}</ref>[SEG] <ref>{group}</ref>[SEG]", targets, image.shape[:2])
         return grounder.model.addons["region"].verify(grounder.model, grounder.prepare([image])[0], prediction)
 
     assert len(verified(square.box).targets) == 2
@@ -140,3 +142,6 @@ def test_a_group_repeat_whose_mask_fills_little_of_its_box_is_dropped():
     loose = verified((x1, y1 - (y2 - y1), x2 + (x2 - x1), y2))          # three times its area, above and right
     assert len(loose.targets) == 1 and loose.answer == ref, loose.answer
     assert any(f"needed {REPEAT_BOX_FIT}" in n for n in loose.notes), loose.notes
+    # a group of any kind ("all shapes") is checked too, and a repeat with an empty mask is dropped
+    assert len(verified(square.box, group="all shapes").targets) == 2
+    assert len(verified(square.box, np.zeros_like(square.mask), "all shapes").targets) == 1
