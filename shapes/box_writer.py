@@ -30,7 +30,8 @@ class BoxWriter:
         self.locator, self.model, self.tokenizer, self.images, self.prefixes = locator, model, tokenizer, images, prefixes
         self.ref_start, self.ref_end, self.box_start, self.box_end, self.seg = (
             tokenizer.convert_tokens_to_ids(t) for t in (REF_START, REF_END, BOX_START, BOX_END, SEG))
-        self.seg_after_box = [questions is not None and not asks_for_box(q) for q in questions or [""] * len(images)]
+        self.seg_after_box = ([not asks_for_box(q) for q in questions] if questions is not None
+                              else [False] * len(images))
         self.queue: list[list[int]] = [[] for _ in images]
 
     def adjust(self, row: int, ids: list[int], scores: torch.Tensor) -> None:
