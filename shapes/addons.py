@@ -244,7 +244,7 @@ class RefCopyBias(AddOn):
             region = rows.addons.get("region")
             nouns = frozenset() if region is None else region.vocab.nouns()
             language = rows.addons.get("question_language")   # the training questions' words
-            known = frozenset(language.settings.words) if language is not None else frozenset()
+            known = language.known if language is not None else frozenset()
             return StrictCopy(self.words, questions, rows.prefixes, self.settings.start_margin, nouns, known)
         return RefCopy(self.words, questions, rows.prefixes, self.settings.bias)
 
@@ -381,7 +381,7 @@ class Region(AddOn):
         again = {i: f"the same object as target {j + 1}" for i in names for j in names
                  if j < i and box_iou(targets[i].box, targets[j].box) > GroupCount.overlap}
         language = model.addons["question_language"] if "question_language" in model.addons else None
-        known = set(language.settings.words) if language is not None else set()
+        known = language.known if language is not None else frozenset()
         unknown = [w for w in dict.fromkeys(words_of(query.question or "")) if known and w not in known]
         note = ("the question names nothing the model can copy"
                 + (f" (words it never read: {', '.join(repr(w) for w in unknown)})" if unknown else "")
@@ -425,13 +425,18 @@ class QuestionLanguage(AddOn):
     def attach(self, model: Any, tokenizer: Any) -> None:
         self.folder = CaseFolder(tokenizer)   # settings may change later (``with_settings``): read them when used
 
+    @property
+    def known(self) -> frozenset[str]:
+        """The words of the training questions (empty where the checkpoint does not list them)."""
+        return frozenset(self.settings.words)
+
     def question(self, text: str) -> str:
         return self.folder(text) if self.settings.fold_case else text
 
     def notes(self, question: str, answer: str) -> list[str]:
         if not self.settings.words:
             return []
-        note = language_note(question, set(self.settings.words), self.settings.language, self.settings.share)
+        note = language_note(question, self.known, self.settings.language, self.settings.share)
         return [] if note is None else [note]
 
 

@@ -11,20 +11,19 @@ import re
 from pathlib import Path
 
 _WORD = re.compile(r"[^\W\d_]+")   # runs of letters in any script (a CJK sentence without spaces is one run)
+_PROMPTS = re.compile(r"<(box|point)>.*?</\1>", re.IGNORECASE)   # box and point prompts written into a question
 BOX_WORDS = frozenset({"box", "boxes", "bbox", "bboxes", "bounding"})
 
 
 def words_of(text: str) -> list[str]:
     """Lower-case letter runs of ``text``; box and point tokens (``<box>(1,2),(3,4)</box>``) are left out."""
-    text = re.sub(r"<(box|point)>.*?</\1>", " ", text)
-    return [w for w in _WORD.findall(text.lower()) if w not in ("box", "point")]
+    return [w for w in _WORD.findall(_PROMPTS.sub(" ", text).lower()) if w not in ("box", "point")]
 
 
 def asks_for_box(question: str) -> bool:
     """Whether ``question`` asks for a box ("Answer with a box.", "Give the bounding box of ..."): the training
     answers to such questions give a box and no [SEG]; every other answer's box is followed by its [SEG]."""
-    text = re.sub(r"<(box|point)>.*?</\1>", " ", question.lower())
-    return bool(BOX_WORDS & set(_WORD.findall(text)))
+    return bool(BOX_WORDS & set(_WORD.findall(_PROMPTS.sub(" ", question).lower())))
 
 
 def shares_a_word(phrase: str, question: str) -> bool:
