@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import io
 import json
 import logging
+import os
 import re
 import shutil
+import tempfile
 import threading
 import math
 import time
@@ -308,6 +311,33 @@ class DownloadFolder:
             single.write_bytes(png)
             singles.append(str(single))
         return [str(result), str(masks), *singles]
+
+    def picture(self, pixels: np.ndarray | None) -> str | None:
+        """``pixels`` (RGB, H x W x 3 uint8) as a PNG file for an image component, one file per content.
+
+        Gradio writes an array it is given into its cache in place, at a path named by the content, so a view
+        shown twice (a click's marker, then its mask over the same pixels) is rewritten while the browser may be
+        reading it: a truncated picture, and a click on it lost. A file path is instead copied into the cache
+        atomically, once; here too the PNG is written under a temporary name and renamed into place."""
+        if pixels is None:
+            return None
+        digest = hashlib.blake2b(pixels.tobytes(), digest_size=16)
+        digest.update(repr(pixels.shape).encode())
+        folder = self.root / f"view-{digest.hexdigest()}"
+        path = folder / "view.png"
+        if path.exists():
+            os.utime(folder)   # in use again: not pruned on its first use's schedule
+            return str(path)
+        self._prune()
+        folder.mkdir(exist_ok=True)
+        ok, png = cv2.imencode(".png", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise RuntimeError(f"could not encode a {pixels.shape} picture as PNG")
+        fd, staging = tempfile.mkstemp(dir=folder, prefix=".view.", suffix=".png")
+        with os.fdopen(fd, "wb") as out:
+            out.write(png.tobytes())
+        os.replace(staging, path)
+        return str(path)
 
     def new_folder(self) -> Path:
         """A fresh, empty sub-folder for one result's files (old ones are pruned first)."""
@@ -605,10 +635,9 @@ class DemoHandlers:
         return self._view(dataclasses.replace(session, objects=objects, prediction=prediction,
                                               status="  \n".join(lines)))
 
-    @staticmethod
-    def _view(session: Session) -> tuple:
+    def _view(self, session: Session) -> tuple:
         objects = object_choices(session.objects) if session.pixels is not None else gr.update(choices=[], value=None)
-        return (session, render(session), answer_pieces(session.prediction) or None, session.status, objects)
+        return (session, self.downloads.picture(render(session)), answer_pieces(session.prediction) or None, session.status, objects)
 
 
 def full_prediction(session: Session) -> Prediction:

@@ -308,11 +308,10 @@ class VideoHandlers:
     def _time(self, session: VideoSession, index: int) -> float:
         return self._reader(session.path).time_s(index)
 
-    @staticmethod
-    def _view(session: VideoSession, result: Any = _KEEP, answer: Any = _KEEP, downloads: Any = _KEEP) -> tuple:
+    def _view(self, session: VideoSession, result: Any = _KEEP, answer: Any = _KEEP, downloads: Any = _KEEP) -> tuple:
         keep = lambda v: gr.update() if v is _KEEP else v
         objects = object_choices(session.objects) if session.frame is not None else gr.update(choices=[], value=None)
-        return (session, render_frame(session), keep(result), keep(answer), session.status, keep(downloads),
+        return (session, self.downloads.picture(render_frame(session)), keep(result), keep(answer), session.status, keep(downloads),
                 objects)
 
 

@@ -93,6 +93,24 @@ def loaded(handlers, scene_png) -> Session:
     return handlers.on_input(None, upload(scene_png[0]))[0]
 
 
+def shown(picture: str) -> np.ndarray:
+    """The RGB pixels of a picture the page is given (a PNG file path)."""
+    return cv2.cvtColor(cv2.imread(picture, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def test_a_picture_is_written_once_per_content_and_never_rewritten_in_place(tmp_path):
+    folder = DownloadFolder(tmp_path)
+    image = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    first = folder.picture(image)
+    assert np.array_equal(shown(first), image)   # lossless, RGB order kept
+    written = Path(first).stat().st_ino
+    assert folder.picture(image.copy()) == first and Path(first).stat().st_ino == written   # served, not rewritten
+    other = folder.picture(image[:, :30].copy())   # same bytes' start, another size: another file
+    assert other != first and shown(other).shape == (30, 30, 3)
+    assert folder.picture(None) is None
+    assert not list(tmp_path.rglob(".view.*"))   # no staging file left behind
+
+
 # ----------------------------------------------------------------------------- pure functions
 
 
@@ -138,14 +156,14 @@ def click(handlers, session, x, y, mode="positive", threshold=None) -> tuple:
 def test_image_then_click_draws_at_once_then_segments_from_the_cached_embedding(handlers, scene_png, grounder):
     path, image = scene_png
     session, overlay, answer, status, objects, image_input = handlers.on_input(None, upload(path))
-    assert np.array_equal(session.pixels, image) and np.array_equal(overlay, image)
+    assert np.array_equal(session.pixels, image) and np.array_equal(shown(overlay), image)
     assert f"{W}x{H}" in status and answer is None and session.scale == 1.0
     assert objects["choices"] == [("1: object · no mask yet", 0)]
     encoded = grounder.encoder_calls
 
     session, drawn, *_ = handlers.on_click(session, "positive", select(*DISC))
     assert session.objects.current.points == ((28.0, 40.0),) and session.objects.current.mask is None
-    assert not np.array_equal(drawn, image) and "segmenting" in session.status  # the marker, before any mask
+    assert not np.array_equal(shown(drawn), image) and "segmenting" in session.status  # the marker, before any mask
     session, overlay, answer, status, objects = handlers.on_masks(session)
     assert grounder.encoder_calls == encoded  # decoder only: the upload already encoded the image
     obj = session.objects.current
@@ -204,7 +222,7 @@ def test_undo_redo_and_clearing_one_object_or_all(handlers, scene_png, grounder)
     assert len(session.objects.items) == 2
     session, overlay, _, status, objects, image_input = handlers.on_clear_all(session)
     assert len(session.objects.items) == 1 and not session.objects.current.has_prompt
-    assert np.array_equal(overlay, session.pixels) and handlers.on_downloads(session) is None  # no empty zip
+    assert np.array_equal(shown(overlay), session.pixels) and handlers.on_downloads(session) is None  # no empty zip
     assert image_input == {"image": str(scene_png[0]), "boxes": []}
     for _ in range(3):
         session = handlers.on_undo(session)[0]
@@ -221,7 +239,7 @@ def test_a_drawn_box_goes_to_the_current_object_and_clears_the_input(handlers, s
     assert grounder.encoder_calls == encoded  # same file: a box, not a new image
     assert session.objects.current.box == (10.0, 22.0, 41.0, 51.0)
     assert image_input == {"image": str(path), "boxes": []}  # the next drag draws a new box
-    assert np.array_equal(overlay[22, 25], [255, 255, 255])  # the prompt box's white top edge, drawn at once
+    assert np.array_equal(shown(overlay)[22, 25], [255, 255, 255])  # the prompt box's white top edge, drawn at once
     session, _, _, status, _ = handlers.on_masks(session)
     assert "1 box" in status and session.objects.current.mask.shape == (H, W)
     # Our update of the input comes back as a change: nothing happens.
@@ -249,7 +267,7 @@ def test_a_big_image_is_segmented_on_its_view_and_downloaded_at_full_size(handle
     path = tmp_path / "big.png"
     cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     session, overlay, _, status, _, _ = handlers.on_input(None, upload(path))
-    assert overlay.shape == (768, VIEW_MAX_SIDE, 3) and session.scale == pytest.approx(VIEW_MAX_SIDE / (W * 20))
+    assert shown(overlay).shape == (768, VIEW_MAX_SIDE, 3) and session.scale == pytest.approx(VIEW_MAX_SIDE / (W * 20))
     assert "shown and segmented at 1024x768" in status
     k = session.scale
     session = click(handlers, session, 28 * 20 * k, 40 * 20 * k)[0]  # the page's click, in view pixels
@@ -266,7 +284,7 @@ def test_ask_turns_the_answer_into_objects(handlers, scene_png):
     session = loaded(handlers, scene_png)
     session, overlay, answer, status, objects = handlers.on_ask(session, "Where is the red circle?", 6)
     assert session.prediction.question == "Where is the red circle?"
-    assert session.prediction.image_size == (H, W) and overlay.shape == (H, W, 3)
+    assert session.prediction.image_size == (H, W) and shown(overlay).shape == (H, W, 3)
     assert status.startswith("Answered in") and "Model output" in status
     n = len(session.prediction.targets)
     assert len(session.objects.items) == n + 1 and session.objects.active == n  # clicks go to a new object
@@ -408,10 +426,10 @@ def test_video_question_gives_an_overlay_mp4_of_every_frame_and_the_answer(video
                                                                            monkeypatch):
     path, frames = clip
     session, frame, result, answer, status, files, objects, slider, _ = video_handlers.on_video(None, str(path))
-    assert np.array_equal(frame, frames[0]) and result is None and files is None
+    assert np.array_equal(shown(frame), frames[0]) and result is None and files is None
     assert slider["maximum"] == N_FRAMES - 1 and slider["interactive"] and f"{N_FRAMES} frames" in status
     session, frame, *_ = video_handlers.on_frame(session, 3.0)
-    assert session.index == 3 and np.array_equal(frame, frames[3])
+    assert session.index == 3 and np.array_equal(shown(frame), frames[3])
 
     fake_disc_answer(grounder, monkeypatch, frames)
     session, frame, result, answer, status, files, _ = video_handlers.on_ask(session, "Please segment the red disc.",
@@ -422,8 +440,8 @@ def test_video_question_gives_an_overlay_mp4_of_every_frame_and_the_answer(video
     overlay = VideoReader(result)
     assert overlay.info.num_frames == N_FRAMES and overlay.info.size == (H, W)
     key_mask = session.answer.targets[0].mask
-    shown = overlay.read(3)
-    assert np.abs(shown[key_mask].astype(int) - frames[3][key_mask]).mean() > 10  # the mask is drawn on the video
+    on_video = overlay.read(3)
+    assert np.abs(on_video[key_mask].astype(int) - frames[3][key_mask]).mean() > 10  # the mask is drawn on the video
     frames_file, summary_file = files
     lines = read_frames_jsonl(frames_file)
     assert [line["frame"] for line in lines] == list(range(N_FRAMES))
@@ -432,7 +450,7 @@ def test_video_question_gives_an_overlay_mp4_of_every_frame_and_the_answer(video
     summary = json.loads(open(summary_file, encoding="utf-8").read())
     assert summary["key_frame"] == 3 and summary["video"] == "clip.mp4"  # no server path
     assert summary["objects"] == [{"id": 1, "phrase": "the red disc"}]
-    assert np.abs(frame[key_mask].astype(int) - frames[3][key_mask]).mean() > 10  # the answer on the shown frame
+    assert np.abs(shown(frame)[key_mask].astype(int) - frames[3][key_mask]).mean() > 10  # the answer on the shown frame
 
 
 def test_video_clicks_on_two_objects_track_each_on_its_own(video_handlers, clip, grounder):
@@ -444,7 +462,7 @@ def test_video_clicks_on_two_objects_track_each_on_its_own(video_handlers, clip,
                                                                                 select(*disc_at(2)))
     disc = session.objects.items[0]
     assert disc.points == ((float(disc_at(2)[0]), float(disc_at(2)[1])),) and disc.mask.shape == (H, W)
-    assert not np.array_equal(frame, frames[2]) and "object 1: 1 object point" in status and result == gr.update()
+    assert not np.array_equal(shown(frame), frames[2]) and "object 1: 1 object point" in status and result == gr.update()
     session = video_handlers.on_click(session, "negative", select(80, 60))[0]
     session = video_handlers.on_new_object(session)[0]
     session = video_handlers.on_click(session, "positive", select(73, 21))[0]  # the blue square

@@ -122,7 +122,16 @@ def shot(page, tmp_path, name: str) -> Path:
     return path
 
 
+def wait_for_picture(page, selector: str, width: int) -> None:
+    """Wait until the browser has decoded the picture ``selector`` shows at ``width`` pixels: the status can say
+    "ready" while the page still lays out the previous (or no) picture, and a click then lands elsewhere."""
+    page.wait_for_function("([s, w]) => { const e = document.querySelector(s);"
+                           " return !!e && e.complete && e.naturalWidth === w && e.getBoundingClientRect().width > 0; }",
+                           arg=[selector, width], timeout=TIMEOUT_MS)
+
+
 def click_result(page, size, xy) -> None:
+    wait_for_picture(page, "#overlay img", round(size[0]))
     img = page.locator("#overlay img")
     img.scroll_into_view_if_needed()
     img.click(position=_relative(img, size, xy))
