@@ -87,14 +87,15 @@ default-model: $(VENV)/.installed
 	# image, and a phrase's k-th repeat takes its k-th distinct box (distinct_boxes); <ref> phrases
 	# keep to the question's words (ref_copy, strict); a mask from clicks keeps the parts under them (clicked_parts); a
 	# question mostly in words the model was never trained on (another language) gets a note, and its words are read
-	# in the case the vocabulary knows (question_language)
+	# in the case the vocabulary knows, and a few everyday words it lacks ("objects", "gray") as the words they mean
+	# (question_language)
 	$(PY) -c "from grounding.config import GroundingConfig as C; c = C.load('$(DEFAULT_MODEL)'); \
-		from shapes.question_language import training_words; \
+		from shapes.question_language import SYNONYMS, training_words; \
 		c.addons['locator'].update(click=False, mirror=True, distinct_boxes=True); \
 		c.addons.update(ref_copy={'bias': 3.0, 'strict': True}, \
 		mask_zoom={'context': 3.0}, mask_refine={'method': 'grabcut', 'interior': True}, box_clip={'margin': 0.05}, clicked_parts={}, \
-		question_language={'language': 'English', 'fold_case': True, 'words': training_words('data/synth', \
-		('seg', 'rec', 'no_target', 'multi', 'region', 'category'))}); \
+		question_language={'language': 'English', 'fold_case': True, 'synonyms': SYNONYMS, \
+		'words': training_words('data/synth', ('seg', 'rec', 'no_target', 'multi', 'region', 'category'))}); \
 		c.save('$(DEFAULT_MODEL)')"
 	# v14: the locator trains 4,000 steps more on the same phrases (a warm restart at half the learning rate)
 	$(VENV)/bin/groundseg train-locator --model $(DEFAULT_MODEL) --data data/synth \

@@ -15,13 +15,13 @@
                   a plain target ("the cyan square") the head does not read in its box is dropped
                   (shapes/region_verify.py);
   question_language  a note on the Prediction when the question is mostly in words the model was not trained on,
-                  as another language is; and the question's words in the case the vocabulary knows
-                  (shapes/question_language.py).
+                  as another language is; the question's words in the case the vocabulary knows, and a few everyday
+                  words it lacks ("objects", "gray") as the words they mean (shapes/question_language.py).
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ from shapes.locator_mirror import locate_both, mirror_ids, mirror_token_ids
 from shapes.presence import PresenceHead, presence_features
 from shapes.presence_review import NoDenialStart, drop_absent, drop_targets, rename_targets
 from shapes.projector_norm import install_projector_norm
-from shapes.question_language import CaseFolder, language_note, shares_a_word, words_of
+from shapes.question_language import CaseFolder, language_note, read_synonyms, shares_a_word, words_of
 from shapes.region_head import RegionHead, Vocabulary, describe, region_box
 from shapes.region_verify import REPEAT_BOX_FIT, plain_names, sureness
 from shapes.ref_copy import RefCopy, TokenWords
@@ -419,6 +419,8 @@ class QuestionLanguage(AddOn):
         words: tuple[str, ...] = ()  # every word of the training questions (question_language.training_words)
         share: float = 0.5          # note a question when more than this share of its words are not among them
         fold_case: bool = False     # words the vocabulary lacks as typed ("YELLOW") are read in a case it has
+        synonyms: dict[str, str] = field(default_factory=dict)   # a word the training questions lack -> the words
+                                                                 # it means (question_language.SYNONYMS)
 
     name = "question_language"
 
@@ -431,7 +433,16 @@ class QuestionLanguage(AddOn):
         return frozenset(self.settings.words)
 
     def question(self, text: str) -> str:
+        text = read_synonyms(text, self.settings.synonyms, self.known)[0]
         return self.folder(text) if self.settings.fold_case else text
+
+    def review(self, model, tokenizer, image, query, prediction):
+        read = read_synonyms(prediction.question or "", self.settings.synonyms, self.known)[1]
+        if not read:
+            return prediction
+        said = ", ".join(f"{w!r} as {m!r}" for w, m in dict.fromkeys(read))
+        return dataclasses.replace(prediction, notes=list(prediction.notes) + [
+            f"read {said}: words the model was not trained on, read as the trained words they mean"])
 
     def notes(self, question: str, answer: str) -> list[str]:
         if not self.settings.words:

@@ -88,9 +88,9 @@ def drop_targets(prediction, reasons: dict[int, str]):
             text = text[:spans[k].start()] + text[spans[k].end():]
         if len(gone) == len(mine):
             denied.append(phrase)
-            notes.append(f"target {phrase!r} dropped: {reasons[mine[0]]}")
+            notes.append(f"target {phrase.strip()!r} dropped: {reasons[mine[0]]}")
         else:
-            notes += [f"target {i + 1} ({phrase!r}) dropped: {reasons[i]}" for i in mine if i in reasons]
+            notes += [f"target {i + 1} ({phrase.strip()!r}) dropped: {reasons[i]}" for i in mine if i in reasons]
     text = " ".join([re.sub(r"\s{2,}", " ", text).strip()] + [denial(p) for p in sorted(denied)]).strip()
     kept = [t for i, t in enumerate(targets) if i not in reasons]
     return dataclasses.replace(prediction, answer=text, targets=kept, notes=notes)

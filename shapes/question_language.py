@@ -3,7 +3,11 @@ mostly in words it never saw (another language) gets an answer about *something*
 was not understood. The ``question_language`` add-on (shapes/addons.py) adds a note to such a Prediction.
 
 The words are the model's own: every word of the questions it was trained on (``training_words``), stored with the
-add-on's settings in ``groundseg.json``; no list of another language's words, no rule about any one question.
+add-on's settings in ``groundseg.json``, with everyday English words beyond the names of things (``COMMON_ENGLISH``:
+"How many are there?" is English); no list of another language's words, no rule about any one question.
+
+A few everyday words the training questions lack are read as the trained words they mean (``SYNONYMS``, also in
+``groundseg.json``): "objects" as "shapes", "everything" as "all shapes", "gray" as "grey"; the Prediction notes it.
 """
 from __future__ import annotations
 
@@ -13,6 +17,14 @@ from pathlib import Path
 _WORD = re.compile(r"[^\W\d_]+")   # runs of letters in any script (a CJK sentence without spaces is one run)
 _PROMPTS = re.compile(r"<(box|point)>.*?</\1>", re.IGNORECASE)   # box and point prompts written into a question
 BOX_WORDS = frozenset({"box", "boxes", "bbox", "bboxes", "bounding"})
+
+
+# Everyday words the training questions never used, each with the trained words it means: a generic name for the
+# objects, American spellings, other names of the same shapes. Read only where the vocabulary lacks the word.
+SYNONYMS = {"objects": "shapes", "items": "shapes", "item": "shape", "things": "shapes", "thing": "shape",
+            "everything": "all shapes", "each": "every", "gray": "grey", "color": "colour", "colored": "coloured",
+            "center": "centre", "disc": "circle", "disk": "circle", "discs": "circles", "disks": "circles",
+            "oval": "ellipse", "ovals": "ellipses", "rhombus": "diamond"}
 
 
 def words_of(text: str) -> list[str]:
@@ -39,8 +51,25 @@ def unknown_words(question: str, known: set[str]) -> tuple[int, int]:
     return sum(w not in known for w in words), len(words)
 
 
+# Everyday English words a question about a picture is made of beyond the names of things: "How many are there?"
+# is English though the training questions never used these words. A few are words of other languages too (German
+# "was", "also"); the note counts a share of the words, so such a word does not hide a question in another language.
+COMMON_ENGLISH = frozenset("""
+    a an the this that these those there here is are was were be been am do does did have has had can could would
+    will shall should may might must i me my we us our you your it its they them their he she him her his what which
+    who whose where when why how many much some any all each every both either neither none no not nor and or but if
+    then than so as at by for from into inside on onto of off out over under up down to with without within about
+    above below near next between behind around across along among beside please thanks thank find show tell give
+    get see look point mark highlight outline select detect locate identify segment count name picture image photo
+    only just also too very more most less least other another same one two three four five six seven eight nine ten
+    first second third last left right top bottom middle kind sort type let s t""".split())
+
+
 def language_note(question: str, known: set[str], language: str, share: float) -> str | None:
-    """A note when more than ``share`` of the question's words are not words the model was trained on."""
+    """A note when more than ``share`` of the question's words are neither words the model was trained on nor,
+    for an English model, everyday English words (``COMMON_ENGLISH``): a question mostly in another language."""
+    if language == "English":
+        known = set(known) | COMMON_ENGLISH
     unknown, total = unknown_words(question, known)
     if not total or unknown <= share * total:
         return None
@@ -58,6 +87,25 @@ def training_words(data_root: str | Path, kinds: tuple[str, ...] = ("seg", "rec"
     for c in build_conversations(ds, "train", seed=0, with_masks=True, kinds=kinds):
         words.update(words_of(c.question))
     return sorted(words)
+
+
+def read_synonyms(text: str, synonyms: dict[str, str], known: frozenset[str]) -> tuple[str, list[tuple[str, str]]]:
+    """``text`` with each word that ``known`` lacks and ``synonyms`` gives (in any case) replaced by its meaning,
+    when every word of the meaning is known ("How many objects?" -> "How many shapes?"); box and point prompts
+    are left alone. -> (the text, [(word as typed, meaning)] in the order read)."""
+    read: list[tuple[str, str]] = []
+
+    def swap(match: re.Match) -> str:
+        word = match.group()
+        meaning = synonyms.get(word.lower())
+        if word.lower() in known or meaning is None or not set(meaning.split()) <= known:
+            return word
+        read.append((word, meaning))
+        return meaning.capitalize() if word[0].isupper() else meaning
+
+    parts = re.split(r"(<(?:box|point)>.*?</(?:box|point)>)", text)
+    text = "".join(p if i % 2 else re.sub(r"[A-Za-z]+", swap, p) for i, p in enumerate(parts))
+    return text, read
 
 
 class CaseFolder:

@@ -226,6 +226,22 @@ def test_all_shapes_names_every_object(grounder):
     assert all(t.mask is not None and t.mask.sum() > 1500 for t in answer.targets), answer.answer
 
 
+@pytest.mark.parametrize("question", ["Segment everything.", "How many objects are there?", "Segment each shape."])
+def test_everyday_words_for_every_object(grounder, question):
+    """Words the training questions never used ("everything", "objects", "each") are read as the trained words
+    they mean: all four objects of examples/shapes.png, a note saying how the question was read, and no note that
+    the model reads English only (its answer names what the question asks about)."""
+    from apps.demo import EXAMPLES_DIR
+    from grounding.images import load_image
+    from grounding.text.boxes import box_iou
+
+    objects = [(92, 32, 188, 128), (170, 108, 249, 188), (200, 173, 287, 262), (332, 21, 390, 77)]
+    answer = grounder.predict(load_image(EXAMPLES_DIR / "shapes.png"), question)
+    found = sorted(max(range(4), key=lambda j: box_iou(t.box, objects[j])) for t in answer.targets)
+    assert found == [0, 1, 2, 3] and all(t.mask is not None for t in answer.targets), answer.answer
+    assert any(n.startswith("read '") for n in answer.notes) and not any("English only" in n for n in answer.notes)
+
+
 def test_every_shape_of_a_drawn_scene_gets_its_own_target(grounder):
     """Six shapes drawn with OpenCV: "Please segment all shapes." and "Segment every shape." name each once, with a
     mask on it. Six targets need about 160 answer tokens (the answer was cut at 128 before, after the fourth)."""

@@ -146,6 +146,34 @@ def test_case_folding_reads_shouted_and_capitalised_words_as_the_vocabulary_has_
     assert len(tok.tokenize(fold("WHERE IS THE CYAN SQUARE?"))) == 6          # one token a word, and "?"
 
 
+def test_everyday_words_are_read_as_the_trained_words_they_mean():
+    from shapes.question_language import SYNONYMS, read_synonyms
+
+    known = frozenset("all shapes shape every grey object where is the how segment".split())
+    assert read_synonyms("How many objects are there?", SYNONYMS, known) == (
+        "How many shapes are there?", [("objects", "shapes")])
+    assert read_synonyms("Everything, please. Each ITEM!", SYNONYMS, known)[0] == "All shapes, please. Every Shape!"
+    assert read_synonyms("Where is the gray object?", SYNONYMS, known)[0] == "Where is the grey object?"   # known kept
+    assert read_synonyms("the colored oval", SYNONYMS, known) == ("the colored oval", [])   # meanings not all known
+    assert read_synonyms("What is in <box>(1,2),(3,4)</box>?", {"box": "shape"}, known)[0] == \
+        "What is in <box>(1,2),(3,4)</box>?"
+
+
+def test_only_a_question_in_another_language_gets_the_english_only_note():
+    import json
+    from pathlib import Path
+    from shapes.question_language import language_note
+
+    config = Path(__file__).resolve().parent.parent / "weights/shapes-tiny/groundseg.json"
+    known = set(json.loads(config.read_text())["addons"]["question_language"]["words"])
+    for english in ("How many shapes are there?", "Could you outline the turquoise polygon near the upper left?",
+                    "Is there a dog in this photo?"):
+        assert language_note(english, known, "English", 0.5) is None, english
+    for other in ("Bitte segmentiere die Form Raute in der Farbe Orange.", "Por favor, segmenta el cuadrado rojo.",
+                  "请分割黄色的圆", "Où est le cercle jaune ?"):
+        assert "English only" in language_note(other, known, "English", 0.5), other
+
+
 def test_a_question_asks_for_a_box_in_words_not_in_its_box_prompt():
     from shapes.question_language import asks_for_box
 

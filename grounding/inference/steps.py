@@ -207,10 +207,11 @@ class AnswerSteps:
         if not targets:
             notes.append("the answer names no object: it has no [SEG] token and no readable box")
         pred = Prediction(answer=text, targets=targets, image_size=prep.size, question=query.question, notes=notes)
-        if query.answer is None:   # a given answer (teacher forcing) is the user's, not the model's to change
-            for addon in self.addons:
-                pred = addon.review(self.model, self.processor.tokenizer, prep, query, pred)
         question = self.question_text(query)
+        if query.answer is None:   # a given answer (teacher forcing) is the user's, not the model's to change
+            asked = dataclasses.replace(query, question=question)   # the question as the model read it
+            for addon in self.addons:
+                pred = addon.review(self.model, self.processor.tokenizer, prep, asked, pred)
         pred.notes += [n for a in self.addons for n in a.notes(question, pred.answer)]
         return tidy_phrases(pred)
 
