@@ -27,12 +27,14 @@ from typing import Any
 import torch
 
 from grounding.addons import AddOn, AnswerRows, DecoderPrompts, SegRead, register_addon
+from grounding.inference.steps import decode_with_steps, mask_steps_of
 from grounding.text.boxes import box_iou
 from shapes.box_writer import BoxWriter
 from shapes.group_count import GroupCount
 from shapes.locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_centres, distinct_cells, locator_loss,
                             mask_cells, peak_cells, square_boxes, square_to_pixels)
 from shapes.locator_mirror import locate_both, mirror_ids, mirror_token_ids
+from shapes.outline_kind import outline_kind
 from shapes.presence import PresenceHead, presence_features
 from shapes.presence_review import NoDenialStart, drop_absent, drop_targets, rename_targets
 from shapes.projector_norm import install_projector_norm
@@ -323,8 +325,10 @@ class Region(AddOn):
         return GroupCount(self, locator, rows.model, rows.tokenizer, self.words, rows.images, rows.prefixes)
 
     @torch.no_grad()
-    def describe(self, model, image, box=None, point=None) -> str:
-        """What the head reads in a region of ``image`` (a ``PreparedImage``): a pixel box xyxy or a click xy."""
+    def describe(self, model, image, box=None, point=None, mask=None) -> str:
+        """What the head reads in a region of ``image`` (a ``PreparedImage``): a pixel box xyxy or a click xy; the
+        kind is the one the object's mask outline clearly has (``outline_kind``) where it has one. ``mask``: the
+        object's mask (bool ``H x W``), else the mask the box or click gets."""
         locator = model.addons["locator"] if "locator" in model.addons else None
         if locator is not None and locator.fusion:
             keys = locator.read_image(model, [image])[0].keys
@@ -332,8 +336,25 @@ class Region(AddOn):
             like = model.seg_projection.net[0].weight
             keys = model.vision_features(image.vision[None].to(like.device, like.dtype))[0]
         region = region_box(image.size, box, point).to(keys.device, keys.dtype)
-        return describe({name: self.vocab.values(name)[int(p.argmax())]
-                         for name, p in self.probabilities(keys, region).items()})
+        values = {name: self.vocab.values(name)[int(p.argmax())]
+                  for name, p in self.probabilities(keys, region).items()}
+        kind = outline_kind(mask if mask is not None else self.marked_mask(model, image, box, point))
+        return describe({**values, "kind": kind} if kind in self.vocab.kinds else values)
+
+    @staticmethod
+    def marked_mask(model, image, box=None, point=None):
+        """The mask a user's box (pixel xyxy) or click (xy) gets: the decoder on the image's cached embedding, then
+        the model's mask steps. Bool ``H x W``."""
+        like = model.seg_projection.net[0].weight
+        as_tensor = lambda v: torch.as_tensor(v, dtype=like.dtype, device=like.device)
+        if box is not None:
+            prompts = dict(boxes=as_tensor([list(box)]))
+        else:   # one click is ambiguous (part or whole?): the best of SAM's three masks, as for a user's click
+            prompts = dict(points=as_tensor([[list(point)]]), point_labels=torch.ones(1, 1, device=like.device),
+                           multimask=True)
+        pred = decode_with_steps(model.mask_decoder, mask_steps_of(model.addons.values()), image.pixels,
+                                 image.embedding.to(like.device), "prompt", **prompts)
+        return pred.masks[0]
 
     @torch.no_grad()
     def verify(self, model, image, prediction):
@@ -374,7 +395,7 @@ class Region(AddOn):
         and the like (a question in another language leaves the phrase to the model) named by the head's reading of
         its box instead."""
         targets = prediction.targets
-        names = {i: self.describe(model, image, box=t.box) for i, t in enumerate(targets)
+        names = {i: self.describe(model, image, box=t.box, mask=t.mask) for i, t in enumerate(targets)
                  if t.box is not None and t.phrase and not shares_a_word(t.phrase, query.question or "")}
         if not names:
             return prediction
@@ -385,7 +406,8 @@ class Region(AddOn):
         unknown = [w for w in dict.fromkeys(words_of(query.question or "")) if known and w not in known]
         note = ("the question names nothing the model can copy"
                 + (f" (words it never read: {', '.join(repr(w) for w in unknown)})" if unknown else "")
-                + ": each target is named by the region head's reading of its box")
+                + ": each target is named by the region head's reading of its box (its kind by its mask's outline, "
+                  "where that is clear)")
         prediction = rename_targets(prediction, names)
         prediction = dataclasses.replace(prediction, notes=list(prediction.notes) + [note])
         return drop_targets(prediction, again) if again else prediction
@@ -407,7 +429,8 @@ class Region(AddOn):
             return prediction
         kept = [n for n in prediction.notes if not n.startswith("the answer names no object")]   # it describes one
         return dataclasses.replace(prediction, answer=text, notes=kept + [
-            f"the description is the region head's reading of the marked region (the language model wrote "
+            f"the description is the region head's reading of the marked region, its kind that of the marked "
+            f"mask's outline where that is clear (the language model wrote "
             f"{prediction.answer!r})"])
 
 

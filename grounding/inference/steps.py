@@ -61,6 +61,23 @@ class AnswerRulesProcessor(LogitsProcessor):
         return scores
 
 
+def mask_steps_of(addons) -> list[AddOn]:
+    """The add-ons that refine decoded masks, in the order they run."""
+    return sorted((a for a in addons if a.mask_order is not None), key=lambda a: a.mask_order)
+
+
+def decode_with_steps(backend, mask_steps: Sequence[AddOn], pixels: np.ndarray, embedding: ImageEmbedding,
+                      source: str, stats: dict[str, int] | None = None, **prompts) -> MaskPrediction:
+    """The mask decoder on one image's prompts (``MaskDecoderBackend.decode``'s keyword arguments), then each mask
+    step; ``pixels`` uint8 ``H x W x 3`` and its decoder ``embedding`` (on the decoder's device); ``source``:
+    ``"answer"``, ``"prompt"`` or ``"video"`` (``MaskContext``)."""
+    ctx = MaskContext(backend, embedding, pixels, prompts, source, {} if stats is None else stats)
+    pred = backend.decode(ctx.embedding, **prompts)
+    for step in mask_steps:
+        pred = step.refine(pred, ctx)
+    return pred
+
+
 # a question may leave its answer less room than ``max_new_tokens`` asks (it then gets what is left), but not less
 # than this: one target with its box takes about 26 tokens of the default model's vocabulary
 MIN_ANSWER_TOKENS = 32
@@ -74,7 +91,7 @@ class AnswerSteps:
         self.model, self.processor, self.addons = model, processor, addons
         self.device, self.dtype = device, dtype
         self.mask_threshold = float(mask_threshold)  # mask = decoder logit > this (0.0: probability 0.5)
-        self.mask_steps = sorted((a for a in addons if a.mask_order is not None), key=lambda a: a.mask_order)
+        self.mask_steps = mask_steps_of(addons)
         self.reads_hidden_states = any(a.reads_hidden_states for a in addons)
         self.stats: dict[str, int] = {}
 
@@ -162,13 +179,9 @@ class AnswerSteps:
         """The mask decoder on one image's prompts (``MaskDecoderBackend.decode``'s), then the add-ons' mask steps;
         ``pixels`` uint8 ``H x W x 3`` and its decoder ``embedding``; ``source``: ``"answer"``, ``"prompt"`` or
         ``"video"`` (``MaskContext``)."""
-        backend = self.model.mask_decoder
         prompts["threshold"] = self.mask_threshold
-        ctx = MaskContext(backend, embedding.to(self.device), pixels, prompts, source, self.stats)
-        pred = backend.decode(ctx.embedding, **prompts)
-        for step in self.mask_steps:
-            pred = step.refine(pred, ctx)
-        return pred
+        return decode_with_steps(self.model.mask_decoder, self.mask_steps, pixels, embedding.to(self.device), source,
+                                 self.stats, **prompts)
 
     def decode_segs(self, prep: PreparedImage, seg: torch.Tensor,
                     prompts: DecoderPrompts | None = None) -> tuple[np.ndarray, np.ndarray]:
