@@ -47,7 +47,10 @@ def outline_features(mask: np.ndarray) -> dict[str, float] | None:
     hull_index = cv2.convexHull(c, returnPoints=False)
     hull = c[hull_index[:, 0]]
     solidity = area / max(cv2.contourArea(hull), 1e-6)
-    defects = cv2.convexityDefects(c, hull_index) if len(hull_index) > 3 else None
+    try:
+        defects = cv2.convexityDefects(c, hull_index) if len(hull_index) > 3 else None
+    except cv2.error:   # an outline that touches itself: its notches are not read
+        defects = None
     defects = np.zeros((0, 4), int) if defects is None else defects.reshape(-1, 4)
     deep = c[defects[defects[:, 3] / 256.0 > 0.12 * np.sqrt(area), 2], 0].astype(float)   # the notches' bottoms
     moments = cv2.moments(c)
