@@ -637,7 +637,8 @@ class DemoHandlers:
 
     def _view(self, session: Session) -> tuple:
         objects = object_choices(session.objects) if session.pixels is not None else gr.update(choices=[], value=None)
-        return (session, self.downloads.picture(render(session)), answer_pieces(session.prediction) or None, session.status, objects)
+        return (session, self.downloads.picture(render(session)), answer_pieces(session.prediction) or None,
+                session.status, objects)
 
 
 def full_prediction(session: Session) -> Prediction:

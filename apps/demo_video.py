@@ -311,8 +311,8 @@ class VideoHandlers:
     def _view(self, session: VideoSession, result: Any = _KEEP, answer: Any = _KEEP, downloads: Any = _KEEP) -> tuple:
         keep = lambda v: gr.update() if v is _KEEP else v
         objects = object_choices(session.objects) if session.frame is not None else gr.update(choices=[], value=None)
-        return (session, self.downloads.picture(render_frame(session)), keep(result), keep(answer), session.status, keep(downloads),
-                objects)
+        return (session, self.downloads.picture(render_frame(session)), keep(result), keep(answer), session.status,
+                keep(downloads), objects)
 
 
 def _reporting(run: VideoRun, progress, desc: str, seen: dict[int, int]) -> VideoRun:

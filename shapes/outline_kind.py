@@ -14,8 +14,8 @@ A mask of one whole object says its kind directly, whatever its colours and text
   pentagon / hexagon    a clean 5-gon / 6-gon that fills its rotated box and enclosing triangle as a regular one
 
 "Clean k-gon": k is the fewest sides of a convex polygon around the outline (OpenCV's ``approxPolyN``) that covers
-the mask with IoU >= 0.93. A reading is returned only when every test it rests on passes clearly; a partly hidden, ragged or merged
-mask gives None, and the head's reading stands.
+the mask with IoU >= 0.93. A reading is returned only when every test it rests on passes clearly; a partly hidden,
+ragged or merged mask gives None, and the head's reading stands.
 """
 from __future__ import annotations
 

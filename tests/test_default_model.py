@@ -329,7 +329,8 @@ def test_a_marked_object_is_named_by_the_kind_its_outline_has(grounder, how):
     examples/shapes.png: its kind is right (the region head alone read the outlined yellow circle as a hexagon)."""
     from apps.demo import EXAMPLES_DIR
 
-    objects = {"square": [(92, 32, 188, 128), (200, 173, 287, 262), (332, 21, 390, 77)], "circle": [(170, 108, 249, 188)]}
+    objects = {"square": [(92, 32, 188, 128), (200, 173, 287, 262), (332, 21, 390, 77)],
+               "circle": [(170, 108, 249, 188)]}
     for kind, boxes in objects.items():
         for box in boxes:
             if how == "box":

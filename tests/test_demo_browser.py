@@ -125,8 +125,8 @@ def shot(page, tmp_path, name: str) -> Path:
 def wait_for_picture(page, selector: str, width: int) -> None:
     """Wait until the browser has decoded the picture ``selector`` shows at ``width`` pixels: the status can say
     "ready" while the page still lays out the previous (or no) picture, and a click then lands elsewhere."""
-    page.wait_for_function("([s, w]) => { const e = document.querySelector(s);"
-                           " return !!e && e.complete && e.naturalWidth === w && e.getBoundingClientRect().width > 0; }",
+    page.wait_for_function("([s, w]) => { const e = document.querySelector(s); return !!e && e.complete"
+                           " && e.naturalWidth === w && e.getBoundingClientRect().width > 0; }",
                            arg=[selector, width], timeout=TIMEOUT_MS)
 
 
