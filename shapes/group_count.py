@@ -8,16 +8,18 @@ region head says what is there. So after the k-th repeat of a group phrase ("all
 a plural: "the green pentagons"), where the model would end its answer, this rule reads the region head at the
 locator's box for candidate k: when that region is a new object (its box overlaps none of the earlier ones by more
 than ``overlap`` IoU, nor holds one's centre) that the head is sure (``confidence``) has every colour and kind the
-phrase names (for a phrase of no colour or kind, "all shapes" or "all the objects": of some kind), the answer goes
-on with the phrase once more. It only adds objects the model left out; the model's own repeats stay.
+phrase names (for a phrase of no colour or kind, "all shapes" or "all the objects": of some kind, or the mask the
+box gets is one new object of a clear outline, ``outline_kind``), the answer goes on with the phrase once more. It only adds objects the model left out; the model's own repeats stay.
 """
 from __future__ import annotations
 
 import torch
 
+from grounding.result import box_from_mask
 from grounding.text.boxes import box_iou
+from shapes.outline_kind import outline_kind
 from shapes.region_head import region_box
-from shapes.region_verify import ARTICLES, KINDLESS, sureness
+from shapes.region_verify import ARTICLES, KINDLESS, REPEAT_BOX_FIT, sureness
 
 
 class GroupCount:
@@ -85,8 +87,8 @@ class GroupCount:
         if every and not self.names_every_object(text):
             return False
         box = self.boxes.box(row, phrase, k)
-        for j in range(k):   # the same object again, or a box around an earlier one and more
-            before = self.boxes.box(row, phrase, j)
+        earlier = [self.boxes.box(row, phrase, j) for j in range(k)]
+        for before in earlier:   # the same object again, or a box around an earlier one and more
             cx, cy = (before[0] + before[2]) / 2, (before[1] + before[3]) / 2
             if box_iou(box, before) > self.overlap or (box[0] <= cx <= box[2] and box[1] <= cy <= box[3]):
                 return False
@@ -94,5 +96,16 @@ class GroupCount:
         keys = image.extras["locator"].keys
         square = region_box(image.size, box).to(keys.device, keys.dtype)
         if every:
-            return float(self.region.probabilities(keys, square)["kind"].max()) >= self.confidence
+            return (float(self.region.probabilities(keys, square)["kind"].max()) >= self.confidence
+                    or self.clear_new_object(row, box, earlier))
         return sureness(self.region, keys, square, sorted(wanted["colour"]), sorted(wanted["kind"])) >= self.confidence
+
+    def clear_new_object(self, row: int, box: list[float], earlier: list[list[float]]) -> bool:
+        """Whether the mask that ``box`` gets is one new object of a clear outline (``outline_kind``): its own box
+        fits ``box`` (IoU >= ``REPEAT_BOX_FIT``, as ``Region.verify`` asks of a repeat) and overlaps none of the
+        ``earlier`` boxes by more than ``overlap``."""
+        mask = self.region.marked_mask(self.boxes.model, self.images[row], box=box)
+        if not mask.any() or outline_kind(mask) is None:
+            return False
+        own = box_from_mask(mask)
+        return box_iou(own, box) >= REPEAT_BOX_FIT and all(box_iou(own, b) <= self.overlap for b in earlier)
