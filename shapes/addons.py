@@ -350,8 +350,8 @@ class Region(AddOn):
         if box is not None:
             prompts = dict(boxes=as_tensor([list(box)]))
         else:   # one click is ambiguous (part or whole?): the best of SAM's three masks, as for a user's click
-            prompts = dict(points=as_tensor([[list(point)]]), point_labels=torch.ones(1, 1, device=like.device),
-                           multimask=True)
+            prompts = dict(points=as_tensor([[list(point)]]), multimask=True,
+                           point_labels=torch.ones(1, 1, dtype=torch.long, device=like.device))
         pred = decode_with_steps(model.mask_decoder, mask_steps_of(model.addons.values()), image.pixels,
                                  image.embedding.to(like.device), "prompt", **prompts)
         return pred.masks[0]

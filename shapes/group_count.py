@@ -9,7 +9,8 @@ a plural: "the green pentagons"), where the model would end its answer, this rul
 locator's box for candidate k: when that region is a new object (its box overlaps none of the earlier ones by more
 than ``overlap`` IoU, nor holds one's centre) that the head is sure (``confidence``) has every colour and kind the
 phrase names (for a phrase of no colour or kind, "all shapes" or "all the objects": of some kind, or the mask the
-box gets is one new object of a clear outline, ``outline_kind``), the answer goes on with the phrase once more. It only adds objects the model left out; the model's own repeats stay.
+box gets is one new object of a clear outline, ``outline_kind``), the answer goes on with the phrase once more. It
+only adds objects the model left out; the model's own repeats stay.
 """
 from __future__ import annotations
 

@@ -103,9 +103,13 @@ def read_synonyms(text: str, synonyms: dict[str, str], known: frozenset[str]) ->
         read.append((word, meaning))
         return meaning.capitalize() if word[0].isupper() else meaning
 
+    return rewrite_words(text, swap), read
+
+
+def rewrite_words(text: str, rewrite) -> str:
+    """``text`` with each run of ASCII letters outside box and point prompts replaced by ``rewrite(match)``."""
     parts = re.split(r"(<(?:box|point)>.*?</(?:box|point)>)", text)
-    text = "".join(p if i % 2 else re.sub(r"[A-Za-z]+", swap, p) for i, p in enumerate(parts))
-    return text, read
+    return "".join(p if i % 2 else re.sub(r"[A-Za-z]+", rewrite, p) for i, p in enumerate(parts))
 
 
 class CaseFolder:
@@ -127,6 +131,4 @@ class CaseFolder:
         return w.lower()
 
     def __call__(self, text: str) -> str:
-        parts = re.split(r"(<(?:box|point)>.*?</(?:box|point)>)", text)
-        return "".join(p if i % 2 else re.sub(r"[A-Za-z]+", lambda m: self.word(m.group()), p)
-                       for i, p in enumerate(parts))
+        return rewrite_words(text, lambda m: self.word(m.group()))
