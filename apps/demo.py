@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import gradio as gr
 
 from apps.demo_handlers import COLOR_MAP, MAX_NEW_TOKENS_LIMIT, MODES, DemoHandlers, DownloadFolder, ModelService
-from apps.demo_inputs import fast_png_results, image_input
+from apps.demo_inputs import image_input
 from apps.demo_video import VideoHandlers
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -266,7 +266,6 @@ TABS: list[tuple[str, TabBuilder]] = [("Image", image_tab), ("Video", video_tab)
 def build_app(grounder, *, examples_dir: Path | None = EXAMPLES_DIR, download_dir: Path | None = None,
               max_new_tokens: int = 256, tabs: Sequence[tuple[str, TabBuilder]] | None = None) -> gr.Blocks:
     """The Blocks app around ``grounder`` (a :class:`~grounding.Grounder`), queue configured."""
-    fast_png_results()
     owned = download_dir is None
     if owned:
         download_dir = Path(tempfile.mkdtemp(prefix="groundseg-demo-"))

@@ -1,5 +1,5 @@
 """The app's image upload widget, changed so a big upload is not re-encoded on every event and a bad file gives
-one readable line; and the result images' PNG encoding, made fast.
+one readable line.
 
 gradio_image_annotation's input decodes and re-encodes the whole upload with PIL on every event (each box drag
 re-encoded a 12-megapixel photo, ~2 s) and let PIL's error, with the server's temporary path, reach the page when
@@ -11,10 +11,7 @@ for a session whose handler has updated it, so a change on one instance would no
 """
 from __future__ import annotations
 
-from gradio import processing_utils
 from gradio_image_annotation import image_annotator
-
-PNG_COMPRESS_LEVEL = 1   # a 1024x768 result image: ~50 ms at level 1 against ~200 ms at PIL's default 6, ~25% bigger
 
 
 def _uploaded_path(self, image) -> str | None:
@@ -27,24 +24,3 @@ def image_input(**kwargs) -> image_annotator:
     if image_annotator.preprocess_image is not _uploaded_path:
         image_annotator.preprocess_image = _uploaded_path
     return image_annotator(**kwargs)
-
-
-def fast_png_results() -> None:
-    """Gradio encodes every ``gr.Image(format="png")`` result with PIL's default zlib level (6): at 1024 px that
-    took most of a click's time (benchmarks/click_big_image.py). Results are shown once, over a local network: the
-    fastest level that still compresses is the better trade. Lossless either way. (For this process, on Gradio's
-    encoder: the one place every image result goes through.)"""
-    encode = processing_utils.encode_pil_to_bytes
-    if getattr(encode, "fast_png", False):
-        return
-
-    def encode_fast(pil_image, format="png"):
-        if format.lower() != "png":
-            return encode(pil_image, format)
-        from io import BytesIO
-        with BytesIO() as out:
-            pil_image.save(out, "png", pnginfo=processing_utils.get_pil_metadata(pil_image),
-                           compress_level=PNG_COMPRESS_LEVEL)
-            return out.getvalue()
-    encode_fast.fast_png = True
-    processing_utils.encode_pil_to_bytes = encode_fast

@@ -645,21 +645,3 @@ def test_cli_demo_command(monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     assert calls == [(DEFAULT_MODEL, dict(host="127.0.0.1", port=7999, device="auto", max_new_tokens=256,
                                           max_file_size="25mb", quantize=None))]
-
-
-def test_result_pngs_are_encoded_fast_and_lossless():
-    """The app's result images go through Gradio's PNG encoder at zlib level 1 (benchmarks/click_big_image.py):
-    the picture is the same pixels, only the compression is lighter."""
-    import io as _io
-
-    from gradio import processing_utils
-    from PIL import Image
-
-    from apps.demo_inputs import fast_png_results
-    fast_png_results()
-    fast_png_results()   # twice is once
-    rgb = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
-    data = processing_utils.encode_pil_to_bytes(Image.fromarray(rgb), "png")
-    assert processing_utils.encode_pil_to_bytes.fast_png
-    assert np.array_equal(np.asarray(Image.open(_io.BytesIO(data)).convert("RGB")), rgb)
-    assert processing_utils.encode_pil_to_bytes(Image.fromarray(rgb), "jpeg")[:2] == b"\xff\xd8"   # others unchanged
