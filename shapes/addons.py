@@ -24,11 +24,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from grounding.addons import AddOn, AnswerRows, DecoderPrompts, SegRead, register_addon
 from grounding.inference.steps import decode_with_steps, mask_steps_of
+from grounding.result import box_from_mask
 from grounding.text.boxes import box_iou
+from grounding.text.tokens import REF_END, REF_START
 from shapes.box_writer import BoxWriter
 from shapes.group_count import GroupCount
 from shapes.locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_centres, distinct_cells, locator_loss,
@@ -36,11 +39,11 @@ from shapes.locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_c
 from shapes.locator_mirror import locate_both, mirror_ids, mirror_token_ids
 from shapes.outline_kind import outline_kind
 from shapes.presence import PresenceHead, presence_features
-from shapes.presence_review import NoDenialStart, drop_absent, drop_targets, rename_targets
+from shapes.presence_review import NoDenialStart, drop_absent, drop_targets, move_targets, rename_targets
 from shapes.projector_norm import install_projector_norm
 from shapes.question_language import CaseFolder, language_note, read_synonyms, shares_a_word, words_of
 from shapes.region_head import RegionHead, Vocabulary, describe, region_box
-from shapes.region_verify import REPEAT_BOX_FIT, plain_names, sureness
+from shapes.region_verify import REPEAT_BOX_FIT, REPEAT_MASK_SHARE, plain_names, sureness
 from shapes.ref_copy import RefCopy, TokenWords
 from shapes.ref_strict import StrictCopy
 from shapes.vision_stem import install_vision_stem
@@ -310,6 +313,7 @@ class Region(AddOn):
                                     # probability under this is dropped (shapes/region_verify.py); 0: off
 
     name = "region"
+    RELOCATE_RANKS = 3              # ``relocate`` tries the locator candidates up to this rank (0: the best)
 
     def attach(self, model: Any, tokenizer: Any) -> None:
         self.vocab = Vocabulary(*(list(getattr(self.settings, f)) for f in
@@ -342,9 +346,9 @@ class Region(AddOn):
         return describe({**values, "kind": kind} if kind in self.vocab.kinds else values)
 
     @staticmethod
-    def marked_mask(model, image, box=None, point=None):
+    def marked(model, image, box=None, point=None):
         """The mask a user's box (pixel xyxy) or click (xy) gets: the decoder on the image's cached embedding, then
-        the model's mask steps. Bool ``H x W``."""
+        the model's mask steps. A ``MaskPrediction`` of one mask."""
         like = model.seg_projection.net[0].weight
         as_tensor = lambda v: torch.as_tensor(v, dtype=like.dtype, device=like.device)
         if box is not None:
@@ -352,18 +356,24 @@ class Region(AddOn):
         else:   # one click is ambiguous (part or whole?): the best of SAM's three masks, as for a user's click
             prompts = dict(points=as_tensor([[list(point)]]), multimask=True,
                            point_labels=torch.ones(1, 1, dtype=torch.long, device=like.device))
-        pred = decode_with_steps(model.mask_decoder, mask_steps_of(model.addons.values()), image.pixels,
+        return decode_with_steps(model.mask_decoder, mask_steps_of(model.addons.values()), image.pixels,
                                  image.embedding.to(like.device), "prompt", **prompts)
-        return pred.masks[0]
+
+    @classmethod
+    def marked_mask(cls, model, image, box=None, point=None):
+        """``marked``'s mask, bool ``H x W``."""
+        return cls.marked(model, image, box, point).masks[0]
 
     @torch.no_grad()
-    def verify(self, model, image, prediction):
+    def verify(self, model, tokenizer, image, prediction):
         """``prediction`` without its plain targets whose box the head does not read as what they name (the first
         target of a phrase under ``verify``, a repeat of it, an "all ..." answer's further objects, under
         ``GroupCount.confidence``), nor any repeat whose mask's box overlaps its box under ``REPEAT_BOX_FIT`` or whose
-        mask is empty."""
+        mask is empty. The kind a target's mask outline clearly has (``outline_kind``) comes first: the named one
+        needs no reading by the head (which misreads kinds on grey scenes), another ("the hexagon" on a pentagon)
+        moves the target to the locator's candidate of the named kind (``relocate``), else drops it."""
         keys = model.addons["locator"].read_image(model, [image])[0].keys
-        dropped, seen = {}, set()
+        dropped, moved, seen = {}, {}, set()
         for i, target in enumerate(prediction.targets):
             names = plain_names(target.phrase or "", self.vocab)
             repeat = target.phrase in seen
@@ -373,17 +383,82 @@ class Region(AddOn):
             # a group's further objects are the model's guesses (it writes about two whatever the count): they
             # need the sureness GroupCount asks of the ones it adds
             level = GroupCount.confidence if repeat else self.settings.verify
+            kind = names[1][0] if names and names[1] else None
+            read = outline_kind(target.mask) if kind and target.mask is not None else None
+            if read is not None and read != kind:
+                others = [t.box for t in prediction.targets if t.box is not None]
+                found = self.relocate(model, tokenizer, image, target.phrase, names, level, others)
+                if found is not None:
+                    moved[i] = found
+                else:
+                    dropped[i] = f"its mask's outline is a {read}'s, not a {kind}'s, nor is any other candidate's"
+                continue
+            # a kind alone ("the hexagon") that the outline clearly has needs no reading by the head; with a colour
+            # the head's joint reading stays (its level was set on that product: a near miss in colour, "the red
+            # pentagon" on a brown one, reads low in both)
+            checked = None if names is None else (names[0], [] if read == kind and not names[0] else names[1])
             square = region_box(image.size, target.box).to(keys.device, keys.dtype)
-            sure = 1.0 if names is None else sureness(self, keys, square, *names)
             mask_box = target.box_from_mask() if repeat and target.mask is not None else target.box
             fit = 0.0 if mask_box is None else box_iou(target.box, mask_box)   # None: an empty mask
-            if sure < level:
-                dropped[i] = (f"the region head reads its box as {' '.join(sum(names, []))} with "
+            if checked is None:   # a repeat of "all shapes" and the like: one object of some kind, as GroupCount asks
+                sure = float(self.probabilities(keys, square)["kind"].max())
+                if (sure < level and target.mask is not None and fit >= REPEAT_BOX_FIT
+                        and outline_kind(target.mask) is None):
+                    dropped[i] = (f"the region head reads no kind in its box (at most probability {sure:.4f}, "
+                                  f"needed {level:.4f}), nor has its mask a clear outline")
+                    continue
+            elif (sure := sureness(self, keys, square, *checked)) < level:
+                dropped[i] = (f"the region head reads its box as {' '.join(sum(checked, []))} with "
                               f"probability {sure:.4f} only (needed {level:.4f})")
-            elif fit < REPEAT_BOX_FIT:   # a locator cell at an object's edge boxes it and its surroundings
+                continue
+            if fit < REPEAT_BOX_FIT:   # a locator cell at an object's edge boxes it and its surroundings
                 dropped[i] = (f"its mask's box overlaps its box by IoU {fit:.2f} only (needed {REPEAT_BOX_FIT}): "
                               f"not one object's box")
+            elif repeat and (shared := self.share_on_earlier(prediction.targets, i, dropped)) > REPEAT_MASK_SHARE:
+                dropped[i] = (f"{shared:.0%} of its mask lies on the masks of the phrase's earlier targets: not a new "
+                              f"object")
+        if moved:
+            prediction = move_targets(prediction, moved, image.size,
+                                      "target {number} ({phrase!r}) moved to another of the locator's candidates: "
+                                      "the mask its first box got has the outline of another kind")
         return drop_targets(prediction, dropped) if dropped else prediction
+
+    @staticmethod
+    def share_on_earlier(targets: list, i: int, dropped: dict) -> float:
+        """The share of target ``i``'s mask that lies on the masks of the earlier targets of its phrase (those not
+        ``dropped``); 0 without masks."""
+        mask = targets[i].mask
+        earlier = [t.mask for k, t in enumerate(targets[:i])
+                   if k not in dropped and t.phrase == targets[i].phrase and t.mask is not None]
+        if mask is None or not earlier or not mask.any():
+            return 0.0
+        return float((mask & np.logical_or.reduce(earlier)).sum() / mask.sum())
+
+    def relocate(self, model, tokenizer, image, phrase: str, names: tuple[list[str], list[str]], level: float,
+                 taken: list) -> tuple | None:
+        """The first of the locator's candidates for ``phrase`` (ranks 0 to ``RELOCATE_RANKS``) whose box
+        overlaps none of the ``taken`` boxes by more than ``GroupCount.overlap``, whose mask is one object's (its
+        box fits the candidate's by IoU ``REPEAT_BOX_FIT``) of the named kind by its outline, and whose box the head
+        reads as the named colour (if any) with probability ``level``: (pixel xyxy box, bool ``H x W`` mask,
+        score), or None."""
+        locator = model.addons["locator"]
+        keys = locator.read_image(model, [image])[0].keys
+        ids = tokenizer(f"{REF_START}{phrase}{REF_END}", add_special_tokens=False)["input_ids"][1:-1]
+        writer = BoxWriter(locator, model, tokenizer, [image], [[]])
+        colours, (kind,) = names
+        for rank in range(self.RELOCATE_RANKS + 1):
+            box = writer.box(0, ids, rank)
+            if any(box_iou(box, t) > GroupCount.overlap for t in taken):
+                continue
+            square = region_box(image.size, box).to(keys.device, keys.dtype)
+            if colours and sureness(self, keys, square, colours, []) < level:
+                continue
+            pred = self.marked(model, image, box=box)
+            mask = pred.masks[0]
+            own = box_from_mask(mask)
+            if own is not None and box_iou(own, box) >= REPEAT_BOX_FIT and outline_kind(mask) == kind:
+                return box, mask, float(pred.scores[0])
+        return None
 
     def probabilities(self, keys: torch.Tensor, region: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per attribute, the head's probabilities ``[values]`` for a region ``[4]`` (fractions of the square) of
@@ -416,7 +491,7 @@ class Region(AddOn):
         if prediction.targets:   # the answer named objects: not a description
             if query.answer is None:
                 prediction = self.name_unasked(model, image, query, prediction)
-            return self.verify(model, image, prediction) if self.settings.verify > 0 else prediction
+            return self.verify(model, tokenizer, image, prediction) if self.settings.verify > 0 else prediction
         if query.boxes is not None and len(query.boxes):
             text = self.describe(model, image, box=query.boxes[0])
         elif query.points is not None and len(query.points):

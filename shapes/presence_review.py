@@ -11,6 +11,7 @@ import re
 
 import torch
 
+from grounding.text.boxes import format_box
 from grounding.text.tokens import SEG
 from shapes.region_verify import ARTICLES, QUANTIFIERS
 
@@ -68,6 +69,24 @@ def rename_targets(prediction, names: dict[int, str]):
             if i in names:
                 targets[i] = dataclasses.replace(targets[i], phrase=names[i])
     return dataclasses.replace(prediction, answer=text, targets=targets)
+
+
+def move_targets(prediction, moves: dict[int, tuple], image_size: tuple[int, int], note: str):
+    """The Prediction with target ``i`` on another object: ``moves[i]`` is its new (pixel xyxy box, bool ``H x W``
+    mask, score), written into the box text of its ``<ref>`` span too; each move gets ``note`` (formatted with the
+    target's number and phrase)."""
+    targets, text, notes = list(prediction.targets), prediction.answer, list(prediction.notes)
+    for phrase in dict.fromkeys(targets[i].phrase for i in moves):
+        mine = [i for i, t in enumerate(targets) if t.phrase == phrase]
+        spans = _ref_spans(text, phrase)
+        for i, m in reversed(list(zip(mine, spans)) if len(spans) == len(mine) else []):
+            if i in moves:
+                span = re.sub(r"<box>.*?</box>", lambda _: format_box(moves[i][0], image_size), m.group(), count=1)
+                text = text[:m.start()] + span + text[m.end():]
+    for i, (box, mask, score) in moves.items():
+        targets[i] = dataclasses.replace(targets[i], box=box, mask=mask, score=score)
+        notes.append(note.format(number=i + 1, phrase=targets[i].phrase))
+    return dataclasses.replace(prediction, answer=text, targets=targets, notes=notes)
 
 
 def drop_targets(prediction, reasons: dict[int, str]):

@@ -27,6 +27,9 @@ KINDLESS = ("shape", "shapes", "object", "objects")
 # cell at an object's edge boxes it and its surroundings); 1% of the right answers on val (v14.1, generated) fall
 # below it, 10% of the wrong ones
 REPEAT_BOX_FIT = 0.5
+# a repeat whose mask lies more than this share on the masks of the phrase's earlier targets is no new object (a box
+# between two objects gets a mask of a part of each)
+REPEAT_MASK_SHARE = 0.5
 
 
 def plain_names(phrase: str, vocab) -> tuple[list[str], list[str]] | None:

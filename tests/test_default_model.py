@@ -5,6 +5,7 @@ on these scenes (0.805 cIoU, 0.933 mask-box Acc@0.5, 0.907 box-prompt IoU), as 1
 from __future__ import annotations
 
 from pathlib import Path
+import dataclasses
 
 import numpy as np
 import pytest
@@ -437,3 +438,36 @@ def test_a_box_gets_its_mask_unless_the_question_asks_for_a_box(grounder):
     assert len(boxed.targets) == 1 and boxed.targets[0].mask is None and "[SEG]" not in boxed.answer, boxed.answer
     x1, y1, x2, y2 = boxed.targets[0].box
     assert abs(x1 - 92) < 8 and abs(y1 - 32) < 8 and abs(x2 - 188) < 8 and abs(y2 - 128) < 8, boxed.targets[0].box
+
+
+def test_a_target_whose_outline_has_another_kind_moves_to_that_kind_or_is_dropped(grounder):
+    """The region head misreads kinds on scenes unlike its training (grey ones: "the hexagon" boxed on a pentagon
+    passed its check). A plain target whose mask's outline clearly has another kind than its phrase names moves to
+    the locator's candidate of that kind, box text and mask together, or is dropped when there is none. Here the
+    answers are made wrong on purpose, on examples/crosses.png (a purple square, a blue hexagon, three crosses and a
+    triangle): "the hexagon" on the brown cross, "the circle" on the purple square."""
+    from apps.demo import EXAMPLES_DIR
+    from grounding.images import load_image
+    from grounding.result import Prediction
+    from grounding.text.boxes import format_box
+
+    image = load_image(EXAMPLES_DIR / "crosses.png")
+    hexagon = grounder.predict(image, "Please segment the hexagon.").targets[0]
+    cross = grounder.predict(image, "Where is the brown cross?").targets[0]
+    square = grounder.segment(image, boxes=[[57, 68, 196, 206]]).targets[0]
+    region, prepared = grounder.model.addons["region"], grounder.prepare([image])[0]
+
+    def verified(phrase, target):
+        wrong = Prediction(f"<ref>{phrase}</ref>{format_box(target.box, image.shape[:2])}[SEG]",
+                           [dataclasses.replace(target, phrase=phrase)], image.shape[:2])
+        return region.verify(grounder.model, grounder.processor.tokenizer, prepared, wrong)
+
+    moved = verified("the hexagon", cross)
+    assert len(moved.targets) == 1 and "moved" in " ".join(moved.notes), moved.notes
+    iou = (moved.targets[0].mask & hexagon.mask).sum() / (moved.targets[0].mask | hexagon.mask).sum()
+    assert iou > 0.8, iou
+    assert moved.answer == f"<ref>the hexagon</ref>{format_box(moved.targets[0].box, image.shape[:2])}[SEG]"
+    assert format_box(moved.targets[0].box, image.shape[:2]) != format_box(cross.box, image.shape[:2])
+    dropped = verified("the circle", square)
+    assert not dropped.targets and dropped.answer == "There is no circle in the image.", dropped.answer
+    assert "outline is a square's" in dropped.notes[-1], dropped.notes

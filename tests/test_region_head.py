@@ -135,7 +135,8 @@ def test_a_group_repeat_whose_mask_fills_little_of_its_box_is_dropped():
         targets = [dataclasses.replace(circle, phrase=group),
                    dataclasses.replace(square, phrase=group, box=square_box, mask=mask)]
         prediction = Prediction(f"<ref>{group}</ref>[SEG] <ref>{group}</ref>[SEG]", targets, image.shape[:2])
-        return grounder.model.addons["region"].verify(grounder.model, grounder.prepare([image])[0], prediction)
+        return grounder.model.addons["region"].verify(grounder.model, grounder.processor.tokenizer,
+                                                      grounder.prepare([image])[0], prediction)
 
     assert len(verified(square.box).targets) == 2
     x1, y1, x2, y2 = square.box
