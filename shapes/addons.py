@@ -16,7 +16,9 @@
                   (shapes/region_verify.py);
   question_language  a note on the Prediction when the question is mostly in words the model was not trained on,
                   as another language is; the question's words in the case the vocabulary knows, and a few everyday
-                  words it lacks ("objects", "gray") as the words they mean (shapes/question_language.py).
+                  words it lacks ("objects", "gray") as the words they mean (shapes/question_language.py);
+  count           a "How many ..." answer starts with the number of its targets, "There are 3 squares: "
+                  (shapes/count_answer.py); put it last, after the add-ons that drop targets.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from grounding.result import box_from_mask
 from grounding.text.boxes import box_iou
 from grounding.text.tokens import REF_END, REF_START
 from shapes.box_writer import BoxWriter
+from shapes.count_answer import count_sentence
 from shapes.group_count import GroupCount
 from shapes.locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_centres, distinct_cells, locator_loss,
                             mask_cells, peak_cells, square_boxes, square_to_pixels)
@@ -547,6 +550,15 @@ class QuestionLanguage(AddOn):
             return []
         note = language_note(question, self.known, self.settings.language, self.settings.share)
         return [] if note is None else [note]
+
+
+@register_addon
+class CountAnswer(AddOn):
+    name = "count"
+
+    def review(self, model, tokenizer, image, query, prediction):
+        sentence = count_sentence(prediction.question or "", len(prediction.targets))
+        return prediction if sentence is None else dataclasses.replace(prediction, answer=sentence + prediction.answer)
 
 
 @register_addon

@@ -428,6 +428,7 @@ def test_a_box_gets_its_mask_unless_the_question_asks_for_a_box(grounder):
     image = load_image(EXAMPLES_DIR / "shapes.png")
     squares = grounder.predict(image, "How many squares are there?")
     assert [t.phrase for t in squares.targets] == ["squares"] * 3 and "<ref> " not in squares.answer, squares.answer
+    assert squares.answer.startswith("There are 3 squares: <ref>squares</ref>"), squares.answer   # the count add-on
     boxes = []
     for t in squares.targets:
         ys, xs = np.nonzero(t.mask)
