@@ -7,7 +7,9 @@ phrase that names nothing but a colour and / or a kind ("the cyan square", "yell
 shape"), the ``region`` add-on's ``verify`` setting drops a target when the head gives its box the phrase's colour
 and kind with a probability (their product) under ``verify``; in a group ("all red shapes", "the stars") each
 target is checked on its own. Phrases with any other word (sizes, places, relations) are left to the presence head
-alone: their words do not describe the boxed object alone.
+alone: their words do not describe the boxed object alone. The target's mask outline is read first
+(shapes/outline_kind.py): a clear outline of another kind moves or drops the target whatever the head reads, and a
+clear outline of a kind named alone ("the star") stands for the head's kind reading (``Region.verify``).
 
 ``calibrate_verify`` sets ``verify`` where a chosen share of present objects' phrases would be dropped, on the
 model's own answers over a synthetic val split (clean scenes and corrupted copies), as the presence threshold is set.
