@@ -12,7 +12,7 @@ import torch
 
 from grounding.result import Prediction, Target
 from shapes.presence import scene_phrases
-from shapes.presence_review import NoDenialStart, denial, drop_absent, drop_targets, rename_targets
+from shapes.presence_review import NoDenialStart, denial, drop_absent, drop_targets, move_targets, rename_targets
 from shapes.question_language import CaseFolder
 from shapes.ref_copy import TokenWords
 from shapes.ref_strict import StrictCopy
@@ -236,6 +236,23 @@ def test_renaming_targets_rewrites_their_phrases_in_the_answer():
     out = rename_targets(pred, {1: "a small red square"})
     assert [t.phrase for t in out.targets] == ["all triangle", "a small red square"]
     assert out.answer == f"{one} " + one.replace("all triangle", "a small red square")
+
+
+def test_moving_a_target_of_a_group_rewrites_its_own_box_text_only():
+    """The second of three repeats moves (``Region.verify``'s outline check): its box, mask and score change, and
+    the box text of its own ``<ref>`` span, which the answer's readers pair with it."""
+    from grounding.text.boxes import format_box
+
+    group = "<ref>all stars</ref><box>(1,2),(3,4)</box>[SEG]"
+    pred = Prediction(" ".join([group] * 3), [_target("all stars", x) for x in (1, 10, 20)], (20, 30))
+    mask = np.zeros((20, 30), bool)
+    mask[10:15, 12:18] = True
+    out = move_targets(pred, {1: ((12, 10, 18, 15), mask, 0.5)}, (20, 30), "target {number} ({phrase!r}) moved")
+    assert out.targets[1].box == (12, 10, 18, 15) and out.targets[1].mask is mask and out.targets[1].score == 0.5
+    assert [t.box[0] for t in out.targets] == [1, 12, 20]
+    moved = group.replace("<box>(1,2),(3,4)</box>", format_box((12, 10, 18, 15), (20, 30)))
+    assert out.answer == " ".join([group, moved, group]), out.answer
+    assert out.notes == ["target 2 ('all stars') moved"]
 
 
 @pytest.mark.parametrize("phrase, said", [
