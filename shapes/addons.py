@@ -33,8 +33,7 @@ from grounding.addons import AddOn, AnswerRows, DecoderPrompts, SegRead, registe
 from grounding.inference.steps import decode_with_steps, mask_steps_of
 from grounding.result import box_from_mask
 from grounding.text.boxes import box_iou
-from grounding.text.tokens import REF_END, REF_START
-from shapes.box_writer import BoxWriter
+from shapes.box_writer import BoxWriter, ref_phrase_ids
 from shapes.count_answer import count_sentence
 from shapes.group_count import GroupCount
 from shapes.locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_centres, distinct_cells, locator_loss,
@@ -281,10 +280,9 @@ class Presence(AddOn):
         """Presence logits ``[n]`` of ``phrases`` (texts as an answer's ``<ref>`` holds them) in ``image``."""
         locator = model.addons["locator"]
         reading = locator.read_image(model, [image])[0]
-        ids = [tokenizer(f"<ref>{p}</ref>", add_special_tokens=False, return_tensors="pt")["input_ids"][0][1:-1]
-               for p in phrases]
+        ids = [torch.tensor(ref_phrase_ids(tokenizer, p), device=reading.keys.device) for p in phrases]
         mirror = self.settings.mirror and reading.mirrored is not None
-        read = locator.phrases(model, [i.to(reading.keys.device) for i in ids], mirror)
+        read = locator.phrases(model, ids, mirror)
         out = self.head.classify(presence_features(locator.net, self.head, reading.keys, read))
         if mirror:
             out = (out + self.head.classify(presence_features(locator.net, self.head, reading.mirrored,
@@ -446,7 +444,7 @@ class Region(AddOn):
         score), or None."""
         locator = model.addons["locator"]
         keys = locator.read_image(model, [image])[0].keys
-        ids = tokenizer(f"{REF_START}{phrase}{REF_END}", add_special_tokens=False)["input_ids"][1:-1]
+        ids = ref_phrase_ids(tokenizer, phrase)
         writer = BoxWriter(locator, model, tokenizer, [image], [[]])
         colours, (kind,) = names
         for rank in range(self.RELOCATE_RANKS + 1):

@@ -20,6 +20,12 @@ from grounding.text.tokens import BOX_END, BOX_START, REF_END, REF_START, SEG
 from shapes.question_language import asks_for_box
 
 
+def ref_phrase_ids(tokenizer, phrase: str) -> list[int]:
+    """The token ids of ``phrase`` as an answer's ``<ref>phrase</ref>`` spells it (its first word after ``<ref>``,
+    not at the start of a text)."""
+    return tokenizer(f"{REF_START}{phrase}{REF_END}", add_special_tokens=False)["input_ids"][1:-1]
+
+
 class BoxWriter:
     """Per answer row: its image (a ``PreparedImage`` the ``locator`` add-on has read), the ids of any answer
     prefix given in the prompt and, optionally, its question. A logits rule: ``adjust(row, ids, scores)`` forces the
