@@ -116,9 +116,10 @@ default-model: $(VENV)/.installed
 		--extra-data data/synth-s1 --grey 0.2 --out runs/shapes-tiny-v14/mask-robust
 	cp runs/shapes-tiny-v14/mask-robust/model/model.safetensors runs/shapes-tiny-v14/mask-robust/model/groundseg.json \
 		$(DEFAULT_MODEL)/
-	# v14.6: a "How many ..." answer starts with the number of its targets (count: after every add-on that drops one)
+	# v14.6: a "How many ..." answer starts with the number of its targets (count: after every add-on that drops one);
+	# v14.7: an "all ..." answer also gets the objects the locator never reached (group_complete: before count)
 	$(PY) -c "from grounding.config import GroundingConfig as C; c = C.load('$(DEFAULT_MODEL)'); \
-		c.addons['count'] = {}; c.save('$(DEFAULT_MODEL)')"
+		c.addons['group_complete'] = {}; c.addons['count'] = {}; c.save('$(DEFAULT_MODEL)')"
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -17,6 +17,8 @@
   question_language  a note on the Prediction when the question is mostly in words the model was not trained on,
                   as another language is; the question's words in the case the vocabulary knows, and a few everyday
                   words it lacks ("objects", "gray") as the words they mean (shapes/question_language.py);
+  group_complete  an "all ..." answer also gets the objects of its group the locator never reached, found among the
+                  mask decoder's object proposals (shapes/group_complete.py, shapes/object_proposals.py);
   count           a "How many ..." answer starts with the number of its targets, "There are 3 squares: "
                   (shapes/count_answer.py); put it last, after the add-ons that drop targets.
 """
@@ -35,13 +37,15 @@ from grounding.result import box_from_mask
 from grounding.text.boxes import box_iou
 from shapes.box_writer import BoxWriter, ref_phrase_ids
 from shapes.count_answer import count_sentence
+from shapes.group_complete import NOTE as GROUP_NOTE, group_names, more_of_group
 from shapes.group_count import GroupCount
 from shapes.locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_centres, distinct_cells, locator_loss,
                             mask_cells, peak_cells, square_boxes, square_to_pixels)
 from shapes.locator_mirror import locate_both, mirror_ids, mirror_token_ids
 from shapes.outline_kind import outline_kind
 from shapes.presence import PresenceHead, presence_features
-from shapes.presence_review import NoDenialStart, drop_absent, drop_targets, move_targets, rename_targets
+from shapes.presence_review import (NoDenialStart, add_targets, drop_absent, drop_targets, move_targets,
+                                    rename_targets)
 from shapes.projector_norm import install_projector_norm
 from shapes.question_language import CaseFolder, language_note, read_synonyms, shares_a_word, words_of
 from shapes.region_head import RegionHead, Vocabulary, describe, region_box
@@ -548,6 +552,30 @@ class QuestionLanguage(AddOn):
             return []
         note = language_note(question, self.known, self.settings.language, self.settings.share)
         return [] if note is None else [note]
+
+
+@register_addon
+class GroupComplete(AddOn):
+    @dataclass
+    class Settings:
+        most: int = 8               # objects added to one group at most
+
+    name = "group_complete"
+
+    def review(self, model, tokenizer, image, query, prediction):
+        if "region" not in model.addons or "locator" not in model.addons:
+            return prediction
+        region = model.addons["region"]
+        for phrase in dict.fromkeys(t.phrase for t in prediction.targets if t.phrase and t.box is not None):
+            names = group_names(phrase, region.vocab)
+            if names is None:
+                continue
+            have = sum(t.phrase == phrase for t in prediction.targets)
+            limit = 2 - have if phrase.lower().startswith("both") else self.settings.most
+            added = more_of_group(model, region, image, prediction, phrase, names, limit) if limit > 0 else []
+            if added:
+                prediction = add_targets(prediction, phrase, added, GROUP_NOTE)
+        return prediction
 
 
 @register_addon

@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from grounding.text.boxes import format_box
+from grounding.text.boxes import format_box, parse_answer
 from grounding.text.tokens import SEG
 from shapes.region_verify import ARTICLES, QUANTIFIERS
 
@@ -89,6 +89,34 @@ def move_targets(prediction, moves: dict[int, tuple], image_size: tuple[int, int
     return dataclasses.replace(prediction, answer=text, targets=targets, notes=notes)
 
 
+def add_targets(prediction, phrase: str, added: list[tuple], note: str):
+    """The Prediction with more targets of ``phrase``: each of ``added`` (pixel xyxy box, bool ``H x W`` mask,
+    score) goes after the phrase's last target, in the answer text as the model writes one
+    (``<ref>phrase</ref><box>..</box>[SEG]``, the [SEG] only where the phrase's targets have one); ``note`` (formatted
+    with the target's number and phrase) says why."""
+    targets, text, notes = list(prediction.targets), prediction.answer, list(prediction.notes)
+    last = max(i for i, t in enumerate(targets) if t.phrase == phrase)
+    end = [m for m in _ref_spans(text, phrase) if "</box>" in m.group() or SEG in m.group()][-1]
+    seg = SEG if end.group().rstrip().endswith(SEG) else ""
+    spans = "".join(f" <ref>{phrase}</ref>{format_box(box, prediction.image_size)}{seg}" for box, _, _ in added)
+    text = text[:end.end()] + spans + text[end.end():]
+    new = [dataclasses.replace(targets[last], box=box, mask=mask, score=score) for box, mask, score in added]
+    targets[last + 1:last + 1] = new
+    notes += [note.format(number=last + 2 + k, phrase=phrase) for k in range(len(new))]
+    text = re.sub(r" {2,}", " ", text)
+    return _renumbered(dataclasses.replace(prediction, answer=text, targets=targets, notes=notes))
+
+
+def _renumbered(prediction):
+    """The Prediction with each target's ``seg_index`` its [SEG]'s place in the (edited) answer text, where the
+    text's targets are the Prediction's, in order."""
+    parsed = parse_answer(prediction.answer, prediction.image_size)
+    if [p.phrase for p in parsed] != [t.phrase for t in prediction.targets]:
+        return prediction
+    return dataclasses.replace(prediction, targets=[dataclasses.replace(t, seg_index=p.seg_index)
+                                                    for t, p in zip(prediction.targets, parsed)])
+
+
 def drop_targets(prediction, reasons: dict[int, str]):
     """The Prediction without the targets whose index is a key of ``reasons``. Their ``<ref>`` spans leave the
     answer text; a phrase that loses every target is denied ("There is no ..."), with one note giving the reason,
@@ -112,7 +140,7 @@ def drop_targets(prediction, reasons: dict[int, str]):
             notes += [f"target {i + 1} ({phrase.strip()!r}) dropped: {reasons[i]}" for i in mine if i in reasons]
     text = " ".join([re.sub(r"\s{2,}", " ", text).strip()] + [denial(p) for p in sorted(denied)]).strip()
     kept = [t for i, t in enumerate(targets) if i not in reasons]
-    return dataclasses.replace(prediction, answer=text, targets=kept, notes=notes)
+    return _renumbered(dataclasses.replace(prediction, answer=text, targets=kept, notes=notes))
 
 
 def drop_absent(prediction, reasons: dict[str, str]):

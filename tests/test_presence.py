@@ -3,6 +3,7 @@ a target whose object is not in the image becomes "There is no ...", a <ref> phr
 words, and questions typed in any case read as the vocabulary's words."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -12,7 +13,8 @@ import torch
 
 from grounding.result import Prediction, Target
 from shapes.presence import scene_phrases
-from shapes.presence_review import NoDenialStart, denial, drop_absent, drop_targets, move_targets, rename_targets
+from shapes.presence_review import (NoDenialStart, add_targets, denial, drop_absent, drop_targets, move_targets,
+                                    rename_targets)
 from shapes.question_language import CaseFolder
 from shapes.ref_copy import TokenWords
 from shapes.ref_strict import StrictCopy
@@ -344,3 +346,27 @@ def test_auc_from_ranks_equals_counting_pairs():
     pairs = float((pos[:, None] > neg[None, :]).float().mean())
     assert auc(pos, neg) == pytest.approx(pairs, abs=1e-9)
     assert auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
+
+
+def test_adding_targets_to_a_group_writes_them_after_its_last_one():
+    """``group_complete``'s edit: new objects of "all stars" go after the group's last target, before the next
+    phrase, as the model writes one (box text and [SEG]); every target's seg_index is its [SEG]'s place again."""
+    from grounding.text.boxes import format_box
+
+    group = "<ref>all stars</ref><box>(1,2),(3,4)</box>[SEG]"
+    ring = "<ref>the ring</ref><box>(5,6),(7,8)</box>[SEG]"
+    targets = [_target("all stars", 1), _target("all stars", 10), _target("the ring", 20)]
+    targets = [dataclasses.replace(t, seg_index=i) for i, t in enumerate(targets)]
+    pred = Prediction(f"{group} {group} {ring}", targets, (20, 30))
+    mask = np.zeros((20, 30), bool)
+    mask[10:15, 12:18] = True
+    out = add_targets(pred, "all stars", [((12, 10, 18, 15), mask, 0.7)], "target {number} ({phrase!r}) added")
+    added = f"<ref>all stars</ref>{format_box((12, 10, 18, 15), (20, 30))}[SEG]"
+    assert out.answer == f"{group} {group} {added} {ring}", out.answer
+    assert [t.phrase for t in out.targets] == ["all stars"] * 3 + ["the ring"]
+    assert out.targets[2].mask is mask and out.targets[2].box == (12, 10, 18, 15) and out.targets[2].score == 0.7
+    assert [t.seg_index for t in out.targets] == [0, 1, 2, 3]
+    assert out.notes == ["target 3 ('all stars') added"]
+    boxes_only = Prediction("<ref>all stars</ref><box>(1,2),(3,4)</box>", [_target("all stars", 1)], (20, 30))
+    out = add_targets(boxes_only, "all stars", [((12, 10, 18, 15), mask, 0.7)], "added")
+    assert "[SEG]" not in out.answer and out.answer.count("<box>") == 2
