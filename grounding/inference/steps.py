@@ -81,6 +81,8 @@ def decode_with_steps(backend, mask_steps: Sequence[AddOn], pixels: np.ndarray, 
 # a question may leave its answer less room than ``max_new_tokens`` asks (it then gets what is left), but not less
 # than this: one target with its box takes about 26 tokens of the default model's vocabulary
 MIN_ANSWER_TOKENS = 32
+# an answer's unfinished last target (``max_new_tokens`` ran out inside it): its text leaves the answer with it
+_CUT_OFF_TARGET = re.compile(re.escape(REF_START) + r"[^<]*(?:" + re.escape(REF_END) + r"(?:<box>[^<]*)?)?\s*")
 
 
 class AnswerSteps:
@@ -212,6 +214,10 @@ class AnswerSteps:
             box = parsed.box if parsed.box is not None else (box_from_mask(mask) if mask is not None else None)
             if box is None and mask is None:
                 notes.append(f"target {parsed.phrase or '(unnamed)'!r} has no readable box and no [SEG]: dropped")
+                written = parsed.span[0] >= len(query.answer_prefix or "")   # the model's, not the user's
+                if query.answer is None and written and _CUT_OFF_TARGET.fullmatch(text[parsed.span[0]:]):
+                    text = text[:parsed.span[0]].rstrip()
+                    notes[-1] += " (the answer ran out of tokens inside it: its unfinished text is left out)"
                 continue
             score = float(scores[idx]) if mask is not None else None
             targets.append(Target(phrase=parsed.phrase, box=box, mask=mask, score=score, seg_index=idx))
