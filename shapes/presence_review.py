@@ -102,7 +102,7 @@ def add_targets(prediction, phrase: str, added: list[tuple], note: str):
     text = text[:end.end()] + spans + text[end.end():]
     new = [dataclasses.replace(targets[last], box=box, mask=mask, score=score) for box, mask, score in added]
     targets[last + 1:last + 1] = new
-    notes += [note.format(number=last + 2 + k, phrase=phrase) for k in range(len(new))]
+    notes += [note.format(number=last + 2 + k, phrase=phrase.strip()) for k in range(len(new))]
     text = re.sub(r" {2,}", " ", text)
     return _renumbered(dataclasses.replace(prediction, answer=text, targets=targets, notes=notes))
 
