@@ -73,17 +73,14 @@ def more_of_group(model, region, image, prediction, phrase: str, names, limit: i
     group_area = float(np.mean([t.mask.sum() for t in prediction.targets if t.phrase == phrase and t.mask is not None]
                                or [0.0]))
     found = []
-    if "group_complete" not in image.extras:   # kept for the image's next "all ...": its proposals, their masks
-        image.extras["group_complete"] = (object_proposals(model.mask_decoder, image.pixels, image.embedding), {})
-    proposals, decoded = image.extras["group_complete"]
-    for i, proposal in enumerate(proposals):
+    if "group_complete" not in image.extras:   # the image's next "all ..." question reads them again
+        image.extras["group_complete"] = object_proposals(model.mask_decoder, image.pixels, image.embedding)
+    for proposal in image.extras["group_complete"]:
         if len(found) == limit:
             break
         if not new_object(proposal.box, boxes):
             continue
-        if i not in decoded:
-            decoded[i] = settled(model, region, image, proposal.box)
-        marked, own = decoded[i]
+        marked, own = settled(model, region, image, proposal.box)
         if marked is None or not new_object(own, boxes):
             continue
         mask = marked.masks[0]
