@@ -28,7 +28,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from grounding.addons import AddOn, AnswerRows, DecoderPrompts, SegRead, register_addon
@@ -49,7 +48,7 @@ from shapes.presence_review import (NoDenialStart, add_targets, drop_absent, dro
 from shapes.projector_norm import install_projector_norm
 from shapes.question_language import CaseFolder, language_note, read_synonyms, shares_a_word, words_of
 from shapes.region_head import RegionHead, Vocabulary, describe, region_box
-from shapes.region_verify import REPEAT_BOX_FIT, REPEAT_MASK_SHARE, plain_names, sureness
+from shapes.region_verify import REPEAT_BOX_FIT, REPEAT_MASK_SHARE, plain_names, share_on, sureness
 from shapes.ref_copy import RefCopy, TokenWords
 from shapes.ref_strict import StrictCopy
 from shapes.vision_stem import install_vision_stem
@@ -432,12 +431,8 @@ class Region(AddOn):
     def share_on_earlier(targets: list, i: int, dropped: dict) -> float:
         """The share of target ``i``'s mask that lies on the masks of the earlier targets of its phrase (those not
         ``dropped``); 0 without masks."""
-        mask = targets[i].mask
-        earlier = [t.mask for k, t in enumerate(targets[:i])
-                   if k not in dropped and t.phrase == targets[i].phrase and t.mask is not None]
-        if mask is None or not earlier or not mask.any():
-            return 0.0
-        return float((mask & np.logical_or.reduce(earlier)).sum() / mask.sum())
+        return share_on(targets[i].mask, [t.mask for k, t in enumerate(targets[:i])
+                                          if k not in dropped and t.phrase == targets[i].phrase and t.mask is not None])
 
     def relocate(self, model, tokenizer, image, phrase: str, names: tuple[list[str], list[str]], level: float,
                  taken: list) -> tuple | None:

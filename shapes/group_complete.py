@@ -20,12 +20,12 @@ import cv2
 import numpy as np
 
 from grounding.text.boxes import box_iou
-from shapes.group_count import GroupCount
+from shapes.group_count import GroupCount, new_object
 from shapes.object_proposals import object_proposals
 from shapes.outline_kind import outline_kind
 from shapes.region_head import region_box
 from shapes.region_verify import (ARTICLES, KINDLESS, QUANTIFIERS, REPEAT_BOX_FIT, REPEAT_MASK_SHARE, plain_names,
-                                  sureness)
+                                  share_on, sureness)
 
 MIN_AREA_SHARE = 0.25   # of the mean mask area of the group's targets, for an object added without a clear outline
 NOTE = ("target {number} ({phrase!r}) added: an object the answer left out, found among the mask decoder's object "
@@ -84,7 +84,7 @@ def more_of_group(model, region, image, prediction, phrase: str, names, limit: i
         if marked is None or not new_object(own, boxes):
             continue
         mask = marked.masks[0]
-        if masks and (mask & np.logical_or.reduce(masks)).sum() > REPEAT_MASK_SHARE * mask.sum():
+        if share_on(mask, masks) > REPEAT_MASK_SHARE:
             continue
         if has_names(region, keys, image, own, mask, names, group_area):
             found.append((own, mask, float(marked.scores[0])))
@@ -116,13 +116,3 @@ def object_box(mask: np.ndarray) -> list[float] | None:
         return None
     x, y, w, h = stats[1 + int(stats[1:, cv2.CC_STAT_AREA].argmax()), :4]
     return [float(x), float(y), float(x + w), float(y + h)]
-
-
-def new_object(box: list[float], taken: list[list[float]]) -> bool:
-    """Whether ``box`` is not one of the ``taken`` boxes again: it overlaps none by more than
-    ``GroupCount.overlap`` IoU and holds none's centre."""
-    for other in taken:
-        cx, cy = (other[0] + other[2]) / 2, (other[1] + other[3]) / 2
-        if box_iou(box, other) > GroupCount.overlap or (box[0] <= cx <= box[2] and box[1] <= cy <= box[3]):
-            return False
-    return True

@@ -90,10 +90,8 @@ class GroupCount:
             return False
         box = self.boxes.box(row, phrase, k)
         earlier = [self.boxes.box(row, phrase, j) for j in range(k)]
-        for before in earlier:   # the same object again, or a box around an earlier one and more
-            cx, cy = (before[0] + before[2]) / 2, (before[1] + before[3]) / 2
-            if box_iou(box, before) > self.overlap or (box[0] <= cx <= box[2] and box[1] <= cy <= box[3]):
-                return False
+        if not new_object(box, earlier):   # the same object again, or a box around an earlier one and more
+            return False
         image = self.images[row]
         keys = image.extras["locator"].keys
         square = region_box(image.size, box).to(keys.device, keys.dtype)
@@ -117,3 +115,13 @@ class GroupCount:
             return False
         own = box_from_mask(mask)
         return box_iou(own, box) >= REPEAT_BOX_FIT and all(box_iou(own, b) <= self.overlap for b in earlier)
+
+
+def new_object(box: list[float], taken: list[list[float]]) -> bool:
+    """Whether ``box`` is not one of the ``taken`` boxes again: it overlaps none by more than
+    ``GroupCount.overlap`` IoU and holds none's centre."""
+    for other in taken:
+        cx, cy = (other[0] + other[2]) / 2, (other[1] + other[3]) / 2
+        if box_iou(box, other) > GroupCount.overlap or (box[0] <= cx <= box[2] and box[1] <= cy <= box[3]):
+            return False
+    return True

@@ -54,6 +54,14 @@ def plain_names(phrase: str, vocab) -> tuple[list[str], list[str]] | None:
     return colours, kinds
 
 
+def share_on(mask: np.ndarray | None, others: list[np.ndarray]) -> float:
+    """The share of a bool ``H x W`` ``mask`` that lies on any of the ``others``; 0 for no mask, an empty one or no
+    others."""
+    if mask is None or not others or not mask.any():
+        return 0.0
+    return float((mask & np.logical_or.reduce(others)).sum() / mask.sum())
+
+
 def sureness(region, keys: torch.Tensor, region_square: torch.Tensor, colours: list[str], kinds: list[str]) -> float:
     """The region head's probability that the region (``region_box`` of the box) has every named colour and kind."""
     p = region.probabilities(keys, region_square)
