@@ -266,6 +266,12 @@ def train_mask_encoder(
                                                            "as mask_zoom decodes."),
     grey: float = typer.Option(0.2, min=0.0, max=1.0, help="Share of the views made grayscale (after any "
                                                             "corruption); 0 is v12's recipe."),
+    camouflage: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of the grey views whose objects are "
+                                                                  "brought to their ground's brightness, on a "
+                                                                  "blotchy ground (v15)."),
+    grey_encoder: bool = typer.Option(False, "--grey-encoder", help="The trained weights read grayscale images "
+                                                                    "only (the grey_encoder add-on); SAM's own "
+                                                                    "encoder is kept."),
     seed: int = typer.Option(0, help="Seed of the views and the batch order."),
     extra_data: list[Path] = typer.Option([], help="More synthetic folders whose train split is learnt too (repeat "
                                                    "the option)."),
@@ -275,11 +281,13 @@ def train_mask_encoder(
     from shapes.mask_robust import train_mask_encoder as run
 
     report = run(_model_dir(model), data, out, extra_data=extra_data, steps=steps, batch_size=batch_size, lr=lr,
-                 augment=augment, grey=grey, zoom=zoom, seed=seed)
+                 augment=augment, grey=grey, camouflage=camouflage, grey_encoder=grey_encoder, zoom=zoom,
+                 seed=seed)
     before, after = report["before"], report["after"]
     console.print(f"model written to {out / 'model'}; SAM from each val object's box, mean IoU: clean views "
                   f"{before['clean']:.3f} -> {after['clean']:.3f}, corrupted {before['seen']:.3f} -> {after['seen']:.3f}"
-                  f", grey {before['grey']:.3f} -> {after['grey']:.3f}")
+                  f", grey {before['grey']:.3f} -> {after['grey']:.3f}, grey camouflaged {before['camouflaged']:.3f} -> "
+                  f"{after['camouflaged']:.3f}")
 
 
 @app.command("video-eval")

@@ -50,13 +50,14 @@ class SceneViews:
         if not self.items:
             raise ValueError(f"no {split} scenes with objects in {[str(f) for f in folders]}")
 
-    def view(self, index: int, rng: np.random.Generator, zoom: float, augment: float, grey: float = 0.0) -> View:
+    def view(self, index: int, rng: np.random.Generator, zoom: float, augment: float, grey: float = 0.0,
+             camouflage: float = 0.0) -> View:
         """Scene ``index`` whole, or (with probability ``zoom``) a square of 2-4 times one object's box side
         around it, as ``mask_zoom`` crops; corrupted with probability ``augment``, then made grey with probability
-        ``grey``."""
+        ``grey``, and a grey view camouflaged (shapes/augment.py) with probability ``camouflage``."""
         from grounding.images import load_image
         from segdecoder.zoom import zoom_window
-        from shapes.augment import corrupt_regions, grey as grey_copy
+        from shapes.augment import camouflage as camouflaged, corrupt_regions, grey as grey_copy
 
         ds, image_id, objects = self.items[index]
         image = load_image(ds.image_path(image_id))
@@ -68,6 +69,8 @@ class SceneViews:
             seen = image
         if grey and rng.random() < grey:      # no draw at grey=0: the views of a run without it stay as they were
             seen = grey_copy(seen, rng)
+            if camouflage and rng.random() < camouflage:   # no draw at 0, as for grey
+                seen = camouflaged(seen, every, rng)
         masks = [m for m, o in zip(every, objects) if o["area"] >= 0.5 * max(o["full_area"], 1)]
         window = None
         if rng.random() < zoom:
@@ -122,18 +125,23 @@ def mask_loss(model, backend, features: torch.Tensor, sizes, views: list[View], 
 
 @torch.no_grad()
 def box_iou_score(backend, views: list[View]) -> dict[str, float]:
-    """Mean mask IoU of SAM from each object's exact box, on the clean views, the corrupted ones, and grey
-    copies of the clean ones (the luma weights 0.299, 0.587, 0.114)."""
+    """Mean mask IoU of SAM from each object's exact box, on the clean views, the corrupted ones, grey copies of
+    the clean ones (the luma weights 0.299, 0.587, 0.114), and those grey copies camouflaged (shapes/augment.py;
+    the same draws for every model scored)."""
     import cv2
+
+    from shapes.augment import camouflage
 
     def grey(image):
         return np.repeat(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
 
+    rng = np.random.default_rng(0)
     out = {}
-    for name in ("clean", "seen", "grey"):
+    for name in ("clean", "seen", "grey", "camouflaged"):
         ious = []
         for view in views:
-            image = grey(view.clean) if name == "grey" else getattr(view, name)
+            image = (grey(view.clean) if name == "grey" else camouflage(grey(view.clean), view.masks, rng)
+                     if name == "camouflaged" else getattr(view, name))
             emb = backend.encode([image])[0]
             for m in view.masks:
                 ys, xs = np.nonzero(m)
@@ -146,11 +154,14 @@ def box_iou_score(backend, views: list[View]) -> dict[str, float]:
 
 def train_mask_encoder(model_dir: str | Path, data: str | Path, out: str | Path, extra_data: list[str | Path] = (),
                        steps: int = 1500, batch_size: int = 16, lr: float = 3e-4, distill: float = 1.0,
-                       zoom: float = 0.5, augment: float = 0.7, grey: float = 0.2, seed: int = 0,
+                       zoom: float = 0.5, augment: float = 0.7, grey: float = 0.2, camouflage: float = 0.0,
+                       grey_encoder: bool = False, seed: int = 0,
                        eval_views: int = 150,
                        limit: int | None = None, progress: bool = True) -> dict:
     """Train the image encoder of the model at ``model_dir`` on views of ``data`` and ``extra_data`` (train splits;
-    val of ``data`` scores it, before and after); write ``out/model`` and ``out/mask_robust.json``."""
+    val of ``data`` scores it, before and after); write ``out/model`` and ``out/mask_robust.json``. With
+    ``grey_encoder`` the trained weights become the ``grey_encoder`` add-on's (shapes/grey_encoder.py: grayscale
+    images only) and SAM's own encoder is left as it was."""
     from grounding.checkpoint import load_checkpoint, save_checkpoint
     from grounding.progress import progress_bar
 
@@ -173,7 +184,7 @@ def train_mask_encoder(model_dir: str | Path, data: str | Path, out: str | Path,
             for i in held_rng.permutation(len(held_scenes.items))[:eval_views]]
     report = {"model": str(model_dir), "data": [str(data), *map(str, extra_data)], "steps": steps,
               "batch_size": batch_size, "lr": lr, "distill": distill, "zoom": zoom, "augment": augment, "grey": grey,
-              "seed": seed,
+              "camouflage": camouflage, "grey_encoder": grey_encoder, "seed": seed,
               "train_scenes": len(train.items), "before": box_iou_score(backend, held)}
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=0.01)
     warmup = min(100, steps // 10)
@@ -184,7 +195,7 @@ def train_mask_encoder(model_dir: str | Path, data: str | Path, out: str | Path,
     with progress_bar(steps, "image encoder", enabled=progress,
                       fields={"distill": "distill {}", "masks": "masks {}"}) as advance:
         for step in range(steps):
-            views = [train.view(int(i), rng, zoom, augment, grey)
+            views = [train.view(int(i), rng, zoom, augment, grey, camouflage)
                      for i in rng.integers(len(train.items), size=batch_size)]
             with torch.no_grad():
                 target, _ = _encode(backend, teacher, [v.clean for v in views])
@@ -202,6 +213,11 @@ def train_mask_encoder(model_dir: str | Path, data: str | Path, out: str | Path,
     encoder.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if grey_encoder:
+        if "grey_encoder" not in model.addons:
+            model.add_addon("grey_encoder", {}, tokenizer)
+        model.addons["grey_encoder"].encoder.load_state_dict(encoder.state_dict())
+        encoder.load_state_dict(teacher.state_dict())
     report["after"] = box_iou_score(backend, held)
     report["curve_every_50"] = curve[::50]
     report["wall_s"] = round(time.perf_counter() - start, 1)
