@@ -122,20 +122,30 @@ class SamBackend(SamFamilyBackend, nn.Module):
         x = F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
         return x, (h, w)
 
+    def image_encoder_for(self, image: np.ndarray) -> nn.Module:
+        """The image encoder that reads uint8 ``H x W x 3`` ``image``: SAM's own. A checkpoint's add-on may route some
+        images to another one (the default model's ``grey_encoder`` takes grayscale images)."""
+        return self.sam.image_encoder
+
     def encode_with_grad(self, images: Sequence[np.ndarray]) -> list[ImageEmbedding]:
-        """``encode`` that keeps the autograd graph: for pretraining the image encoder itself (stage 1)."""
-        encoder = self.sam.image_encoder
-        dtype = next(encoder.parameters()).dtype
-        out: list[ImageEmbedding] = []
-        for start in range(0, len(images), self.encode_batch_size):
-            chunk = images[start:start + self.encode_batch_size]
-            prepared = [self.preprocess(im) for im in chunk]
-            with self.autocast():
-                feats = encoder(torch.stack([x for x, _ in prepared]).to(dtype))
-            for i, (im, (_, size)) in enumerate(zip(chunk, prepared)):
-                # clone: a kept embedding must not pin the whole batch's storage
-                f = feats[i:i + 1].clone() if len(chunk) > 1 else feats
-                out.append(ImageEmbedding(f, size, (int(im.shape[0]), int(im.shape[1]))))
+        """``encode`` that keeps the autograd graph: for pretraining the image encoder itself (stage 1). Images are
+        batched by the encoder that reads them (``image_encoder_for``), in their order otherwise."""
+        out: list[ImageEmbedding | None] = [None] * len(images)
+        groups: dict[int, tuple[nn.Module, list[int]]] = {}
+        for i, im in enumerate(images):
+            encoder = self.image_encoder_for(im)
+            groups.setdefault(id(encoder), (encoder, []))[1].append(i)
+        for encoder, indices in groups.values():
+            dtype = next(encoder.parameters()).dtype
+            for start in range(0, len(indices), self.encode_batch_size):
+                chunk = indices[start:start + self.encode_batch_size]
+                prepared = [self.preprocess(images[i]) for i in chunk]
+                with self.autocast():
+                    feats = encoder(torch.stack([x for x, _ in prepared]).to(dtype))
+                for j, (i, (_, size)) in enumerate(zip(chunk, prepared)):
+                    # clone: a kept embedding must not pin the whole batch's storage
+                    f = feats[j:j + 1].clone() if len(chunk) > 1 else feats
+                    out[i] = ImageEmbedding(f, size, (int(images[i].shape[0]), int(images[i].shape[1])))
         return out
 
     # ---- prompts -> masks -----------------------------------------------------------------

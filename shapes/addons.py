@@ -17,6 +17,8 @@
   question_language  a note on the Prediction when the question is mostly in words the model was not trained on,
                   as another language is; the question's words in the case the vocabulary knows, and a few everyday
                   words it lacks ("objects", "gray") as the words they mean (shapes/question_language.py);
+  grey_encoder    grayscale images (and their crops) are read by a SAM image encoder of their own
+                  (shapes/grey_encoder.py);
   group_complete  an "all ..." answer also gets the objects of its group the locator never reached, found among the
                   mask decoder's object proposals (shapes/group_complete.py, shapes/object_proposals.py);
   count           a "How many ..." answer starts with the number of its targets, "There are 3 squares: "
@@ -547,6 +549,17 @@ class QuestionLanguage(AddOn):
             return []
         note = language_note(question, self.known, self.settings.language, self.settings.share)
         return [] if note is None else [note]
+
+
+@register_addon
+class GreyEncoder(AddOn):
+    """SAM's image encoder for grayscale images (shapes/grey_encoder.py): its own weights, ``encoder.*``."""
+    name = "grey_encoder"
+
+    def attach(self, model: Any, tokenizer: Any) -> None:
+        from shapes.grey_encoder import install
+
+        install(self, model.mask_decoder)
 
 
 @register_addon

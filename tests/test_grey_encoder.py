@@ -1,0 +1,61 @@
+"""The grey_encoder add-on (shapes/grey_encoder.py): grayscale images, and only they, are read by SAM image encoder
+weights of their own, which save and load with the checkpoint."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _model_with_grey_encoder():
+    from grounding.presets import build_random
+
+    model, tok = build_random("tiny", seed=4)
+    addon = model.add_addon("grey_encoder", {}, tok)
+    with torch.no_grad():   # weights unlike the colour encoder's, so that the two read an image differently
+        for p in addon.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval(), tok
+
+
+def test_is_grey_tells_grayscale_images_from_colour_ones():
+    from shapes.grey_encoder import is_grey
+
+    rng = np.random.default_rng(0)
+    grey = np.repeat(rng.integers(0, 256, (50, 60, 1), dtype=np.uint8), 3, axis=2)
+    assert is_grey(grey)
+    colour = rng.integers(0, 256, (50, 60, 3), dtype=np.uint8)
+    assert not is_grey(colour)
+    almost = grey.copy()
+    almost[3, 5, 2] ^= 1    # one channel of one pixel off the stride sample
+    assert not is_grey(almost)
+
+
+def test_grey_images_and_only_they_are_read_by_the_grey_encoder(tmp_path):
+    from grounding.checkpoint import load_checkpoint, save_checkpoint
+
+    model, tok = _model_with_grey_encoder()
+    backend = model.mask_decoder
+    rng = np.random.default_rng(1)
+    colour = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    grey = np.repeat(colour[..., :1], 3, axis=2)
+
+    def direct(encoder, image):
+        x, _ = backend.preprocess(image)
+        with torch.no_grad():
+            return encoder(x[None])
+
+    colour_encoder, grey_encoder = backend.sam.image_encoder, model.addons["grey_encoder"].encoder
+    with torch.no_grad():
+        embeddings = backend.encode([colour, grey, colour])   # mixed in one call: order kept
+    torch.testing.assert_close(embeddings[0].features, direct(colour_encoder, colour))
+    torch.testing.assert_close(embeddings[2].features, direct(colour_encoder, colour))
+    torch.testing.assert_close(embeddings[1].features, direct(grey_encoder, grey))
+    assert not torch.allclose(embeddings[1].features, direct(colour_encoder, grey), atol=1e-3)
+
+    save_checkpoint(model, tok, tmp_path / "m")
+    loaded, _ = load_checkpoint(tmp_path / "m")
+    loaded.float().eval()
+    with torch.no_grad():
+        again = loaded.mask_decoder.encode([grey, colour])
+    torch.testing.assert_close(again[0].features, embeddings[1].features)
+    torch.testing.assert_close(again[1].features, embeddings[0].features)
