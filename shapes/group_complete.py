@@ -11,8 +11,8 @@ again from its box with the model's mask steps. It joins the group, after the gr
   more its own: a proposal from a coarse mask can be loose), and no more than ``REPEAT_MASK_SHARE`` of it lies on
   the answer's masks;
 - has the named colour by the region head's reading of its box (at ``GroupCount.confidence``), and a clear outline
-  (``outline_kind``) of the named kind; where no kind is named, a clear outline of any kind, or the head's reading
-  of some kind on a mask not much smaller than the group's others (``has_names``).
+  (``outline_kind``) of the named kind; where no kind is named, a clear outline of any kind, or, on a mask not much
+  smaller than the group's others, a solid outline (``solid``) or the head's reading of some kind (``has_names``).
 """
 from __future__ import annotations
 
@@ -22,11 +22,12 @@ import numpy as np
 from grounding.text.boxes import box_iou
 from shapes.group_count import GroupCount, new_object
 from shapes.object_proposals import object_proposals
-from shapes.outline_kind import outline_kind
+from shapes.outline_kind import outline_features, outline_kind
 from shapes.region_head import region_box
 from shapes.region_verify import (ARTICLES, KINDLESS, QUANTIFIERS, REPEAT_BOX_FIT, REPEAT_MASK_SHARE, plain_names,
                                   share_on, sureness)
 
+MIN_SOLIDITY = 0.9      # area / convex hull area of a solid object added without a clear outline
 MIN_AREA_SHARE = 0.25   # of the mean mask area of the group's targets, for an object added without a clear outline
 NOTE = ("target {number} ({phrase!r}) added: an object the answer left out, found among the mask decoder's object "
         "proposals, its outline and colour as the phrase names")
@@ -50,9 +51,9 @@ def has_names(region, keys, image, box: list[float], mask: np.ndarray, names: tu
               group_area: float) -> bool:
     """Whether the object in ``box`` (its ``mask``) has the named colours (the region head's reading, at
     ``GroupCount.confidence``) and kind (a clear outline of it, ``outline_kind``: the head misreads kinds on grey
-    scenes). Where no kind is named, a clear outline of any kind will do, or else the head's reading of some kind
-    on a mask of at least ``MIN_AREA_SHARE`` of ``group_area`` (a speck of background texture can read as a colour
-    and a kind)."""
+    scenes). Where no kind is named, a clear outline of any kind will do, or else, on a mask of at least
+    ``MIN_AREA_SHARE`` of ``group_area`` (a speck of background texture can read as a colour and a kind), a solid
+    outline or the head's reading of some kind."""
     colours, kinds = names
     read = outline_kind(mask)
     if kinds and read != kinds[0]:
@@ -60,8 +61,19 @@ def has_names(region, keys, image, box: list[float], mask: np.ndarray, names: tu
     square = region_box(image.size, box).to(keys.device, keys.dtype)
     if colours and sureness(region, keys, square, colours, []) < GroupCount.confidence:
         return False
-    return (read is not None or (mask.sum() >= MIN_AREA_SHARE * group_area
-                                 and float(region.probabilities(keys, square)["kind"].max()) >= GroupCount.confidence))
+    if read is not None:
+        return True
+    if mask.sum() < MIN_AREA_SHARE * group_area:
+        return False
+    return solid(mask) or float(region.probabilities(keys, square)["kind"].max()) >= GroupCount.confidence
+
+
+def solid(mask: np.ndarray) -> bool:
+    """Whether the largest outline of the bool ``H x W`` ``mask`` is solid: it fills at least ``MIN_SOLIDITY`` of its
+    convex hull, as a convex object's mask does even where its outline is too rounded or ragged to read a kind from
+    (a grey object on a ground of about its brightness). A mask that follows background texture is not."""
+    features = outline_features(mask)
+    return features is not None and features["solidity"] >= MIN_SOLIDITY
 
 
 def more_of_group(model, region, image, prediction, phrase: str, names, limit: int) -> list[tuple]:

@@ -113,3 +113,22 @@ def test_an_answer_cut_off_by_the_token_limit_loses_its_unfinished_target_and_ge
     assert any("no readable box" in n for n in answer.notes), answer.notes
     found = sorted(max(range(4), key=lambda j: box_iou(t.box, objects[j])) for t in answer.targets)
     assert found == [0, 1, 2, 3], answer.answer
+
+
+def test_a_solid_mask_counts_as_an_object_and_background_texture_does_not():
+    """A rounded, lumpy blob (no kind can be read from it) is solid; a mask that follows blotchy background texture,
+    or a thin L, is not."""
+    from shapes.group_complete import solid
+    from shapes.outline_kind import outline_kind
+
+    blob = np.zeros((120, 120), np.uint8)
+    cv2.ellipse(blob, (60, 60), (40, 28), 20, 0, 360, 1, -1)
+    cv2.circle(blob, (92, 66), 14, 1, -1)
+    assert outline_kind(blob.astype(bool)) is None and solid(blob.astype(bool))
+
+    rng = np.random.default_rng(0)
+    texture = cv2.resize(rng.normal(0, 1, (15, 15)).astype(np.float32), (120, 120)) > 0.3
+    assert not solid(texture)
+    ell = np.zeros((120, 120), bool)
+    ell[20:100, 20:35] = ell[85:100, 20:100] = True
+    assert not solid(ell)
