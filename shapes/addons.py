@@ -555,6 +555,7 @@ class QuestionLanguage(AddOn):
 class GreyEncoder(AddOn):
     """SAM's image encoder for grayscale images (shapes/grey_encoder.py): its own weights, ``encoder.*``."""
     name = "grey_encoder"
+    built_in = True   # the mask decoder's encoding reads it, below every hook
 
     def attach(self, model: Any, tokenizer: Any) -> None:
         from shapes.grey_encoder import install

@@ -59,3 +59,16 @@ def test_grey_images_and_only_they_are_read_by_the_grey_encoder(tmp_path):
         again = loaded.mask_decoder.encode([grey, colour])
     torch.testing.assert_close(again[0].features, embeddings[1].features)
     torch.testing.assert_close(again[1].features, embeddings[0].features)
+
+
+def test_the_grey_encoder_cannot_be_turned_off_for_one_predictor():
+    """It is part of how the model reads images: asking a predictor to turn it off says so instead of silently
+    keeping it."""
+    import pytest
+
+    from grounding import Grounder
+    from grounding.errors import CheckpointError
+
+    model, tok = _model_with_grey_encoder()
+    with pytest.raises(CheckpointError, match="grey_encoder"):
+        Grounder(model, tok, torch.device("cpu"), torch.float32, addons={"grey_encoder": None})

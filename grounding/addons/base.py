@@ -149,6 +149,9 @@ class AddOn(nn.Module):
     Settings: ClassVar[type] = dataclass(type("NoSettings", (), {}))
     mask_order: ClassVar[int | None] = None          # set by add-ons that override ``refine``
     reads_hidden_states: ClassVar[bool] = False      # ``read_image`` needs the language model's hidden states
+    # part of the model itself (e.g. it changes how the mask decoder reads images, below every hook): it cannot be
+    # turned off for one predictor, only left out of the checkpoint
+    built_in: ClassVar[bool] = False
 
     def __init__(self, settings: Any = None):
         super().__init__()

@@ -28,6 +28,10 @@ def active_addons(model, overrides: Mapping[str, Any] | None, tokenizer) -> list
     addons = dict(model.addons.items())
     for name, value in (overrides or {}).items():
         if value is None or value is False:
+            if name in addons and addons[name].built_in:
+                raise CheckpointError(f"add-on {name!r} is part of this model (it changes how the mask decoder "
+                                      f"reads images) and cannot be turned off for one predictor; load a "
+                                      f"checkpoint without it")
             addons.pop(name, None)
             continue
         values = value if isinstance(value, Mapping) else {}
