@@ -32,6 +32,6 @@ def install(addon: nn.Module, backend) -> None:
     if not hasattr(backend, "image_encoder_for"):
         raise ValueError(f"grey_encoder needs a SAM mask decoder (segdecoder/sam.py); this model's is "
                          f"{type(backend).__name__}")
-    addon.encoder = copy.deepcopy(backend.frozen_image_encoder_module())
-    colour = type(backend).image_encoder_for.__get__(backend)
-    backend.image_encoder_for = lambda image: addon.encoder if is_grey(image) else colour(image)
+    colour = backend.frozen_image_encoder_module()
+    addon.encoder = copy.deepcopy(colour)
+    backend.image_encoder_for = lambda image: addon.encoder if is_grey(image) else colour
