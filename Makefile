@@ -120,6 +120,11 @@ default-model: $(VENV)/.installed
 	# v14.7: an "all ..." answer also gets the objects the locator never reached (group_complete: before count)
 	$(PY) -c "from grounding.config import GroundingConfig as C; c = C.load('$(DEFAULT_MODEL)'); \
 		c.addons['group_complete'] = {}; c.addons['count'] = {}; c.save('$(DEFAULT_MODEL)')"
+	# v15: grayscale images get a SAM image encoder of their own (grey_encoder), trained from SAM's with grey objects
+	# of about their ground's brightness on blotchy grounds (camouflage); colour images are read as before
+	$(VENV)/bin/groundseg train-mask-encoder --model $(DEFAULT_MODEL) --data data/synth --extra-data data/synth-s1 \
+		--steps 1500 --lr 3e-4 --grey 0.5 --camouflage 0.8 --seed 15 --grey-encoder --out runs/shapes-tiny-v15/grey
+	cp runs/shapes-tiny-v15/grey/model/model.safetensors runs/shapes-tiny-v15/grey/model/groundseg.json $(DEFAULT_MODEL)/
 
 clean:
 	rm -rf $(OUT) .pytest_cache
