@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou as box_ious
+from torchvision.ops import nms
 
 GRID = 12               # clicks per side of a view's grid
 TILES = 2               # tiles per side (0: the whole image only)
@@ -103,11 +103,4 @@ def object_proposals(decoder, pixels: np.ndarray, embedding, grid: int = GRID) -
         all_boxes.append(boxes[~cut] + torch.tensor([x1, y1, x1, y1], dtype=torch.float32))
         all_scores.append(scores[~cut])
     boxes, scores = torch.cat(all_boxes), torch.cat(all_scores)
-    order = scores.argsort(descending=True)
-    boxes, scores = boxes[order], scores[order]
-    overlaps = box_ious(boxes, boxes)
-    chosen: list[int] = []
-    for i in range(len(boxes)):
-        if all(overlaps[i, j] <= NMS_IOU for j in chosen):
-            chosen.append(i)
-    return [Proposal(boxes[i].tolist(), float(scores[i])) for i in chosen]
+    return [Proposal(boxes[i].tolist(), float(scores[i])) for i in nms(boxes, scores, NMS_IOU).tolist()]
