@@ -56,9 +56,6 @@ _SEPARATION_SAMPLES = 1024
 # with ``interior``, the part of the mask the cut keeps and the far surroundings, judged after the cut (the default
 # model's val masks re-refined: cIoU 74.9 -> 76.6 at this level as without the judgement, 76.3 at 0.9)
 _MIN_KEPT_SEPARATION = 0.8
-# with ``interior``, a cut that keeps less than this share of the mask is not taking off what lies on the object but
-# losing the object (a grey object on a ground of about its brightness: 658 of a disc's ~5,000 pixels kept)
-_MIN_KEPT_SHARE = 0.5
 # the graph cut runs on the box of the pixels it decides grown by this many working pixels (on the default model's
 # val split, teacher-forced cIoU / gIoU 76.32 / 82.52 on the whole window; 76.22 / 82.19 with 1 pixel, 76.45 /
 # 82.33 with 4, 76.47 / 82.43 with 8, 76.50 / 82.55 with 16), at about half the cut's cost
@@ -86,7 +83,7 @@ def refine_mask(pixels: np.ndarray, mask: np.ndarray, band: int, interior: bool 
     no surroundings, is returned unchanged. With ``interior`` the mask's inside is re-decided: what lies on the
     object in another colour (an occluding object, what shows through a ring's hole) goes to the background when
     the surroundings' colours explain it better than the object's; the outline moves by one working pixel at most,
-    and a cut that keeps under half of the mask, or whose kept part its colour models cannot tell from the far
+    and a cut that keeps none of the mask, or whose kept part its colour models cannot tell from the far
     surroundings, returns it unchanged. The outline wants the wide strip and the inside a narrow ring (the inside
     re-decided together with the strip gained half as much: weights/shapes-tiny/MODEL_CARD.md, v12.1), hence
     two passes, on one window shrunk once.
@@ -169,7 +166,7 @@ def _refine_pass(image: np.ndarray, window: np.ndarray, view: np.ndarray, scale:
     cut = (trimap == cv2.GC_FGD) | (trimap == cv2.GC_PR_FGD)
     if inside:
         kept, changed = cut & decoded, cut != decoded
-        if not (changed.any() and kept.sum() >= _MIN_KEPT_SHARE * decoded.sum() and
+        if not (changed.any() and kept.any() and
                 _colours_separate(image, kept, surroundings, foreground, background, _MIN_KEPT_SEPARATION)):
             return
         # only where the cut changed something (and a working pixel around it) is brought back to full size
