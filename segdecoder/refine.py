@@ -276,10 +276,21 @@ def _colours_separate(image: np.ndarray, core: np.ndarray, far: np.ndarray, fore
     return (fg_wins(core).mean() + (~fg_wins(far)).mean()) / 2 >= level
 
 
+def is_grey(image: np.ndarray) -> bool:
+    """Whether the uint8 ``H x W x 3`` ``image`` is grayscale: its three channels are equal everywhere (as
+    groundseg's loader makes a 1-channel or 16-bit grey file). A strided sample is tested first, so that a colour
+    image is told apart at once."""
+    sample = image[::7, ::7]
+    if not (np.array_equal(sample[..., 0], sample[..., 1]) and np.array_equal(sample[..., 1], sample[..., 2])):
+        return False
+    return bool(np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 1], image[..., 2]))
+
+
 def refine_masks(pixels: np.ndarray, masks: np.ndarray, region_sides: np.ndarray, grid: int,
                  interior: bool = False) -> np.ndarray:
-    """``refine_mask`` (with ``interior``) on each of ``masks`` (bool ``[N, H, W]``), mask ``i`` decoded from a region
-    ``region_sides[i]`` pixels across on a ``grid``-cell logit grid. Returns a new ``[N, H, W]`` array.
+    """``refine_mask`` (with ``interior``, unless ``pixels`` is grayscale) on each of ``masks`` (bool ``[N, H, W]``),
+    mask ``i`` decoded from a region ``region_sides[i]`` pixels across on a ``grid``-cell logit grid. Returns a new
+    ``[N, H, W]`` array.
 
     A mask is refined once however often it occurs with the same band: an image's questions often decode to the same
     mask (the locator gives every teacher-forced "[SEG]." of an image the same box), and the refinement depends on
@@ -287,6 +298,10 @@ def refine_masks(pixels: np.ndarray, masks: np.ndarray, region_sides: np.ndarray
     (OpenCV and NumPy let go of Python's lock while they work; each mask's result is the same as alone)."""
     if not len(masks):
         return masks.copy()
+    # the inside pass tells what lies on an object from the object by colour; in a grayscale image, where objects and
+    # their surroundings share grey levels, it took a light disc's own fill for what lies on it (keeping only its
+    # dark outline), and on the phrasing suite's grey scenes it gained nothing
+    interior = interior and not is_grey(pixels)
     bands = [band_pixels(s, grid) for s in region_sides]
     # ``first``: where each distinct (band, mask) first occurs; ``which[i]``: the distinct one mask i is
     seen: dict[tuple[int, bytes], int] = {}
@@ -318,4 +333,4 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
-__all__ = ["MASK_REFINERS", "band_pixels", "refine_mask", "refine_masks"]
+__all__ = ["MASK_REFINERS", "band_pixels", "is_grey", "refine_mask", "refine_masks"]

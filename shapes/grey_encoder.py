@@ -12,18 +12,9 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 from torch import nn
 
-
-def is_grey(image: np.ndarray) -> bool:
-    """Whether the uint8 ``H x W x 3`` ``image`` is grayscale: its three channels are equal everywhere (as
-    groundseg's loader makes a 1-channel or 16-bit grey file). A strided sample is tested first, so that a colour
-    image is told apart at once."""
-    sample = image[::7, ::7]
-    if not (np.array_equal(sample[..., 0], sample[..., 1]) and np.array_equal(sample[..., 1], sample[..., 2])):
-        return False
-    return bool(np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 1], image[..., 2]))
+from segdecoder.refine import is_grey   # the same test gives a grey image no inside pass of mask_refine
 
 
 def install(addon: nn.Module, backend) -> None:

@@ -309,3 +309,22 @@ def test_many_colours_are_judged_by_their_cell_of_the_colour_grid():
     expected = (refine._gmm_log_likelihood(foreground, centres) > refine._gmm_log_likelihood(background, centres))
     assert np.array_equal(refine._foreground_wins(foreground, background, colours), expected)
     assert 0.05 < expected.mean() < 0.95
+
+
+def test_a_grayscale_image_gets_no_inside_pass():
+    """The yellow disc of examples/shapes.png in its black outline, next to a square of its grey level once the image
+    is grey, with a mask a little larger than both: the inside pass would take the disc's fill for what lies on it
+    and keep about a tenth of the mask. Grey images get the outline pass only; their colour original gets both."""
+    from segdecoder.refine import refine_masks
+    from grounding.images import load_image
+
+    colour = load_image("examples/shapes.png")
+    grey = np.repeat(np.round(colour @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None], 3, axis=2)
+    disc = np.zeros(colour.shape[:2], np.uint8)
+    cv2.circle(disc, (209, 148), 46, 1, -1)
+    masks = disc.astype(bool)[None]
+    both = refine_masks(grey, masks, np.array([80.0]), 64, interior=True)
+    outline = refine_masks(grey, masks, np.array([80.0]), 64, interior=False)
+    assert np.array_equal(both, outline) and both.sum() > 0.8 * masks.sum()
+    assert not np.array_equal(refine_masks(colour, masks, np.array([80.0]), 64, interior=True),
+                              refine_masks(colour, masks, np.array([80.0]), 64, interior=False))
