@@ -125,6 +125,12 @@ default-model: $(VENV)/.installed
 	$(VENV)/bin/groundseg train-mask-encoder --model $(DEFAULT_MODEL) --data data/synth --extra-data data/synth-s1 \
 		--steps 1500 --lr 3e-4 --grey 0.5 --camouflage 0.8 --seed 15 --grey-encoder --out runs/shapes-tiny-v15/grey
 	cp runs/shapes-tiny-v15/grey/model/model.safetensors runs/shapes-tiny-v15/grey/model/groundseg.json $(DEFAULT_MODEL)/
+	# v16: grayscale images enter the vision tower through a patch embedding of their own (grey_tower), distilled
+	# from the colour tower's features of the same scenes; colour images are read as before
+	$(VENV)/bin/groundseg train-grey-tower --model $(DEFAULT_MODEL) --data data/synth --extra-data data/synth-s1 \
+		--steps 2000 --lr 1e-3 --augment 0.5 --camouflage 0.3 --seed 16 --out runs/shapes-tiny-v16/grey-tower
+	cp runs/shapes-tiny-v16/grey-tower/model/model.safetensors runs/shapes-tiny-v16/grey-tower/model/groundseg.json \
+		$(DEFAULT_MODEL)/
 
 clean:
 	rm -rf $(OUT) .pytest_cache

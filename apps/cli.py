@@ -290,6 +290,34 @@ def train_mask_encoder(
                   f"{after['camouflaged']:.3f}")
 
 
+@app.command("train-grey-tower")
+def train_grey_tower(
+    data: Path = typer.Option(..., help="Synthetic REFER folder (scenes.json) to learn from (train split; val scores)."),
+    out: Path = typer.Option(..., help="Output folder: OUT/model is the model with the grey_tower add-on."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: the embedded shapes-tiny)."),
+    steps: int = typer.Option(1500, min=1, help="Optimizer steps."),
+    batch_size: int = typer.Option(16, min=1, help="Scenes a step."),
+    lr: float = typer.Option(1e-3, min=0.0, help="Peak learning rate (warm-up, cosine)."),
+    augment: float = typer.Option(0.5, min=0.0, max=1.0, help="Share of the scenes corrupted before they are made "
+                                                              "grey."),
+    camouflage: float = typer.Option(0.3, min=0.0, max=1.0, help="Share of the grey views whose objects are brought "
+                                                                  "to their ground's brightness, on a blotchy ground."),
+    seed: int = typer.Option(0, help="Seed of the views and the batch order."),
+    extra_data: list[Path] = typer.Option([], help="More synthetic folders whose train split is learnt too (repeat "
+                                                   "the option)."),
+) -> None:
+    """Train the vision tower's patch embedding for grayscale images (the grey_tower add-on; every other weight
+    kept): the tower's features of grey views regressed on its features of the colour scenes."""
+    from shapes.grey_tower import train_grey_tower as run
+
+    report = run(_model_dir(model), data, out, extra_data=extra_data, steps=steps, batch_size=batch_size, lr=lr,
+                 augment=augment, camouflage=camouflage, seed=seed)
+    before, after = report["before"], report["after"]
+    console.print(f"model written to {out / 'model'}; the region head on val objects' boxes, kinds read right: grey "
+                  f"views {before['grey views']['kind']:.3f} -> {after['grey views']['kind']:.3f}, colour views "
+                  f"{before['colour views']['kind']:.3f} -> {after['colour views']['kind']:.3f}")
+
+
 @app.command("video-eval")
 def video_eval(
     data: Path = typer.Option(..., help="Folder of videos (videos.json); generated when missing."),

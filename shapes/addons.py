@@ -19,6 +19,8 @@
                   words it lacks ("objects", "gray") as the words they mean (shapes/question_language.py);
   grey_encoder    grayscale images (and their crops) are read by a SAM image encoder of their own
                   (shapes/grey_encoder.py);
+  grey_tower      grayscale images enter the vision tower through a patch embedding of their own
+                  (shapes/grey_tower.py);
   group_complete  an "all ..." answer also gets the objects of its group the locator never reached, found among the
                   mask decoder's object proposals (shapes/group_complete.py, shapes/object_proposals.py);
   count           a "How many ..." answer starts with the number of its targets, "There are 3 squares: "
@@ -38,6 +40,7 @@ from grounding.result import box_from_mask
 from grounding.text.boxes import box_iou
 from shapes.box_writer import BoxWriter, ref_phrase_ids
 from shapes.count_answer import count_sentence
+from shapes.grey_encoder import is_grey
 from shapes.group_complete import NOTE as GROUP_NOTE, group_names, more_of_group
 from shapes.group_count import GroupCount
 from shapes.locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_centres, distinct_cells, locator_loss,
@@ -49,7 +52,7 @@ from shapes.presence_review import (NoDenialStart, add_targets, drop_absent, dro
                                     rename_targets)
 from shapes.projector_norm import install_projector_norm
 from shapes.question_language import CaseFolder, language_note, read_synonyms, shares_a_word, words_of
-from shapes.region_head import RegionHead, Vocabulary, describe, region_box
+from shapes.region_head import RegionHead, Vocabulary, brightness_word, describe, region_box
 from shapes.region_verify import REPEAT_BOX_FIT, REPEAT_MASK_SHARE, plain_names, share_on, sureness
 from shapes.ref_copy import RefCopy, TokenWords
 from shapes.ref_strict import StrictCopy
@@ -348,8 +351,13 @@ class Region(AddOn):
         region = region_box(image.size, box, point).to(keys.device, keys.dtype)
         values = {name: self.vocab.values(name)[int(p.argmax())]
                   for name, p in self.probabilities(keys, region).items()}
-        kind = outline_kind(mask if mask is not None else self.marked_mask(model, image, box, point))
-        return describe({**values, "kind": kind} if kind in self.vocab.kinds else values)
+        mask = mask if mask is not None else self.marked_mask(model, image, box, point)
+        kind = outline_kind(mask)
+        if kind in self.vocab.kinds:
+            values["kind"] = kind
+        if is_grey(image.pixels) and mask.any():   # no colour to read: the object's brightness names it
+            values["colour"] = brightness_word(image.pixels[..., 0][mask])
+        return describe(values)
 
     @staticmethod
     def marked(model, image, box=None, point=None):
@@ -561,6 +569,18 @@ class GreyEncoder(AddOn):
         from shapes.grey_encoder import install
 
         install(self, model.mask_decoder)
+
+
+@register_addon
+class GreyTower(AddOn):
+    """The vision tower's patch embedding for grayscale images (shapes/grey_tower.py): its own weights, ``stem.*``."""
+    name = "grey_tower"
+    built_in = True   # the vision tower reads it, below every hook
+
+    def attach(self, model: Any, tokenizer: Any) -> None:
+        from shapes.grey_tower import install
+
+        install(self, model)
 
 
 @register_addon

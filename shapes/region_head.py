@@ -106,6 +106,14 @@ def describe(values: dict[str, str]) -> str:
     return region_description(SimpleNamespace(**{**values, "outline": values["outline"] or None}))
 
 
+def brightness_word(levels: np.ndarray) -> str:
+    """The colour word of an object in a grayscale image, from its pixels' grey ``levels`` (uint8): "black",
+    "grey" or "white" by their median, split halfway between the training scenes' black (18), grey (128) and white
+    (248). A grey image holds no other colour to name."""
+    median = float(np.median(levels))
+    return "black" if median < 73 else "white" if median > 188 else "grey"
+
+
 def region_box(size: tuple[int, int], box=None, point=None) -> torch.Tensor:
     """A user's region in the ``size = (H, W)`` image -- a pixel box xyxy, or a click xy -- as ``[4]`` fractions of
     the padded square."""

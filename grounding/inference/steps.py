@@ -29,8 +29,8 @@ def active_addons(model, overrides: Mapping[str, Any] | None, tokenizer) -> list
     for name, value in (overrides or {}).items():
         if value is None or value is False:
             if name in addons and addons[name].built_in:
-                raise CheckpointError(f"add-on {name!r} is part of this model (it changes how the mask decoder "
-                                      f"reads images) and cannot be turned off for one predictor; load a "
+                raise CheckpointError(f"add-on {name!r} is part of this model (it changes how the model reads "
+                                      f"images) and cannot be turned off for one predictor; load a "
                                       f"checkpoint without it")
             addons.pop(name, None)
             continue
