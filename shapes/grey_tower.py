@@ -2,7 +2,7 @@
 shapes/addons.py), and its training (``groundseg train-grey-tower``).
 
 The default model's vision tower learnt every kind from colour scenes. On a grayscale image its features carry the
-kinds poorly (the region head reads an object's kind right in 58% of grey val views, 84% in colour), and every
+kinds poorly (the region head reads an object's kind right in 68% of grey val views, 84% in colour), and every
 reader of those features goes wrong with them: the locator's candidates for "all the triangles", the presence
 head, the region head. The tower's convolutional stem (shapes/vision_stem.py) is where colour enters it, so a
 second stem is trained on grey views, distilled: its tower's features of a grey copy of a training scene are
@@ -117,6 +117,7 @@ def train_grey_tower(model_dir: str | Path, data: str | Path, out: str | Path, e
     from grounding.checkpoint import load_checkpoint, save_checkpoint
     from grounding.processor import GroundingProcessor
     from grounding.progress import progress_bar
+    from grounding.trainer import warmup_cosine
     from shapes.augment import grey as grey_copy
     from shapes.mask_robust import SceneViews
 
@@ -154,9 +155,7 @@ def train_grey_tower(model_dir: str | Path, data: str | Path, out: str | Path, e
               "batch_size": batch_size, "lr": lr, "augment": augment, "camouflage": camouflage, "seed": seed,
               "train_scenes": len(train.items), "before": scores()}
     optimizer = torch.optim.AdamW(stem.parameters(), lr=lr, weight_decay=0.01)
-    warmup = min(100, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (
-        1 + np.cos(np.pi * min(s, steps) / steps)))
+    schedule = warmup_cosine(optimizer, steps, min(100, steps // 10))
     curve = []
     stem.train()
     with progress_bar(steps, "grey stem", enabled=progress, fields={"distill": "distill {}"}) as advance:

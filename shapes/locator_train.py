@@ -34,7 +34,7 @@ from grounding.model import GroundingModel
 from grounding.processor import GroundingProcessor
 from grounding.progress import progress_bar
 from grounding.text.tokens import SEG
-from grounding.trainer import batch_indices, plot_losses
+from grounding.trainer import batch_indices, plot_losses, warmup_cosine
 from shapes.locator import FusionLocator, Phrases, box_loss, box_iou_at, locator_loss, mask_cells, square_boxes
 
 
@@ -175,9 +175,7 @@ def train_locator(model_dir: str | Path, data: str | Path, out: str | Path, step
     embed = model.vlm.get_input_embeddings().weight.detach().float()
     locator = model.addons["locator"].net.float()
     optimizer = torch.optim.AdamW(locator.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + np.cos(np.pi * min(1.0, s / steps))))
+    schedule = warmup_cosine(optimizer, steps, steps // 20)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log_path, eval_path = out / "locator_log.jsonl", out / "locator_eval.jsonl"

@@ -164,6 +164,7 @@ def train_mask_encoder(model_dir: str | Path, data: str | Path, out: str | Path,
     images only) and SAM's own encoder is left as it was."""
     from grounding.checkpoint import load_checkpoint, save_checkpoint
     from grounding.progress import progress_bar
+    from grounding.trainer import warmup_cosine
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -187,9 +188,7 @@ def train_mask_encoder(model_dir: str | Path, data: str | Path, out: str | Path,
               "camouflage": camouflage, "grey_encoder": grey_encoder, "seed": seed,
               "train_scenes": len(train.items), "before": box_iou_score(backend, held)}
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=0.01)
-    warmup = min(100, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (
-        1 + np.cos(np.pi * min(s, steps) / steps)))
+    schedule = warmup_cosine(optimizer, steps, min(100, steps // 10))
     curve = []
     encoder.train()
     with progress_bar(steps, "image encoder", enabled=progress,

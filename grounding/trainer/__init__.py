@@ -2,6 +2,6 @@
 conversations.py). ``groundseg train --config FILE``."""
 from grounding.trainer import conversations as _stage2  # noqa: F401  (registers stage 2)
 from grounding.trainer.config import TrainConfig
-from grounding.trainer.loop import batch_indices, latest_checkpoint, plot_losses, train
+from grounding.trainer.loop import batch_indices, latest_checkpoint, plot_losses, train, warmup_cosine
 
-__all__ = ["TrainConfig", "batch_indices", "latest_checkpoint", "plot_losses", "train"]
+__all__ = ["TrainConfig", "batch_indices", "latest_checkpoint", "plot_losses", "train", "warmup_cosine"]

@@ -62,6 +62,14 @@ def _lr_lambda(cfg: TrainConfig):
     return f
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``optimizer``'s learning rate times a linear warm-up over ``warmup`` steps (at least one) and a cosine from 1 at
+    step 0 to 0 at ``steps`` (the default model's head and encoder trainings, shapes/)."""
+    warmup = max(warmup, 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     steps = sorted((out / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
     return steps[-1] if steps else None
