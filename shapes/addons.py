@@ -340,8 +340,9 @@ class Region(AddOn):
     @torch.no_grad()
     def describe(self, model, image, box=None, point=None, mask=None) -> str:
         """What the head reads in a region of ``image`` (a ``PreparedImage``): a pixel box xyxy or a click xy; the
-        kind is the one the object's mask outline clearly has (``outline_kind``) where it has one. ``mask``: the
-        object's mask (bool ``H x W``), else the mask the box or click gets."""
+        kind is the one the object's mask outline clearly has (``outline_kind``) where it has one, and in a grayscale
+        image the colour is the object's brightness (``brightness_word``). ``mask``: the object's mask (bool
+        ``H x W``), else the mask the box or click gets."""
         locator = model.addons["locator"] if "locator" in model.addons else None
         if locator is not None and locator.fusion:
             keys = locator.read_image(model, [image])[0].keys
