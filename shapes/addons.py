@@ -38,9 +38,9 @@ from grounding.addons import AddOn, AnswerRows, DecoderPrompts, SegRead, registe
 from grounding.inference.steps import decode_with_steps, mask_steps_of
 from grounding.result import box_from_mask
 from grounding.text.boxes import box_iou
+from segdecoder.refine import is_grey
 from shapes.box_writer import BoxWriter, ref_phrase_ids
 from shapes.count_answer import count_sentence
-from shapes.grey_encoder import is_grey
 from shapes.group_complete import NOTE as GROUP_NOTE, group_names, more_of_group
 from shapes.group_count import GroupCount
 from shapes.locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_centres, distinct_cells, locator_loss,

@@ -75,15 +75,6 @@ def install(addon: nn.Module, model) -> None:
 
 # ---- training ------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def tower_features(model, processor, images: list[np.ndarray], batch_size: int = 32) -> torch.Tensor:
-    """``[len(images), g*g, width]``: the tower's patch features of uint8 RGB ``images``, as the model reads them."""
-    like = model.seg_projection.net[0].weight
-    return torch.cat([model.vision_features(torch.stack([processor.vision_pixels(im) for im in
-                                                         images[i:i + batch_size]]).to(like))
-                      for i in range(0, len(images), batch_size)]).float()
-
-
-@torch.no_grad()
 def region_scores(model, scenes, sizes: list[tuple[int, int]], states: torch.Tensor) -> dict[str, float]:
     """The region head's reading of each mostly visible object of ``scenes`` (``SceneViews`` items; images of
     ``sizes``, tower features ``states``) from its exact box: the share of colours, kinds and both read right."""
@@ -97,8 +88,7 @@ def region_scores(model, scenes, sizes: list[tuple[int, int]], states: torch.Ten
                 continue
             rows.append(r)
             boxes.append(region_box(sizes[r], box=o["box_xyxy"]))
-            labels.append([vocab.colours.index(o["colour"]), vocab.kinds.index(o["kind"]), vocab.sizes.index(o["size"]),
-                           vocab.textures.index(o["texture"]), vocab.outlines.index(o["outline"] or "")])
+            labels.append(vocab.labels(o))
     report = accuracy(model.addons["region"].head,
                       RegionSamples(states, torch.tensor(rows), torch.stack(boxes), torch.tensor(labels)))
     return {name: round(report[name], 4) for name in ("colour", "kind", "named")}
@@ -119,6 +109,7 @@ def train_grey_tower(model_dir: str | Path, data: str | Path, out: str | Path, e
     from grounding.progress import progress_bar
     from grounding.trainer import warmup_cosine
     from shapes.augment import grey as grey_copy
+    from shapes.locator_train import locator_keys
     from shapes.mask_robust import SceneViews
 
     torch.manual_seed(seed)
@@ -146,7 +137,7 @@ def train_grey_tower(model_dir: str | Path, data: str | Path, out: str | Path, e
     sizes = [v.shape[:2] for v in colour_views]
 
     def scores() -> dict:
-        colour, grey = (tower_features(model, processor, views) for views in (colour_views, grey_views))
+        colour, grey = (locator_keys(model, processor, views) for views in (colour_views, grey_views))
         return {"colour views": region_scores(model, held.items, sizes, colour),
                 "grey views": region_scores(model, held.items, sizes, grey),
                 "distill": round(float(F.mse_loss(grey, colour) / colour.var()), 5)}   # the training loss

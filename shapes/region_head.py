@@ -83,6 +83,11 @@ class Vocabulary:
         return {"colour": self.colours, "kind": self.kinds, "size": self.sizes, "texture": self.textures,
                 "outline": self.outlines}[name]
 
+    def labels(self, o: dict) -> list[int]:
+        """A ``scenes.json`` object's value indices of colour, kind, size, texture and outline (the head's targets)."""
+        return [self.colours.index(o["colour"]), self.kinds.index(o["kind"]), self.sizes.index(o["size"]),
+                self.textures.index(o["texture"]), self.outlines.index(o["outline"] or "")]
+
     def kind_words(self) -> dict[str, str]:
         """Each word that names a kind, singular or plural ("cross", "crosses") -> the kind."""
         return {k: k for k in self.kinds} | {k + ("es" if k.endswith(("s", "x", "sh", "ch")) else "s"): k
@@ -166,8 +171,7 @@ def build_region_samples(model, processor, data_root: Path, split: str, vocab: V
         for o in scene["objects"]:
             if o["area"] < 0.5 * max(o["full_area"], 1):
                 continue
-            label = [vocab.colours.index(o["colour"]), vocab.kinds.index(o["kind"]), vocab.sizes.index(o["size"]),
-                     vocab.textures.index(o["texture"]), vocab.outlines.index(o["outline"] or "")]
+            label = vocab.labels(o)
             x1, y1, x2, y2 = o["box_xyxy"]
             mask = None
             for _ in range(per_object):
