@@ -131,6 +131,12 @@ default-model: $(VENV)/.installed
 		--steps 2000 --lr 1e-3 --augment 0.5 --camouflage 0.3 --seed 16 --out runs/shapes-tiny-v16/grey-tower
 	cp runs/shapes-tiny-v16/grey-tower/model/model.safetensors runs/shapes-tiny-v16/grey-tower/model/groundseg.json \
 		$(DEFAULT_MODEL)/
+	# v17: a plain target's kind is checked on its mask's silhouette by a small network (silhouette), trained on the
+	# scenes' true masks and on masks the model decodes; its level set on val's answers
+	$(VENV)/bin/groundseg train-silhouette --model $(DEFAULT_MODEL) --data data/synth --extra-data data/synth-s1 \
+		--steps 1500 --seed 17 --out runs/shapes-tiny-v17/silhouette
+	cp runs/shapes-tiny-v17/silhouette/model/model.safetensors runs/shapes-tiny-v17/silhouette/model/groundseg.json \
+		$(DEFAULT_MODEL)/
 
 clean:
 	rm -rf $(OUT) .pytest_cache

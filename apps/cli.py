@@ -318,6 +318,35 @@ def train_grey_tower(
                   f"{before['colour views']['kind']:.3f} -> {after['colour views']['kind']:.3f}")
 
 
+@app.command("train-silhouette")
+def train_silhouette(
+    data: Path = typer.Option(..., help="Synthetic REFER folder (scenes.json) to learn from (train split; val scores "
+                                        "and the check's level)."),
+    out: Path = typer.Option(..., help="Output folder: OUT/model is the model with the silhouette add-on."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint directory with a region head (default: the embedded "
+                                                    "shapes-tiny)."),
+    steps: int = typer.Option(1500, min=1, help="Optimizer steps (256 masks each)."),
+    lr: float = typer.Option(2e-3, min=0.0, help="Peak learning rate (warm-up, cosine)."),
+    decoded_scenes: int = typer.Option(1000, min=0, help="Train scenes of the last folder whose objects the model "
+                                                         "decodes from their boxes, to learn from its masks too."),
+    share: float = typer.Option(0.02, min=0.0, max=0.5, help="The check's level: this share of the masks of the "
+                                                             "right answers to val's present plain phrases fall "
+                                                             "under it."),
+    seed: int = typer.Option(0, help="Seed of the masks' roughening, the batch order and the initial weights."),
+    extra_data: list[Path] = typer.Option([], help="More synthetic folders whose train split is learnt too (repeat "
+                                                   "the option)."),
+) -> None:
+    """Give a model a check of the kind its plain targets' masks have, read from their silhouettes by a small
+    network (the silhouette add-on; every other weight kept)."""
+    from shapes.silhouette_kind import train_silhouette_addon
+
+    report = train_silhouette_addon(_model_dir(model), data, out, extra_data=extra_data,
+                                    decoded_scenes=decoded_scenes, steps=steps, lr=lr, seed=seed, share=share)
+    val = report["val"]
+    console.print(f"model written to {out / 'model'}; val kinds read right: true masks {val['true masks']:.1%}, "
+                  f"decoded masks {val['decoded masks']:.1%}; level {report['calibration']['level']:.4f}")
+
+
 @app.command("video-eval")
 def video_eval(
     data: Path = typer.Option(..., help="Folder of videos (videos.json); generated when missing."),

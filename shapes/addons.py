@@ -21,6 +21,8 @@
                   (shapes/grey_encoder.py);
   grey_tower      grayscale images enter the vision tower through a patch embedding of their own
                   (shapes/grey_tower.py);
+  silhouette      a plain target whose mask's silhouette a small network does not read as the named kind moves to
+                  another candidate or is dropped (shapes/silhouette_kind.py); right after ``region``;
   group_complete  an "all ..." answer also gets the objects of its group the locator never reached, found among the
                   mask decoder's object proposals (shapes/group_complete.py, shapes/object_proposals.py);
   count           a "How many ..." answer starts with the number of its targets, "There are 3 squares: "
@@ -56,6 +58,7 @@ from shapes.region_head import RegionHead, Vocabulary, brightness_word, describe
 from shapes.region_verify import REPEAT_BOX_FIT, REPEAT_MASK_SHARE, plain_names, share_on, sureness
 from shapes.ref_copy import RefCopy, TokenWords
 from shapes.ref_strict import StrictCopy
+from shapes.silhouette_kind import SilhouetteNet, kind_probabilities
 from shapes.vision_stem import install_vision_stem
 
 
@@ -518,6 +521,53 @@ class Region(AddOn):
             f"the description is the region head's reading of the marked region, its kind that of the marked "
             f"mask's outline where that is clear (the language model wrote "
             f"{prediction.answer!r})"])
+
+
+@register_addon
+class Silhouette(AddOn):
+    """A second look at a plain target's kind ("the hexagon", "the red pentagon"): the kind its mask's silhouette
+    has, read by a small network (shapes/silhouette_kind.py). Where the mask's outline says no kind clearly
+    (``outline_kind``) and the network gives the named kind a probability under ``level``, the target moves to the
+    locator's candidate of the named kind (``Region.relocate``), else is dropped. Put it right after ``region``."""
+    @dataclass
+    class Settings:
+        kinds: tuple[str, ...] = ()   # the network's output order
+        level: float = 0.0            # 0: off
+
+    name = "silhouette"
+
+    def attach(self, model: Any, tokenizer: Any) -> None:
+        self.net = SilhouetteNet(len(self.settings.kinds))
+
+    def probability(self, mask, kind: str) -> float:
+        """The network's probability that the bool ``H x W`` ``mask`` is a ``kind``."""
+        return float(kind_probabilities(self.net, [mask])[0, list(self.settings.kinds).index(kind)])
+
+    def review(self, model, tokenizer, image, query, prediction):
+        if self.settings.level <= 0 or "region" not in model.addons or not prediction.targets:
+            return prediction
+        region = model.addons["region"]
+        dropped, moved = {}, {}
+        for i, target in enumerate(prediction.targets):
+            names = plain_names(target.phrase or "", region.vocab)
+            if not names or not names[1] or target.mask is None or not target.mask.any():
+                continue
+            kind = names[1][0]
+            if outline_kind(target.mask) is not None or (sure := self.probability(target.mask, kind)) >= \
+                    self.settings.level:
+                continue
+            others = [t.box for t in prediction.targets if t.box is not None]
+            found = region.relocate(model, tokenizer, image, target.phrase, names, region.settings.verify, others)
+            if found is not None:
+                moved[i] = found
+            else:
+                dropped[i] = (f"its mask's silhouette is a {kind}'s with probability {sure:.4f} only (needed "
+                              f"{self.settings.level:.4f}), nor is any other candidate's outline")
+        if moved:
+            prediction = move_targets(prediction, moved, image.size,
+                                      "target {number} ({phrase!r}) moved to another of the locator's candidates: "
+                                      "the mask its first box got has the silhouette of another kind")
+        return drop_targets(prediction, dropped) if dropped else prediction
 
 
 @register_addon
