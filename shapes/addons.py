@@ -50,7 +50,7 @@ from shapes.locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_c
 from shapes.locator_mirror import locate_both, mirror_ids, mirror_token_ids
 from shapes.outline_kind import outline_kind
 from shapes.presence import PresenceHead, presence_features
-from shapes.presence_review import (NoDenialStart, add_targets, drop_absent, drop_targets, move_targets,
+from shapes.presence_review import (NoDenialStart, add_targets, drop_absent, drop_targets, moved_and_dropped,
                                     rename_targets)
 from shapes.projector_norm import install_projector_norm
 from shapes.question_language import CaseFolder, language_note, read_synonyms, shares_a_word, words_of
@@ -435,11 +435,7 @@ class Region(AddOn):
             elif repeat and (shared := self.share_on_earlier(prediction.targets, i, dropped)) > REPEAT_MASK_SHARE:
                 dropped[i] = (f"{shared:.0%} of its mask lies on the masks of the phrase's earlier targets: not a new "
                               f"object")
-        if moved:
-            prediction = move_targets(prediction, moved, image.size,
-                                      "target {number} ({phrase!r}) moved to another of the locator's candidates: "
-                                      "the mask its first box got has the outline of another kind")
-        return drop_targets(prediction, dropped) if dropped else prediction
+        return moved_and_dropped(prediction, image.size, moved, dropped, "outline")
 
     @staticmethod
     def share_on_earlier(targets: list, i: int, dropped: dict) -> float:
@@ -563,11 +559,7 @@ class Silhouette(AddOn):
             else:
                 dropped[i] = (f"its mask's silhouette is a {kind}'s with probability {sure:.4f} only (needed "
                               f"{self.settings.level:.4f}), nor is any other candidate's outline")
-        if moved:
-            prediction = move_targets(prediction, moved, image.size,
-                                      "target {number} ({phrase!r}) moved to another of the locator's candidates: "
-                                      "the mask its first box got has the silhouette of another kind")
-        return drop_targets(prediction, dropped) if dropped else prediction
+        return moved_and_dropped(prediction, image.size, moved, dropped, "silhouette")
 
 
 @register_addon

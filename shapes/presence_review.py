@@ -89,6 +89,18 @@ def move_targets(prediction, moves: dict[int, tuple], image_size: tuple[int, int
     return dataclasses.replace(prediction, answer=text, targets=targets, notes=notes)
 
 
+def moved_and_dropped(prediction, image_size: tuple[int, int], moved: dict[int, tuple], dropped: dict[int, str],
+                      evidence: str):
+    """``prediction`` with the targets of ``moved`` on their new objects (``move_targets``, noted as moved because
+    the mask its first box got has the ``evidence``, "outline" or "silhouette", of another kind) and those of
+    ``dropped`` taken out (``drop_targets``)."""
+    if moved:
+        prediction = move_targets(prediction, moved, image_size,
+                                  "target {number} ({phrase!r}) moved to another of the locator's candidates: the "
+                                  f"mask its first box got has the {evidence} of another kind")
+    return drop_targets(prediction, dropped) if dropped else prediction
+
+
 def add_targets(prediction, phrase: str, added: list[tuple], note: str):
     """The Prediction with more targets of ``phrase``: each of ``added`` (pixel xyxy box, bool ``H x W`` mask,
     score) goes after the phrase's last target, in the answer text as the model writes one
