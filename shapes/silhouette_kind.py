@@ -264,10 +264,11 @@ def train_silhouette_addon(model_dir: str | Path, data: str | Path, out: str | P
                            seed: int = 0, share: float = 0.02, eval_scenes: int = 300, limit: int | None = None,
                            progress: bool = True) -> dict:
     """Give the model at ``model_dir`` a ``silhouette`` add-on: the network trained on the true masks of the train
-    scenes of ``data`` and ``extra_data`` and on the masks the model decodes for the first ``decoded_scenes`` train
-    scenes of the last folder (``decoded_masks``; each counted ``decoded_repeat`` times), then its ``level`` set on
-    ``data``'s val answers (``calibrate_level`` at ``share``). Scored on val's true masks and decoded masks (first
-    ``eval_scenes`` scenes). Writes ``out/model`` and ``out/silhouette.json``."""
+    scenes of ``data`` and ``extra_data`` (the first ``limit`` of them, for a quick try) and on the masks the model
+    decodes for the first ``decoded_scenes`` train scenes of the last folder (``decoded_masks``; each counted
+    ``decoded_repeat`` times), then its ``level`` set on ``data``'s val answers (``calibrate_level`` at ``share``).
+    Scored on val's true masks and decoded masks (first ``eval_scenes`` scenes). Writes ``out/model`` and
+    ``out/silhouette.json``."""
     from grounding import Grounder
     from grounding.checkpoint import load_checkpoint, save_checkpoint
 
@@ -280,16 +281,15 @@ def train_silhouette_addon(model_dir: str | Path, data: str | Path, out: str | P
     kinds = list(model.addons["region"].vocab.kinds)
     grounder = Grounder(model, tokenizer, torch.device("cpu"), torch.float32)
     folders = [Path(data), *map(Path, extra_data)]
-    crops, labels = [], []
-    for folder in folders:
-        c, lab = gather_masks([folder], "train", kinds)
-        crops, labels = crops + c[:limit], np.r_[labels, lab[:limit]].astype(int)
-    decoded, decoded_labels = decoded_masks(grounder, folders[-1], "train", decoded_scenes, rng)
+    crops, labels = gather_masks(folders, "train", kinds)
+    crops, labels = crops[:limit], labels[:limit]
+    decoded, decoded_labels = decoded_masks(grounder, folders[-1], "train", decoded_scenes, rng, progress=progress)
     held, held_labels = gather_masks([Path(data)], "val", kinds)
-    held_decoded, held_decoded_labels = decoded_masks(grounder, data, "val", eval_scenes, np.random.default_rng(seed + 1))
-    net, report = train_silhouette(crops + decoded * decoded_repeat, np.r_[labels, np.tile(decoded_labels,
-                                                                                            decoded_repeat)],
-                                   len(kinds), steps=steps, lr=lr, seed=seed, progress=progress)
+    held_decoded, held_decoded_labels = decoded_masks(grounder, data, "val", eval_scenes,
+                                                      np.random.default_rng(seed + 1), progress=progress)
+    net, report = train_silhouette(crops + decoded * decoded_repeat,
+                                   np.r_[labels, np.tile(decoded_labels, decoded_repeat)], len(kinds), steps=steps,
+                                   lr=lr, seed=seed, progress=progress)
     report.update(model=str(model_dir), data=[str(f) for f in folders], true_masks=len(crops),
                   decoded_masks=len(decoded), decoded_repeat=decoded_repeat, lr=lr, seed=seed,
                   val={"true masks": accuracy(net, held, held_labels),
