@@ -108,6 +108,17 @@ def save_checkpoint(model: GroundingModel, tokenizer: PreTrainedTokenizerBase, d
     return directory
 
 
+def save_run(model: GroundingModel, tokenizer: PreTrainedTokenizerBase, out: str | Path, name: str,
+             report: dict) -> None:
+    """A training command's outputs: the model to ``out/model`` (``save_checkpoint``), ``report`` to
+    ``out/{name}.json``."""
+    import json
+
+    out = Path(out)
+    save_checkpoint(model, tokenizer, out / "model")
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+
+
 def _apply_umask(root: Path) -> None:
     """mkdtemp (and safetensors) create private files; a checkpoint gets the user's usual permissions."""
     umask = os.umask(0)

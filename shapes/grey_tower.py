@@ -17,7 +17,6 @@ stem as before, bit for bit when a batch holds no grey image.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -104,7 +103,7 @@ def train_grey_tower(model_dir: str | Path, data: str | Path, out: str | Path, e
     regressed on the colour tower's features of the clean scene. Only the stem trains. Scored by the region head on
     grey views of ``data``'s val scenes (and their colour originals), before and after; writes ``out/model`` and
     ``out/grey_tower.json``."""
-    from grounding.checkpoint import load_checkpoint, save_checkpoint
+    from grounding.checkpoint import load_checkpoint, save_run
     from grounding.processor import GroundingProcessor
     from grounding.progress import progress_bar
     from grounding.trainer import warmup_cosine
@@ -170,7 +169,5 @@ def train_grey_tower(model_dir: str | Path, data: str | Path, out: str | Path, e
     report["after"] = scores()
     report["curve_every_50"] = curve[::50]
     report["wall_s"] = round(time.perf_counter() - start, 1)
-    out = Path(out)
-    save_checkpoint(model, tokenizer, out / "model")
-    (out / "grey_tower.json").write_text(json.dumps(report, indent=2))
+    save_run(model, tokenizer, out, "grey_tower", report)
     return report

@@ -17,7 +17,6 @@ The prompt encoder, the mask decoder, the [SEG] projection and every other weigh
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +161,7 @@ def train_mask_encoder(model_dir: str | Path, data: str | Path, out: str | Path,
     val of ``data`` scores it, before and after); write ``out/model`` and ``out/mask_robust.json``. With
     ``grey_encoder`` the trained weights become the ``grey_encoder`` add-on's (shapes/grey_encoder.py: grayscale
     images only) and SAM's own encoder is left as it was."""
-    from grounding.checkpoint import load_checkpoint, save_checkpoint
+    from grounding.checkpoint import load_checkpoint, save_run
     from grounding.progress import progress_bar
     from grounding.trainer import warmup_cosine
 
@@ -220,7 +219,5 @@ def train_mask_encoder(model_dir: str | Path, data: str | Path, out: str | Path,
     report["after"] = box_iou_score(backend, held)
     report["curve_every_50"] = curve[::50]
     report["wall_s"] = round(time.perf_counter() - start, 1)
-    out = Path(out)
-    save_checkpoint(model, tokenizer, out / "model")
-    (out / "mask_robust.json").write_text(json.dumps(report, indent=2))
+    save_run(model, tokenizer, out, "mask_robust", report)
     return report

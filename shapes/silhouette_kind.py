@@ -11,7 +11,6 @@ occluder, or grown by a neighbour.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -270,7 +269,7 @@ def train_silhouette_addon(model_dir: str | Path, data: str | Path, out: str | P
     Scored on val's true masks and decoded masks (first ``eval_scenes`` scenes). Writes ``out/model`` and
     ``out/silhouette.json``."""
     from grounding import Grounder
-    from grounding.checkpoint import load_checkpoint, save_checkpoint
+    from grounding.checkpoint import load_checkpoint, save_run
 
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -303,7 +302,5 @@ def train_silhouette_addon(model_dir: str | Path, data: str | Path, out: str | P
     final = addon.with_settings({"level": report["calibration"]["level"]})
     model.addons = nn.ModuleDict({n: final if n == "silhouette" else model.addons[n] for n in order})
     report["wall_s"] = round(time.perf_counter() - start, 1)
-    out = Path(out)
-    save_checkpoint(model, tokenizer, out / "model")
-    (out / "silhouette.json").write_text(json.dumps(report, indent=2))
+    save_run(model, tokenizer, out, "silhouette", report)
     return report

@@ -17,6 +17,19 @@ def draw_scene(h: int = 72, w: int = 96) -> tuple[np.ndarray, np.ndarray]:
     return img, mask.astype(bool)
 
 
+def tiny_with_grey_addon(name: str, weights: str):
+    """A tiny random (model, tokenizer) given add-on ``name`` (``grey_encoder`` or ``grey_tower``), its copied
+    weights (``addon.<weights>``) moved off the colour ones so that the two read an image differently."""
+    from grounding.presets import build_random
+
+    model, tok = build_random("tiny", seed=4)
+    addon = model.add_addon(name, {}, tok)
+    with torch.no_grad():
+        for p in getattr(addon, weights).parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval(), tok
+
+
 @pytest.fixture(scope="session")
 def scene():
     return draw_scene()

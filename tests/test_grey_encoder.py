@@ -5,16 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-def _model_with_grey_encoder():
-    from grounding.presets import build_random
-
-    model, tok = build_random("tiny", seed=4)
-    addon = model.add_addon("grey_encoder", {}, tok)
-    with torch.no_grad():   # weights unlike the colour encoder's, so that the two read an image differently
-        for p in addon.encoder.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval(), tok
+from tests.conftest import tiny_with_grey_addon
 
 
 def test_is_grey_tells_grayscale_images_from_colour_ones():
@@ -33,7 +24,7 @@ def test_is_grey_tells_grayscale_images_from_colour_ones():
 def test_grey_images_and_only_they_are_read_by_the_grey_encoder(tmp_path):
     from grounding.checkpoint import load_checkpoint, save_checkpoint
 
-    model, tok = _model_with_grey_encoder()
+    model, tok = tiny_with_grey_addon("grey_encoder", "encoder")
     backend = model.mask_decoder
     rng = np.random.default_rng(1)
     colour = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
@@ -69,7 +60,7 @@ def test_the_grey_encoder_cannot_be_turned_off_for_one_predictor():
     from grounding import Grounder
     from grounding.errors import CheckpointError
 
-    model, tok = _model_with_grey_encoder()
+    model, tok = tiny_with_grey_addon("grey_encoder", "encoder")
     with pytest.raises(CheckpointError, match="grey_encoder"):
         Grounder(model, tok, torch.device("cpu"), torch.float32, addons={"grey_encoder": None})
 

@@ -6,16 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-
-def _model_with_grey_tower():
-    from grounding.presets import build_random
-
-    model, tok = build_random("tiny", seed=4)
-    addon = model.add_addon("grey_tower", {}, tok)
-    with torch.no_grad():   # weights unlike the colour stem's, so that the two embed an image differently
-        for p in addon.stem.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval(), tok
+from tests.conftest import tiny_with_grey_addon
 
 
 def _processor(model, tok):
@@ -29,7 +20,7 @@ def test_grey_images_are_told_from_colour_ones_on_the_towers_input():
     them) are grey, in fp32 and bf16; one coloured line makes an image colour."""
     from shapes.grey_tower import grey_images
 
-    model, tok = _model_with_grey_tower()
+    model, tok = tiny_with_grey_addon("grey_tower", "stem")
     processor = _processor(model, tok)
     mean, std = model.config.image_mean, model.config.image_std
     rng = np.random.default_rng(0)
@@ -46,7 +37,7 @@ def test_grey_images_are_told_from_colour_ones_on_the_towers_input():
 def test_grey_images_and_only_they_are_embedded_by_the_grey_stem(tmp_path):
     from grounding.checkpoint import load_checkpoint, save_checkpoint
 
-    model, tok = _model_with_grey_tower()
+    model, tok = tiny_with_grey_addon("grey_tower", "stem")
     processor = _processor(model, tok)
     rng = np.random.default_rng(1)
     colour = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
@@ -78,7 +69,7 @@ def test_the_grey_tower_cannot_be_turned_off_for_one_predictor():
     from grounding import Grounder
     from grounding.errors import CheckpointError
 
-    model, tok = _model_with_grey_tower()
+    model, tok = tiny_with_grey_addon("grey_tower", "stem")
     with pytest.raises(CheckpointError, match="grey_tower"):
         Grounder(model, tok, torch.device("cpu"), torch.float32, addons={"grey_tower": None})
 
