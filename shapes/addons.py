@@ -549,8 +549,10 @@ class Silhouette(AddOn):
             if not names or not names[1] or target.mask is None or not target.mask.any():
                 continue
             kind = names[1][0]
-            if outline_kind(target.mask) is not None or (sure := self.probability(target.mask, kind)) >= \
-                    self.settings.level:
+            if outline_kind(target.mask) is not None:   # a clear outline was read by the region check
+                continue
+            sure = self.probability(target.mask, kind)
+            if sure >= self.settings.level:
                 continue
             others = [t.box for t in prediction.targets if t.box is not None]
             found = region.relocate(model, tokenizer, image, target.phrase, names, region.settings.verify, others)
