@@ -43,15 +43,15 @@ from grounding.text.boxes import box_iou
 from segdecoder.refine import is_grey
 from shapes.box_writer import BoxWriter, ref_phrase_ids
 from shapes.count_answer import count_sentence
-from shapes.group_complete import NOTE as GROUP_NOTE, group_names, more_of_group
+from shapes.group_complete import NOTE as GROUP_NOTE, group_names, more_of_group, settled
 from shapes.group_count import GroupCount
 from shapes.locator import (FusionLocator, Phrases, SegLocator, box_loss, cell_centres, distinct_cells, locator_loss,
                             mask_cells, peak_cells, square_boxes, square_to_pixels)
 from shapes.locator_mirror import locate_both, mirror_ids, mirror_token_ids
 from shapes.outline_kind import outline_kind
 from shapes.presence import PresenceHead, presence_features
-from shapes.presence_review import (NoDenialStart, add_targets, drop_absent, drop_targets, moved_and_dropped,
-                                    rename_targets)
+from shapes.presence_review import (NoDenialStart, add_targets, drop_absent, drop_targets, move_targets,
+                                    moved_and_dropped, rename_targets)
 from shapes.projector_norm import install_projector_norm
 from shapes.question_language import CaseFolder, language_note, read_synonyms, shares_a_word, words_of
 from shapes.region_head import RegionHead, Vocabulary, brightness_word, describe, region_box
@@ -60,6 +60,9 @@ from shapes.ref_copy import RefCopy, TokenWords
 from shapes.ref_strict import StrictCopy
 from shapes.silhouette_kind import SilhouetteNet, kind_probabilities
 from shapes.vision_stem import install_vision_stem
+
+TIGHTENED_NOTE = ("target {number} ({phrase!r}) boxed by its mask's tight box: its box was loose about the mask, "
+                  "which is the one its box gets")
 
 
 @dataclass
@@ -326,6 +329,7 @@ class Region(AddOn):
 
     name = "region"
     RELOCATE_RANKS = 3              # ``relocate`` tries the locator candidates up to this rank (0: the best)
+    SAME_MASK = 0.8                 # IoU at which the mask a box gets is the target's own (``tightened``)
 
     def attach(self, model: Any, tokenizer: Any) -> None:
         self.vocab = Vocabulary(*(list(getattr(self.settings, f)) for f in
@@ -389,14 +393,22 @@ class Region(AddOn):
         ``GroupCount.confidence``), nor any repeat whose mask's box overlaps its box under ``REPEAT_BOX_FIT`` or whose
         mask is empty. The kind a target's mask outline clearly has (``outline_kind``) comes first: the named one
         needs no reading by the head (which misreads kinds on grey scenes), another ("the hexagon" on a pentagon)
-        moves the target to the locator's candidate of the named kind (``relocate``), else drops it."""
+        moves the target to the locator's candidate of the named kind (``relocate``), else drops it. A phrase's first
+        target whose box is loose about its mask takes the mask's tight box first (``tightened``)."""
         keys = model.addons["locator"].read_image(model, [image])[0].keys
-        dropped, moved, seen = {}, {}, set()
+        dropped, moved, boxed, seen = {}, {}, {}, set()
         for i, target in enumerate(prediction.targets):
             names = plain_names(target.phrase or "", self.vocab)
             repeat = target.phrase in seen
             seen.add(target.phrase)
-            if target.box is None or (names is None and not repeat):
+            if target.box is None:
+                continue
+            # a phrase's first target only: a further one whose mask is not its box's object is one of the model's
+            # guesses of a group, dropped below
+            if not repeat and target.mask is not None and (box := self.tightened(model, image, target)) is not None:
+                target = dataclasses.replace(target, box=box)
+                boxed[i] = (box, target.mask, target.score)
+            if names is None and not repeat:
                 continue
             # a group's further objects are the model's guesses (it writes about two whatever the count): they
             # need the sureness GroupCount asks of the ones it adds
@@ -435,7 +447,24 @@ class Region(AddOn):
             elif repeat and (shared := self.share_on_earlier(prediction.targets, i, dropped)) > REPEAT_MASK_SHARE:
                 dropped[i] = (f"{shared:.0%} of its mask lies on the masks of the phrase's earlier targets: not a new "
                               f"object")
+        boxed = {i: found for i, found in boxed.items() if i not in moved and i not in dropped}
+        if boxed:
+            prediction = move_targets(prediction, boxed, image.size, TIGHTENED_NOTE)
         return moved_and_dropped(prediction, image.size, moved, dropped, "outline")
+
+    def tightened(self, model, image, target) -> list[float] | None:
+        """The tight pixel xyxy box of ``target``'s mask where its box is loose about it (they overlap under
+        ``REPEAT_BOX_FIT`` IoU) and the mask is one whole object: the mask the box gets with the model's mask steps
+        (``settled``) is the same, by IoU ``SAME_MASK``. A part of an object gets the whole object from a box, and a
+        mask on a neighbour another mask: those keep their box. None where the box stands."""
+        own = target.box_from_mask()
+        if own is None or box_iou(target.box, own) >= REPEAT_BOX_FIT:
+            return None
+        marked, _ = settled(model, self, image, list(target.box))
+        if marked is None:
+            return None
+        again, mask = marked.masks[0], target.mask
+        return list(own) if (again & mask).sum() >= self.SAME_MASK * (again | mask).sum() else None
 
     @staticmethod
     def share_on_earlier(targets: list, i: int, dropped: dict) -> float:

@@ -441,6 +441,40 @@ def test_a_box_gets_its_mask_unless_the_question_asks_for_a_box(grounder):
     assert abs(x1 - 92) < 8 and abs(y1 - 32) < 8 and abs(x2 - 188) < 8 and abs(y2 - 128) < 8, boxed.targets[0].box
 
 
+def test_a_loose_box_takes_its_masks_tight_box_where_the_mask_is_the_boxed_object(grounder):
+    """An answer's box can be loose about a right mask (a thin rectangle boxed as a square: box IoU 0.37 with the
+    object on the phrasing suite). Where the mask its box gets is the target's own mask, the box and its text become
+    the mask's tight box; a mask of a part of the object (the whole object comes from the box) keeps its box."""
+    from apps.demo import EXAMPLES_DIR
+    from grounding.images import load_image
+    from grounding.result import Prediction, box_from_mask
+    from grounding.text.boxes import box_iou, format_box
+
+    image = load_image(EXAMPLES_DIR / "crosses.png")
+    hexagon = grounder.predict(image, "Please segment the hexagon.").targets[0]
+    tight = box_from_mask(hexagon.mask)
+    region, prepared = grounder.model.addons["region"], grounder.prepare([image])[0]
+    x1, y1, x2, y2 = tight
+    loose = (x1 - 0.25 * (x2 - x1), y1 - 0.25 * (y2 - y1), x2 + 0.25 * (x2 - x1), y2 + 0.25 * (y2 - y1))
+    assert box_iou(loose, tight) < 0.5 and loose[0] > 0 and loose[1] > 0
+
+    def verified(box, mask):
+        target = dataclasses.replace(hexagon, box=box, mask=mask)
+        answer = f"<ref>{hexagon.phrase}</ref>{format_box(box, image.shape[:2])}[SEG]"
+        return region.verify(grounder.model, grounder.processor.tokenizer, prepared,
+                             Prediction(answer, [target], image.shape[:2]))
+
+    fixed = verified(loose, hexagon.mask)
+    assert len(fixed.targets) == 1 and box_iou(fixed.targets[0].box, tight) > 0.99, fixed.targets[0].box
+    assert fixed.answer == f"<ref>{hexagon.phrase}</ref>{format_box(tight, image.shape[:2])}[SEG]", fixed.answer
+    assert (fixed.targets[0].mask == hexagon.mask).all() and "tight box" in fixed.notes[-1], fixed.notes
+    corner = hexagon.mask.copy()
+    corner[round((y1 + y2) / 2):] = False
+    corner[:, round((x1 + x2) / 2):] = False
+    kept = verified(tight, corner)
+    assert kept.targets[0].box == tuple(tight) and not kept.notes, (kept.targets[0].box, kept.notes)
+
+
 def test_a_target_whose_outline_has_another_kind_moves_to_that_kind_or_is_dropped(grounder):
     """The region head misreads kinds on scenes unlike its training (grey ones: "the hexagon" boxed on a pentagon
     passed its check). A plain target whose mask's outline clearly has another kind than its phrase names moves to
