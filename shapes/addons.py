@@ -55,7 +55,8 @@ from shapes.presence_review import (NoDenialStart, add_targets, drop_absent, dro
 from shapes.projector_norm import install_projector_norm
 from shapes.question_language import CaseFolder, language_note, read_synonyms, shares_a_word, words_of
 from shapes.region_head import RegionHead, Vocabulary, brightness_word, describe, region_box
-from shapes.region_verify import REPEAT_BOX_FIT, REPEAT_MASK_SHARE, plain_names, share_on, sureness
+from shapes.region_verify import (REPEAT_BOX_FIT, REPEAT_MASK_HOLDS, REPEAT_MASK_SHARE, most_held, plain_names,
+                                  share_on, sureness)
 from shapes.ref_copy import RefCopy, TokenWords
 from shapes.ref_strict import StrictCopy
 from shapes.silhouette_kind import SilhouetteNet, kind_probabilities
@@ -390,11 +391,13 @@ class Region(AddOn):
     def verify(self, model, tokenizer, image, prediction):
         """``prediction`` without its plain targets whose box the head does not read as what they name (the first
         target of a phrase under ``verify``, a repeat of it, an "all ..." answer's further objects, under
-        ``GroupCount.confidence``), nor any repeat whose mask's box overlaps its box under ``REPEAT_BOX_FIT`` or whose
-        mask is empty. The kind a target's mask outline clearly has (``outline_kind``) comes first: the named one
-        needs no reading by the head (which misreads kinds on grey scenes), another ("the hexagon" on a pentagon)
-        moves the target to the locator's candidate of the named kind (``relocate``), else drops it. A phrase's first
-        target whose box is loose about its mask takes the mask's tight box first (``tightened``)."""
+        ``GroupCount.confidence``), nor any repeat whose mask's box overlaps its box under ``REPEAT_BOX_FIT``, whose
+        mask is empty, lies on the phrase's earlier masks by more than ``REPEAT_MASK_SHARE`` of it or holds more than
+        ``REPEAT_MASK_HOLDS`` of one of them. The kind a target's mask outline clearly has (``outline_kind``) comes
+        first: the named one needs no reading by the head (which misreads kinds on grey scenes), another ("the
+        hexagon" on a pentagon) moves the target to the locator's candidate of the named kind (``relocate``), else
+        drops it. A phrase's first target whose box is loose about its mask takes the mask's tight box first
+        (``tightened``)."""
         keys = model.addons["locator"].read_image(model, [image])[0].keys
         dropped, moved, boxed, seen = {}, {}, {}, set()
         for i, target in enumerate(prediction.targets):
@@ -444,9 +447,14 @@ class Region(AddOn):
             if fit < REPEAT_BOX_FIT:   # a locator cell at an object's edge boxes it and its surroundings
                 dropped[i] = (f"its mask's box overlaps its box by IoU {fit:.2f} only (needed {REPEAT_BOX_FIT}): "
                               f"not one object's box")
-            elif repeat and (shared := self.share_on_earlier(prediction.targets, i, dropped)) > REPEAT_MASK_SHARE:
-                dropped[i] = (f"{shared:.0%} of its mask lies on the masks of the phrase's earlier targets: not a new "
-                              f"object")
+            elif repeat:
+                earlier = [t.mask for k, t in enumerate(prediction.targets[:i])
+                           if k not in dropped and t.phrase == target.phrase and t.mask is not None]
+                if (shared := share_on(target.mask, earlier)) > REPEAT_MASK_SHARE:
+                    dropped[i] = (f"{shared:.0%} of its mask lies on the masks of the phrase's earlier targets: not a "
+                                  f"new object")
+                elif (held := most_held(target.mask, earlier)) > REPEAT_MASK_HOLDS:
+                    dropped[i] = f"its mask holds {held:.0%} of an earlier target's mask: not a new object"
         boxed = {i: found for i, found in boxed.items() if i not in moved and i not in dropped}
         if boxed:
             prediction = move_targets(prediction, boxed, image.size, TIGHTENED_NOTE)
@@ -465,13 +473,6 @@ class Region(AddOn):
             return None
         again, mask = marked.masks[0], target.mask
         return list(own) if (again & mask).sum() >= self.SAME_MASK * (again | mask).sum() else None
-
-    @staticmethod
-    def share_on_earlier(targets: list, i: int, dropped: dict) -> float:
-        """The share of target ``i``'s mask that lies on the masks of the earlier targets of its phrase (those not
-        ``dropped``); 0 without masks."""
-        return share_on(targets[i].mask, [t.mask for k, t in enumerate(targets[:i])
-                                          if k not in dropped and t.phrase == targets[i].phrase and t.mask is not None])
 
     def relocate(self, model, tokenizer, image, phrase: str, names: tuple[list[str], list[str]], level: float,
                  taken: list) -> tuple | None:

@@ -32,6 +32,9 @@ REPEAT_BOX_FIT = 0.5
 # a repeat whose mask lies more than this share on the masks of the phrase's earlier targets is no new object (a box
 # between two objects gets a mask of a part of each)
 REPEAT_MASK_SHARE = 0.5
+# nor is a repeat whose mask holds more than this share of an earlier target's mask (a box around an earlier object
+# and its surroundings gets a mask of that object and more)
+REPEAT_MASK_HOLDS = 0.3
 
 
 def plain_names(phrase: str, vocab) -> tuple[list[str], list[str]] | None:
@@ -60,6 +63,13 @@ def share_on(mask: np.ndarray | None, others: list[np.ndarray]) -> float:
     if mask is None or not others or not mask.any():
         return 0.0
     return float((mask & np.logical_or.reduce(others)).sum() / mask.sum())
+
+
+def most_held(mask: np.ndarray | None, others: list[np.ndarray]) -> float:
+    """The largest share of any of the bool ``H x W`` ``others`` that lies on ``mask``; 0 for no mask or no others."""
+    if mask is None or not others:
+        return 0.0
+    return max(float((mask & other).sum() / max(other.sum(), 1)) for other in others)
 
 
 def sureness(region, keys: torch.Tensor, region_square: torch.Tensor, colours: list[str], kinds: list[str]) -> float:

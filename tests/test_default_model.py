@@ -475,6 +475,38 @@ def test_a_loose_box_takes_its_masks_tight_box_where_the_mask_is_the_boxed_objec
     assert kept.targets[0].box == tuple(tight) and not kept.notes, (kept.targets[0].box, kept.notes)
 
 
+def test_a_groups_repeat_whose_mask_holds_much_of_an_earlier_object_is_dropped(grounder):
+    """A repeat of "all crosses" whose mask is half of the first cross and all of another (a box between two objects
+    gets a mask of both) names no new object: it is dropped with a note, though only a third of its mask lies on the
+    earlier target's. The other cross alone stays."""
+    from apps.demo import EXAMPLES_DIR
+    from grounding.images import load_image
+    from grounding.result import Prediction, box_from_mask
+    from grounding.text.boxes import format_box
+
+    image = load_image(EXAMPLES_DIR / "crosses.png")
+    crosses = grounder.predict(image, "Please segment all crosses.").targets
+    assert len(crosses) >= 2
+    other, first = sorted(crosses[:2], key=lambda t: -t.mask.sum())   # the smaller cross first
+    half = first.mask.copy()
+    x1, _, x2, _ = box_from_mask(first.mask)
+    half[:, : round((x1 + x2) / 2)] = False
+    region, prepared = grounder.model.addons["region"], grounder.prepare([image])[0]
+
+    def verified(mask):
+        second = dataclasses.replace(other, mask=mask, box=box_from_mask(mask))
+        answer = " ".join(f"<ref>{t.phrase}</ref>{format_box(t.box, image.shape[:2])}[SEG]" for t in (first, second))
+        return region.verify(grounder.model, grounder.processor.tokenizer, prepared,
+                             Prediction(answer, [first, second], image.shape[:2]))
+
+    merged = half | other.mask
+    assert (merged & first.mask).sum() < 0.5 * merged.sum()
+    dropped = verified(merged)
+    assert len(dropped.targets) == 1 and "holds" in dropped.notes[-1], dropped.notes
+    kept = verified(other.mask)
+    assert len(kept.targets) == 2 and not kept.notes, kept.notes
+
+
 def test_a_target_whose_outline_has_another_kind_moves_to_that_kind_or_is_dropped(grounder):
     """The region head misreads kinds on scenes unlike its training (grey ones: "the hexagon" boxed on a pentagon
     passed its check). A plain target whose mask's outline clearly has another kind than its phrase names moves to
