@@ -59,7 +59,7 @@ from shapes.region_verify import (REPEAT_BOX_FIT, REPEAT_MASK_HOLDS, REPEAT_MASK
                                   share_on, sureness)
 from shapes.ref_copy import RefCopy, TokenWords
 from shapes.ref_strict import StrictCopy
-from shapes.silhouette_kind import SilhouetteNet, kind_probabilities
+from shapes.silhouette_kind import SilhouetteNet, kind_probabilities, sure_of
 from shapes.vision_stem import install_vision_stem
 
 TIGHTENED_NOTE = ("target {number} ({phrase!r}) boxed by its mask's tight box: its box was loose about the mask, "
@@ -393,11 +393,11 @@ class Region(AddOn):
         target of a phrase under ``verify``, a repeat of it, an "all ..." answer's further objects, under
         ``GroupCount.confidence``), nor any repeat whose mask's box overlaps its box under ``REPEAT_BOX_FIT``, whose
         mask is empty, lies on the phrase's earlier masks by more than ``REPEAT_MASK_SHARE`` of it or holds more than
-        ``REPEAT_MASK_HOLDS`` of one of them. The kind a target's mask outline clearly has (``outline_kind``) comes
-        first: the named one needs no reading by the head (which misreads kinds on grey scenes), another ("the
-        hexagon" on a pentagon) moves the target to the locator's candidate of the named kind (``relocate``), else
-        drops it. A phrase's first target whose box is loose about its mask takes the mask's tight box first
-        (``tightened``)."""
+        ``REPEAT_MASK_HOLDS`` of one of them. The kind a target's mask outline clearly has (``outline_kind``, or the
+        ``silhouette`` network reads surely, ``sure_of``) comes first: the named one needs no reading by the head
+        (which misreads kinds on grey scenes), another ("the hexagon" on a pentagon) moves the target to the locator's
+        candidate of the named kind (``relocate``), else drops it. A phrase's first target whose box is loose about
+        its mask takes the mask's tight box first (``tightened``)."""
         keys = model.addons["locator"].read_image(model, [image])[0].keys
         dropped, moved, boxed, seen = {}, {}, {}, set()
         for i, target in enumerate(prediction.targets):
@@ -418,6 +418,8 @@ class Region(AddOn):
             level = GroupCount.confidence if repeat else self.settings.verify
             kind = names[1][0] if names and names[1] else None
             read = outline_kind(target.mask) if kind and target.mask is not None else None
+            if read is None and kind and sure_of(model, target.mask, kind):
+                read = kind
             if read is not None and read != kind:
                 others = [t.box for t in prediction.targets if t.box is not None]
                 found = self.relocate(model, tokenizer, image, target.phrase, names, level, others)

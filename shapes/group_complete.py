@@ -26,6 +26,7 @@ from shapes.outline_kind import outline_features, outline_kind
 from shapes.region_head import region_box
 from shapes.region_verify import (ARTICLES, KINDLESS, QUANTIFIERS, REPEAT_BOX_FIT, REPEAT_MASK_SHARE, plain_names,
                                   share_on, sureness)
+from shapes.silhouette_kind import sure_of
 
 MIN_SOLIDITY = 0.9      # area / convex hull area of a solid object added without a clear outline
 MIN_AREA_SHARE = 0.25   # of the mean mask area of the group's targets, for an object added without a clear outline
@@ -47,15 +48,17 @@ def group_names(phrase: str, vocab) -> tuple[list[str], list[str]] | None:
     return names if names is not None and (quantified or plural or rest[-1] in ("shapes", "objects")) else None
 
 
-def has_names(region, keys, image, box: list[float], mask: np.ndarray, names: tuple[list[str], list[str]],
+def has_names(model, region, keys, image, box: list[float], mask: np.ndarray, names: tuple[list[str], list[str]],
               group_area: float) -> bool:
     """Whether the object in ``box`` (its ``mask``) has the named colours (the region head's reading, at
     ``GroupCount.confidence``) and kind (a clear outline of it, ``outline_kind``: the head misreads kinds on grey
-    scenes). Where no kind is named, a clear outline of any kind will do, or else, on a mask of at least
+    scenes; or the ``silhouette`` network's sure reading of it, ``sure_of``). Where no kind is named, a clear outline of any kind will do, or else, on a mask of at least
     ``MIN_AREA_SHARE`` of ``group_area`` (a speck of background texture can read as a colour and a kind), a solid
     outline or the head's reading of some kind."""
     colours, kinds = names
     read = outline_kind(mask)
+    if read is None and kinds and sure_of(model, mask, kinds[0]):
+        read = kinds[0]
     if kinds and read != kinds[0]:
         return False
     square = region_box(image.size, box).to(keys.device, keys.dtype)
@@ -98,7 +101,7 @@ def more_of_group(model, region, image, prediction, phrase: str, names, limit: i
         mask = marked.masks[0]
         if share_on(mask, masks) > REPEAT_MASK_SHARE:
             continue
-        if has_names(region, keys, image, own, mask, names, group_area):
+        if has_names(model, region, keys, image, own, mask, names, group_area):
             found.append((own, mask, float(marked.scores[0])))
             boxes.append(own)
             masks.append(mask)

@@ -22,6 +22,7 @@ from torch import nn
 
 SIDE = 32          # cells a side of the square a silhouette is read on
 FILL = 0.85        # share of the square's side the silhouette's longer side takes
+SURE = 0.9         # a probability of a kind at which the network's reading stands for a clear outline of it
 
 
 def silhouette(mask: np.ndarray) -> np.ndarray | None:
@@ -73,6 +74,14 @@ def kind_probabilities(net: SilhouetteNet, masks: list[np.ndarray]) -> np.ndarra
         x = torch.from_numpy(np.stack([s for _, s in read]))[:, None].to(like.device, like.dtype)
         out[[i for i, _ in read]] = net.eval()(x).float().softmax(-1).cpu().numpy()
     return out
+
+
+def sure_of(model, mask: np.ndarray | None, kind: str) -> bool:
+    """Whether the ``silhouette`` network of ``model`` (if it has one) reads the bool ``H x W`` ``mask`` as ``kind``
+    with probability ``SURE``: where the outline rules say nothing, such a reading stands for a clear outline."""
+    addon = model.addons["silhouette"] if "silhouette" in model.addons else None
+    return (addon is not None and mask is not None and kind in addon.settings.kinds
+            and addon.probability(mask, kind) >= SURE)
 
 
 # ---------------------------------------------------------------------------------------------------- training

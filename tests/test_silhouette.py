@@ -84,10 +84,12 @@ def _bumped_pentagon(h: int = 300, w: int = 400) -> np.ndarray:
 
 def test_the_shipped_check_drops_a_target_of_another_kinds_silhouette():
     """On the shipped model: "the hexagon" answered with a pentagon's mask is denied, with a note saying why;
-    "the pentagon" with the same mask stays."""
+    "the pentagon" with the same mask stays, the network sure enough of it (``sure_of``) to stand for a clear
+    outline."""
     from grounding import Grounder
     from grounding.result import Prediction, Target
     from shapes.outline_kind import outline_kind
+    from shapes.silhouette_kind import sure_of
 
     grounder = Grounder.from_pretrained(DEFAULT_MODEL, device="cpu")
     silhouette = grounder.model.addons["silhouette"]
@@ -95,6 +97,8 @@ def test_the_shipped_check_drops_a_target_of_another_kinds_silhouette():
     mask = _bumped_pentagon()
     assert outline_kind(mask) is None
     assert silhouette.probability(mask, "pentagon") > 0.9 > 0.01 > silhouette.probability(mask, "hexagon")
+    # so sure a reading stands for a clear outline in the group checks
+    assert sure_of(grounder.model, mask, "pentagon") and not sure_of(grounder.model, mask, "hexagon")
     image = np.full((*mask.shape, 3), 200, np.uint8)
     image[mask] = 70
     prepared = grounder.prepare([image])[0]
