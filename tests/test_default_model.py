@@ -477,8 +477,8 @@ def test_a_loose_box_takes_its_masks_tight_box_where_the_mask_is_the_boxed_objec
 
 def test_a_groups_repeat_whose_mask_holds_much_of_an_earlier_object_is_dropped(grounder):
     """A repeat of "all crosses" whose mask is half of the first cross and all of another (a box between two objects
-    gets a mask of both) names no new object: it is dropped with a note, though only a third of its mask lies on the
-    earlier target's. The other cross alone stays."""
+    gets a mask of both) names no new object: it is dropped with a note, though far less than half of its mask lies
+    on the earlier target's. The other cross alone stays."""
     from apps.demo import EXAMPLES_DIR
     from grounding.images import load_image
     from grounding.result import Prediction, box_from_mask
