@@ -418,7 +418,7 @@ class Region(AddOn):
             level = GroupCount.confidence if repeat else self.settings.verify
             kind = names[1][0] if names and names[1] else None
             read = outline_kind(target.mask) if kind and target.mask is not None else None
-            if read is None and kind and sure_of(model, target.mask, kind):
+            if read != kind and kind and sure_of(model, target.mask, kind):
                 read = kind
             if read is not None and read != kind:
                 others = [t.box for t in prediction.targets if t.box is not None]
@@ -498,7 +498,8 @@ class Region(AddOn):
             pred = self.marked(model, image, box=box)
             mask = pred.masks[0]
             own = box_from_mask(mask)
-            if own is not None and box_iou(own, box) >= REPEAT_BOX_FIT and outline_kind(mask) == kind:
+            if own is not None and box_iou(own, box) >= REPEAT_BOX_FIT and (outline_kind(mask) == kind
+                                                                          or sure_of(model, mask, kind)):
                 return box, mask, float(pred.scores[0])
         return None
 

@@ -507,6 +507,23 @@ def test_a_groups_repeat_whose_mask_holds_much_of_an_earlier_object_is_dropped(g
     assert len(kept.targets) == 2 and not kept.notes, kept.notes
 
 
+def test_a_half_hidden_cross_is_found_by_its_silhouette(grounder):
+    """On examples/crosses.png the white cross is half hidden behind the hexagon: its mask's outline reads as a
+    star's (or no kind), but the silhouette network is sure it is a cross, so "the white cross" is answered on it
+    and "all crosses" names all three crosses."""
+    from apps.demo import EXAMPLES_DIR
+    from grounding.images import load_image
+
+    image = load_image(EXAMPLES_DIR / "crosses.png")
+    white = grounder.predict(image, "the white cross")
+    assert len(white.targets) == 1, white.answer
+    x1, y1, x2, y2 = white.targets[0].box
+    assert 300 < (x1 + x2) / 2 < 360 and 95 < (y1 + y2) / 2 < 165, white.targets[0].box   # right of the hexagon
+    crosses = grounder.predict(image, "Please segment all crosses.").targets
+    centres = sorted(((t.box[0] + t.box[2]) / 2, (t.box[1] + t.box[3]) / 2) for t in crosses)
+    assert len(crosses) == 3 and centres[0][0] < 100 and 300 < centres[1][0] < 360 and centres[2][0] > 370, centres
+
+
 def test_a_target_whose_outline_has_another_kind_moves_to_that_kind_or_is_dropped(grounder):
     """The region head misreads kinds on scenes unlike its training (grey ones: "the hexagon" boxed on a pentagon
     passed its check). A plain target whose mask's outline clearly has another kind than its phrase names moves to
