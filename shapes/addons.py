@@ -393,11 +393,11 @@ class Region(AddOn):
         target of a phrase under ``verify``, a repeat of it, an "all ..." answer's further objects, under
         ``GroupCount.confidence``), nor any repeat whose mask's box overlaps its box under ``REPEAT_BOX_FIT``, whose
         mask is empty, lies on the phrase's earlier masks by more than ``REPEAT_MASK_SHARE`` of it or holds more than
-        ``REPEAT_MASK_HOLDS`` of one of them. The kind a target's mask outline clearly has (``outline_kind``, or the
-        ``silhouette`` network reads surely, ``sure_of``) comes first: the named one needs no reading by the head
-        (which misreads kinds on grey scenes), another ("the hexagon" on a pentagon) moves the target to the locator's
-        candidate of the named kind (``relocate``), else drops it. A phrase's first target whose box is loose about
-        its mask takes the mask's tight box first (``tightened``)."""
+        ``REPEAT_MASK_HOLDS`` of one of them. The kind a target's mask outline clearly has (``outline_kind``; the
+        named one where the ``silhouette`` network reads it surely, ``sure_of``, whatever the outline) comes first:
+        the named one needs no reading by the head (which misreads kinds on grey scenes), another ("the hexagon" on a
+        pentagon) moves the target to the locator's candidate of the named kind (``relocate``), else drops it. A
+        phrase's first target whose box is loose about its mask takes the mask's tight box first (``tightened``)."""
         keys = model.addons["locator"].read_image(model, [image])[0].keys
         dropped, moved, boxed, seen = {}, {}, {}, set()
         for i, target in enumerate(prediction.targets):
@@ -480,9 +480,9 @@ class Region(AddOn):
                  taken: list) -> tuple | None:
         """The first of the locator's candidates for ``phrase`` (ranks 0 to ``RELOCATE_RANKS``) whose box
         overlaps none of the ``taken`` boxes by more than ``GroupCount.overlap``, whose mask is one object's (its
-        box fits the candidate's by IoU ``REPEAT_BOX_FIT``) of the named kind by its outline, and whose box the head
-        reads as the named colour (if any) with probability ``level``: (pixel xyxy box, bool ``H x W`` mask,
-        score), or None."""
+        box fits the candidate's by IoU ``REPEAT_BOX_FIT``) of the named kind by its outline or ``sure_of``, and whose
+        box the head reads as the named colour (if any) with probability ``level``: (pixel xyxy box, bool ``H x W``
+        mask, score), or None."""
         locator = model.addons["locator"]
         keys = locator.read_image(model, [image])[0].keys
         ids = ref_phrase_ids(tokenizer, phrase)
