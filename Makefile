@@ -137,6 +137,11 @@ default-model: $(VENV)/.installed
 		--steps 1500 --seed 17 --out runs/shapes-tiny-v17/silhouette
 	cp runs/shapes-tiny-v17/silhouette/model/model.safetensors runs/shapes-tiny-v17/silhouette/model/groundseg.json \
 		$(DEFAULT_MODEL)/
+	# v17.2: where a target's mask outline gives the kind it names, the region head reads the named colour alone, at
+	# the level under which 2% of val's present phrases' colour readings fall (verify_colour: the joint reading's level
+	# lies between its 2% and 5% quantiles)
+	$(PY) -c "from shapes.region_verify import set_verify; set_verify('$(DEFAULT_MODEL)', 'data/synth', share=0.02, \
+		colour_only=True)"
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -130,6 +130,7 @@ def synth(
     videos: int = typer.Option(0, min=0, help="Also write this many moving-shape videos under OUT/videos."),
     min_side: int = typer.Option(160, min=32, help="Smallest image height/width in pixels."),
     max_side: int = typer.Option(320, min=32, help="Largest image height/width in pixels."),
+    turned: bool = typer.Option(False, help="Also draw rectangles at any angle and diamonds lying on their side."),
 ) -> None:
     """Generate a synthetic referring dataset (REFER format: images/, instances.json, refs(unc).p)."""
     from shapes.scenes.synthetic import generate_dataset, generate_video_dataset
@@ -137,7 +138,7 @@ def synth(
     if max_side < min_side:
         raise PromptError(f"--max-side {max_side} is smaller than --min-side {min_side}")
     sides = (min_side, max_side)
-    path = generate_dataset(out, images, seed, image_size_range=(sides, sides))
+    path = generate_dataset(out, images, seed, image_size_range=(sides, sides), turned=turned)
     if videos:
         generate_video_dataset(Path(out) / "videos", videos, seed)
     console.print(f"wrote {images} scenes to {path}")

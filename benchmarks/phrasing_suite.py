@@ -11,6 +11,10 @@ and image sizes no training run used, and rendering styles the generator lacks:
              PNG and read back by groundseg's loader, as a grey scan or photograph comes in. Drawn after the
              others from a stream of their own, so that the four styles' scenes stay those of earlier runs. Its
              questions name kinds only ("the star", "all the squares"): colours are not there to be named
+  drawn      drawn as a person draws with PIL's ImageDraw: CSS named colours (PIL.ImageColor: "pink" is a light
+             pink, "brown" a red-brown), white or pale flat grounds, 480-800 px a side, rectangles at any angle and
+             diamonds lying on their side too, half the objects ringed by a thin black line. From a stream of its
+             own, after the grey scenes
 
 Questions (``FORMS``; ``*`` marks a form that is also a training template, the rest were never used in training;
 grounding/data/tasks.py lists the training forms), each phrase in varied case and punctuation:
@@ -58,10 +62,11 @@ from typing import Callable
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageColor, ImageDraw
 
 STYLES = ("plain", "noisy", "gradient", "outlined")
 GREY = "grey"
+DRAWN = "drawn"
 
 # name -> RGB: near the training palette's hues (the model knows only those words) but not its exact values
 COLOURS = {"red": (205, 40, 50), "green": (50, 150, 70), "blue": (45, 90, 210), "yellow": (235, 215, 45),
@@ -222,6 +227,62 @@ def make_scene(rng: np.random.Generator, style: str) -> Scene:
         Image.fromarray(out).save(buf, format="JPEG", quality=int(rng.integers(20, 36)))
         out = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")).copy()
     return Scene(style, out, objects)
+
+
+def _drawn_angle(kind: str, rng: np.random.Generator) -> float:
+    """The turn (radians) a drawing gives ``kind``: any, but a square only a little (turned by 45 degrees it is a
+    diamond) and a diamond standing or lying."""
+    if kind == "square":
+        return float(rng.uniform(-0.25, 0.25))
+    if kind == "diamond":
+        return float(rng.uniform(-0.2, 0.2)) + (np.pi / 2 if rng.random() < 0.5 else 0.0)
+    return float(rng.uniform(0, 2 * np.pi))
+
+
+def _draw(canvas: Image.Image, kind: str, shape: list, fill, line) -> None:
+    """``shape`` (a circle's xyxy box, else polygon corners) drawn by ImageDraw, ringed 2 px wide by ``line``."""
+    pen = ImageDraw.Draw(canvas)
+    (pen.ellipse if kind == "circle" else pen.polygon)(shape, fill=fill, outline=line, width=2)
+
+
+def make_drawn_scene(rng: np.random.Generator) -> Scene:
+    """3-6 objects drawn by PIL's ImageDraw in CSS named colours (``DRAWN`` in the module docstring)."""
+
+    h, w = int(rng.integers(480, 801)), int(rng.integers(480, 801))
+    ground = (255, 255, 255) if rng.random() < 0.4 else tuple(int(v) for v in rng.integers(225, 256, 3))
+    image = Image.new("RGB", (w, h), ground)
+    n = int(rng.integers(3, 7))
+    pairs: list[tuple[str, str]] = []
+    while len(pairs) < n:
+        pair = (list(COLOURS)[int(rng.integers(len(COLOURS)))], KINDS[int(rng.integers(len(KINDS)))])
+        if pair not in pairs:
+            pairs.append(pair)
+    taken = np.zeros((h, w), bool)
+    objects: list[Obj] = []
+    for c, k in pairs:
+        outline = rng.random() < 0.5
+        for _ in range(200):
+            r = min(h, w) * rng.uniform(0.06, 0.15)
+            cx, cy = rng.uniform(r + 4, w - r - 4), rng.uniform(r + 4, h - r - 4)
+            if k == "circle":
+                shape = [cx - r, cy - r, cx + r, cy + r]
+            else:
+                t = _drawn_angle(k, rng)
+                turn = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+                shape = [tuple(p) for p in (_polygon(k, 0.0, 0.0, r, 0.0) @ turn.T + (cx, cy)).tolist()]
+            stencil = Image.new("L", (w, h), 0)
+            _draw(stencil, k, shape, 255, 255 if outline else None)
+            mask = np.asarray(stencil) > 0
+            grown = cv2.dilate(mask.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
+            if not (grown & taken).any():
+                break
+        else:
+            continue
+        taken |= mask
+        _draw(image, k, shape, ImageColor.getrgb(c), (0, 0, 0) if outline else None)
+        ys, xs = np.nonzero(mask)
+        objects.append(Obj(c, k, mask, (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))))
+    return Scene(DRAWN, np.asarray(image).copy(), objects)
 
 
 def grey_png(image: np.ndarray) -> bytes:
@@ -482,9 +543,9 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def draw_suite(scenes_per_style: int = 8, seed: int = 4711, per_scene: int = 3,
-               grey: bool = True) -> tuple[list[Scene], list[Item]]:
-    """The suite's scenes and items: ``scenes_per_style`` of each style, then as many grey ones (from a stream
-    of their own: the other styles' scenes do not depend on them)."""
+               grey: bool = True, drawn: bool = True) -> tuple[list[Scene], list[Item]]:
+    """The suite's scenes and items: ``scenes_per_style`` of each style, then as many grey ones and as many drawn
+    ones (each from a stream of its own: the earlier scenes and items do not depend on them)."""
     rng = np.random.default_rng(seed)
     scenes = [make_scene(rng, style) for _ in range(scenes_per_style) for style in STYLES]
     items = make_items(scenes, rng, per_scene)
@@ -494,13 +555,19 @@ def draw_suite(scenes_per_style: int = 8, seed: int = 4711, per_scene: int = 3,
         items += [Item(**{**vars(item), "scene": item.scene + len(scenes)})
                   for item in make_grey_items(greys, grey_rng, per_scene)]
         scenes += greys
+    if drawn:
+        drawn_rng = np.random.default_rng([seed, 3])
+        pictures = [make_drawn_scene(drawn_rng) for _ in range(scenes_per_style)]
+        items += [Item(**{**vars(item), "scene": item.scene + len(scenes)})
+                  for item in make_items(pictures, drawn_rng, per_scene)]
+        scenes += pictures
     return scenes, items + make_every_items(scenes, np.random.default_rng([seed, 2]))
 
 
 def run_suite(grounder, scenes_per_style: int = 8, seed: int = 4711, per_scene: int = 3,
-              grey: bool = True) -> tuple[dict, list[dict]]:
+              grey: bool = True, drawn: bool = True) -> tuple[dict, list[dict]]:
     """Draw the scenes, ask every item, score it: (summary, rows)."""
-    scenes, items = draw_suite(scenes_per_style, seed, per_scene, grey)
+    scenes, items = draw_suite(scenes_per_style, seed, per_scene, grey, drawn)
     rows = []
     for item in items:
         scene = scenes[item.scene]
@@ -535,6 +602,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the summary and every answer here")
     ap.add_argument("--save-scenes", type=Path, help="write the first scene of each style as PNG into this folder")
     ap.add_argument("--no-grey", action="store_true", help="leave the grey scenes out (the suite before v13)")
+    ap.add_argument("--no-drawn", action="store_true", help="leave the drawn scenes out (the suite before v18)")
     ap.add_argument("--addon", action="append", default=[], help="change an add-on for this run, as groundseg's "
                                                                   "--addon (NAME=off, NAME.SETTING=VALUE)")
     args = ap.parse_args()
@@ -542,9 +610,9 @@ def main() -> None:
     from grounding import Grounder
     grounder = Grounder.from_pretrained(args.model, device="cpu", addons=parse_addon_options(args.addon))
     t0 = time.perf_counter()
-    report, rows = run_suite(grounder, args.scenes, args.seed, grey=not args.no_grey)
+    report, rows = run_suite(grounder, args.scenes, args.seed, grey=not args.no_grey, drawn=not args.no_drawn)
     seconds = time.perf_counter() - t0
-    scenes = args.scenes * (len(STYLES) + (not args.no_grey))
+    scenes = args.scenes * (len(STYLES) + (not args.no_grey) + (not args.no_drawn))
     print(f"model {args.model}, {len(rows)} questions on {scenes} scenes, seed {args.seed}, {seconds:.0f} s")
     print(table(report))
     if args.save_scenes:
@@ -554,6 +622,8 @@ def main() -> None:
             Image.fromarray(make_scene(rng, style).image).save(args.save_scenes / f"{style}.png")
         (args.save_scenes / f"{GREY}.png").write_bytes(grey_png(make_scene(np.random.default_rng([args.seed, 1]),
                                                                           STYLES[0]).image))
+        Image.fromarray(make_drawn_scene(np.random.default_rng([args.seed, 3])).image).save(
+            args.save_scenes / f"{DRAWN}.png")
     if args.json:
         args.json.write_text(json.dumps({"summary": report, "rows": rows}, indent=1, ensure_ascii=False))
 

@@ -277,6 +277,7 @@ class Presence(AddOn):
     class Settings:
         threshold: float = 0.0      # presence logit under which a target's object counts as absent
         mirror: bool = True         # also read the mirrored image and phrase (as the locator does); logits averaged
+        outline_stands: bool = True   # a target whose mask clearly has the kind its phrase names is kept (``shown``)
 
     name = "presence"
 
@@ -312,8 +313,24 @@ class Presence(AddOn):
             return prediction
         found = dict(zip(phrases, self.logits(model, tokenizer, image, phrases).tolist()))
         absent = {p: f"the presence head finds no such object in the image (logit {v:.2f})"
-                  for p, v in found.items() if v < self.settings.threshold}
+                  for p, v in found.items() if v < self.settings.threshold and not self.shown(model, prediction, p)}
         return drop_absent(prediction, absent) if absent else prediction
+
+    def shown(self, model, prediction, phrase: str) -> bool:
+        """Whether ``phrase`` names a kind that the mask of its first target clearly has (by its outline,
+        ``outline_kind``, or a sure silhouette, ``sure_of``), under ``outline_stands`` and where the ``region``
+        add-on has checked the colour it names in that target's box (``Region.verify``). The presence head reads the
+        whole image and misses objects drawn unlike the training scenes (a rectangle standing up, a pure CSS yellow
+        on white); a mask's outline does not."""
+        region = model.addons["region"] if "region" in model.addons else None
+        if not self.settings.outline_stands or region is None or region.settings.verify <= 0:
+            return False
+        names = plain_names(phrase, region.vocab)
+        target = next(t for t in prediction.targets if t.phrase == phrase)
+        if not names or not names[1] or target.mask is None:
+            return False
+        kind = names[1][0]
+        return outline_kind(target.mask) == kind or sure_of(model, target.mask, kind)
 
 
 @register_addon
@@ -327,6 +344,7 @@ class Region(AddOn):
         outlines: tuple[str, ...] = ()   # "" for none
         verify: float = 0.0         # a plain target ("the cyan square") whose box reads as what it names with a
                                     # probability under this is dropped (shapes/region_verify.py); 0: off
+        verify_colour: float = 0.0  # the same of the colour alone, where the mask's outline gives the kind; 0: verify
 
     name = "region"
     RELOCATE_RANKS = 3              # ``relocate`` tries the locator candidates up to this rank (0: the best)
@@ -428,10 +446,11 @@ class Region(AddOn):
                 else:
                     dropped[i] = f"its mask's outline is a {read}'s, not a {kind}'s, nor is any other candidate's"
                 continue
-            # a kind alone ("the hexagon") that the outline clearly has needs no reading by the head; with a colour
-            # the head's joint reading stays (its level was set on that product: a near miss in colour, "the red
-            # pentagon" on a brown one, reads low in both)
-            checked = None if names is None else (names[0], [] if read == kind and not names[0] else names[1])
+            # a kind that the outline clearly has needs no reading by the head (which misreads the kinds of objects
+            # drawn unlike its training scenes: a rectangle standing up); a colour named with it still does
+            checked = None if names is None else (names[0], [] if read == kind else names[1])
+            if checked is not None and not checked[1]:
+                level = max(level, self.colour_level)
             square = region_box(image.size, target.box).to(keys.device, keys.dtype)
             mask_box = target.box_from_mask() if repeat and target.mask is not None else target.box
             fit = 0.0 if mask_box is None else box_iou(target.box, mask_box)   # None: an empty mask
@@ -462,6 +481,11 @@ class Region(AddOn):
             prediction = move_targets(prediction, boxed, image.size, TIGHTENED_NOTE)
         return moved_and_dropped(prediction, image.size, moved, dropped, "outline")
 
+    @property
+    def colour_level(self) -> float:
+        """The level of the head's reading of a named colour alone (the kind read from the mask's outline)."""
+        return self.settings.verify_colour or self.settings.verify
+
     def tightened(self, model, image, target) -> list[float] | None:
         """The tight pixel xyxy box of ``target``'s mask where its box is loose about it (they overlap under
         ``REPEAT_BOX_FIT`` IoU) and the mask is one whole object: the mask the box gets with the model's mask steps
@@ -481,7 +505,7 @@ class Region(AddOn):
         """The first of the locator's candidates for ``phrase`` (ranks 0 to ``RELOCATE_RANKS``) whose box
         overlaps none of the ``taken`` boxes by more than ``GroupCount.overlap``, whose mask is one object's (its
         box fits the candidate's by IoU ``REPEAT_BOX_FIT``) of the named kind by its outline or ``sure_of``, and whose
-        box the head reads as the named colour (if any) with probability ``level``: (pixel xyxy box, bool ``H x W``
+        box the head reads as the named colour (if any) with probability ``level`` (at least ``colour_level``): (pixel xyxy box, bool ``H x W``
         mask, score), or None."""
         locator = model.addons["locator"]
         keys = locator.read_image(model, [image])[0].keys
@@ -493,7 +517,7 @@ class Region(AddOn):
             if any(box_iou(box, t) > GroupCount.overlap for t in taken):
                 continue
             square = region_box(image.size, box).to(keys.device, keys.dtype)
-            if colours and sureness(self, keys, square, colours, []) < level:
+            if colours and sureness(self, keys, square, colours, []) < max(level, self.colour_level):
                 continue
             pred = self.marked(model, image, box=box)
             mask = pred.masks[0]

@@ -97,7 +97,8 @@ def calibrate_verify(grounder, data_root: str | Path, split: str = "val", share:
                      augment: float = 0.5, limit: int | None = None, progress: bool = True) -> dict:
     """The ``verify`` value under which ``share`` of the sureness values of present objects' plain phrases fall,
     read at the boxes of the model's answers to "Please segment {phrase}." (answers without a target are
-    skipped: the presence head denied them). Returns {"verify", "phrases", "quantiles"}."""
+    skipped: the presence head denied them), and ``verify_colour``, the same of the sureness of the colour alone
+    of the phrases that name one. Returns {"verify", "verify_colour", "phrases", "quantiles", "colour_quantiles"}."""
     from grounding.images import load_image
     from grounding.inference.prepared import Query
     from grounding.progress import progress_bar
@@ -110,7 +111,7 @@ def calibrate_verify(grounder, data_root: str | Path, split: str = "val", share:
     scenes = scenes[:limit] if limit else scenes
     model = grounder.model
     region, locator = model.addons["region"], model.addons["locator"]
-    values = []
+    values, colours = [], []
     with progress_bar(len(scenes), f"{split} plain phrases", enabled=progress) as advance:
         for scene in scenes:
             phrases = val_phrases(scene)
@@ -122,24 +123,33 @@ def calibrate_verify(grounder, data_root: str | Path, split: str = "val", share:
                 for phrase, pred in zip(phrases, preds):
                     if pred.targets:
                         square = region_box(prepared.size, pred.targets[0].box).to(keys.device, keys.dtype)
-                        values.append(sureness(region, keys, square, *plain_names(phrase, region.vocab)))
+                        named, kinds = plain_names(phrase, region.vocab)
+                        values.append(sureness(region, keys, square, named, kinds))
+                        if named:
+                            colours.append(sureness(region, keys, square, named, []))
             advance()
     if not values:
         raise ValueError(f"no plain phrases answered with a target in {split} of {data_root}")
-    values = np.array(values)
-    return {"verify": float(np.quantile(values, share)), "phrases": len(values),
-            "quantiles": {q: float(np.quantile(values, q)) for q in (0.005, 0.01, 0.02, 0.05, 0.1)}}
+    quantiles = (0.005, 0.01, 0.02, 0.05, 0.1)
+    values, colours = np.array(values), np.array(colours if colours else [1.0])
+    return {"verify": float(np.quantile(values, share)), "verify_colour": float(np.quantile(colours, share)),
+            "phrases": len(values), "quantiles": {q: float(np.quantile(values, q)) for q in quantiles},
+            "colour_quantiles": {q: float(np.quantile(colours, q)) for q in quantiles}}
 
 
-def set_verify(model_dir: str | Path, data_root: str | Path, share: float = 0.01, **options) -> dict:
-    """Calibrate ``verify`` on the model at ``model_dir`` (its ``region`` add-on off the check meanwhile) and write
-    it into its ``groundseg.json``; returns ``calibrate_verify``'s report."""
+def set_verify(model_dir: str | Path, data_root: str | Path, share: float = 0.01, colour_only: bool = False,
+               **options) -> dict:
+    """Calibrate ``verify`` and ``verify_colour`` on the model at ``model_dir`` (its ``region`` add-on off the check
+    meanwhile) and write them (``colour_only``: the second only) into its ``groundseg.json``; returns
+    ``calibrate_verify``'s report."""
     from grounding import Grounder
     from grounding.config import GroundingConfig
 
     grounder = Grounder.from_pretrained(model_dir, device="cpu", addons={"region": {"verify": 0.0}})
     report = calibrate_verify(grounder, data_root, share=share, **options)
     config = GroundingConfig.load(model_dir)
-    config.addons["region"]["verify"] = report["verify"]
+    if not colour_only:
+        config.addons["region"]["verify"] = report["verify"]
+    config.addons["region"]["verify_colour"] = report["verify_colour"]
     config.save(model_dir)
     return report

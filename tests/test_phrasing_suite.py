@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -58,7 +59,7 @@ def test_each_scene_gets_one_question_about_all_its_objects(suite):
 
     scenes, items = suite.draw_suite(scenes_per_style=1, seed=5, per_scene=1)
     every = [i for i in items if i.kind == "every"]
-    assert [i.scene for i in every] == list(range(len(scenes))) and len(scenes) == len(suite.STYLES) + 1
+    assert [i.scene for i in every] == list(range(len(scenes))) and len(scenes) == len(suite.STYLES) + 2
     assert all(i.objects == list(range(len(scenes[i.scene].objects))) for i in every)
     scene = scenes[0]
     size = scene.image.shape[:2]
@@ -78,7 +79,8 @@ def test_the_suite_runs_on_a_tiny_model_and_reports_every_measure(suite, tiny_di
         value = report[key]
         assert value is None or 0.0 <= value <= 1.0, key
         assert report["passed"][key] == (value is not None and (value <= target if how == "max" else value >= target))
-    assert report["present_mask_iou"] is not None and set(report["by_style"]) == {*suite.STYLES, suite.GREY}
+    assert report["present_mask_iou"] is not None and set(report["by_style"]) == {*suite.STYLES, suite.GREY,
+                                                                                            suite.DRAWN}
     # a denial is a present question answered with no target, and then its IoU is 0
     for r in rows:
         if r["kind"] == "present" and r["denied"]:
@@ -112,6 +114,25 @@ def test_grey_scenes_come_through_the_loader_and_their_questions_name_kinds_only
     o = scenes[0].objects[0]
     region = suite.Item(0, "region", "What is this?", "what-is-this", objects=[0], box=o.box)
     assert suite.score(region, scenes[0], Prediction(f"a large {o.kind}", [], image.shape[:2]))["named"]
+
+
+def test_drawn_scenes_are_css_coloured_and_turned_and_leave_the_other_items_as_they_were(suite):
+    from PIL import ImageColor
+    scenes = [suite.make_drawn_scene(np.random.default_rng(n)) for n in range(12)]
+    for scene in scenes:
+        h, w = scene.image.shape[:2]
+        assert scene.style == suite.DRAWN and 480 <= h <= 800 and 480 <= w <= 800 and len(scene.objects) >= 3
+        for o in scene.objects:
+            inner = cv2.erode(o.mask.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+            assert (scene.image[inner] == ImageColor.getrgb(o.colour)).all()   # CSS's colour, exactly
+    # rectangles stand at any angle: some are taller than wide
+    rects = [o.box for s in scenes for o in s.objects if o.kind == "rectangle"]
+    assert any(y2 - y1 > 1.3 * (x2 - x1) for x1, y1, x2, y2 in rects)
+    with_drawn = suite.draw_suite(scenes_per_style=1, seed=6, per_scene=1)
+    without = suite.draw_suite(scenes_per_style=1, seed=6, per_scene=1, drawn=False)
+    assert [s.style for s in with_drawn[0]][-1] == suite.DRAWN
+    assert [vars(i) for i in with_drawn[1] if i.kind != "every"][:len(without[1]) - 5] == \
+        [vars(i) for i in without[1] if i.kind != "every"]
 
 
 def test_scoring_counts_a_right_answer_right(suite):

@@ -57,6 +57,19 @@ def test_worker_processes_do_not_change_the_output(small, tmp_path):
     assert _files(par) == _files(small)
 
 
+def test_turned_scenes_stand_rectangles_up_and_lay_diamonds_down():
+    """``turned`` draws the poses a user's drawing has (a standing rectangle, a diamond on its side), and only for
+    the kinds that stay themselves at any angle: a square never turns into a diamond."""
+    def poses(turned):
+        specs = [s for i in range(60) for s in _scene_for_index((5, i, SMALL, turned)).specs]
+        return {k: np.array([abs(s.angle) for s in specs if s.kind == k]) for k in ("rectangle", "diamond", "square")}
+
+    upright, turned = poses(False), poses(True)
+    assert upright["rectangle"].max() <= 25 and upright["diamond"].max() <= 10
+    assert (turned["rectangle"] > 45).any() and (turned["diamond"] > 80).any()
+    assert turned["square"].max() <= 12
+
+
 def test_no_temporary_files_left(small):
     assert not [p for p in small.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
 
@@ -105,7 +118,7 @@ def test_masks_are_exact_visible_parts_and_boxes_fit(small):
         by_image.setdefault(a["image_id"], []).append(a)
     for index, img in enumerate(inst["images"]):
         # Re-draw the scene from its seed: the stored polygon masks must match the visible pixels.
-        res = _scene_for_index((7, index, SMALL))
+        res = _scene_for_index((7, index, SMALL, False))
         fulls = [shape_mask(s, img["height"], img["width"]) for s in res.specs]
         for ann, vis in zip(by_image[img["id"]], visible_masks(fulls)):
             assert iou(ds.mask(ann["id"]), vis) > 0.95

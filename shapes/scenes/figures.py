@@ -76,6 +76,9 @@ SIZE_WORD = {"small": "small", "medium": "medium-sized", "large": "large"}
 # Rotation ranges (degrees) keep kinds visually distinct: a square turned 45 degrees would read as
 # a diamond, a cross turned 45 degrees as an "x".
 _ROTATION = {"square": 12, "diamond": 10, "cross": 15, "rectangle": 25, "circle": 0, "ring": 0}
+# ``turned`` scenes (``groundseg synth --turned``) also draw the poses people draw that keep a kind itself: a
+# rectangle at any angle (standing up, too) and a diamond lying on its side as often as standing
+_TURNED_ROTATION = {**_ROTATION, "rectangle": 180}
 
 
 @dataclass(frozen=True)
@@ -157,15 +160,17 @@ def shape_mask(spec: ShapeSpec, height: int, width: int) -> np.ndarray:
 
 
 def sample_spec(rng: np.random.Generator, height: int, width: int, kind: str, colour: str,
-                size: str) -> ShapeSpec:
+                size: str, turned: bool = False) -> ShapeSpec:
     """Random pose, texture and outline for an object of the given kind/colour/size, placed so
-    that it lies fully inside the image."""
+    that it lies fully inside the image; ``turned``: in the wider poses of ``_TURNED_ROTATION``."""
     lo, hi = SIZE_RANGES[size]
     radius = float(rng.uniform(lo, hi) * min(height, width))
     aspect = float(rng.uniform(1.6, 2.1)) if kind in ("rectangle", "ellipse") else (
         float(rng.uniform(1.4, 1.7)) if kind == "diamond" else 1.0)
-    limit = _ROTATION.get(kind, 180)
+    limit = (_TURNED_ROTATION if turned else _ROTATION).get(kind, 180)
     angle = float(rng.uniform(-limit, limit)) if limit else 0.0
+    if turned and kind == "diamond" and rng.random() < 0.5:
+        angle += 90.0
     texture = TEXTURES[int(rng.choice(len(TEXTURES), p=[0.5, 0.2, 0.15, 0.15]))]
     outline = None
     if rng.random() < 0.3:

@@ -89,7 +89,7 @@ def _separable(spec: ShapeSpec, full: np.ndarray, specs: list[ShapeSpec], fulls:
     return not any((grown & f).any() for f in twins)
 
 
-def _place_objects(rng: np.random.Generator, height: int, width: int, palette: list[str]
+def _place_objects(rng: np.random.Generator, height: int, width: int, palette: list[str], turned: bool = False
                    ) -> tuple[list[ShapeSpec], list[np.ndarray]]:
     """Sample 2-7 objects bottom to top; a placement is retried when it would hide too much of
     an object already placed (an object is only occluded by later ones)."""
@@ -98,7 +98,7 @@ def _place_objects(rng: np.random.Generator, height: int, width: int, palette: l
     visible: list[np.ndarray] = []
     for _ in range(int(rng.integers(2, 8))):
         for _attempt in range(20):
-            spec = sample_spec(rng, height, width, *_choose_attributes(rng, palette, specs))
+            spec = sample_spec(rng, height, width, *_choose_attributes(rng, palette, specs), turned=turned)
             full = shape_mask(spec, height, width)
             if full.sum() < MIN_VISIBLE_PIXELS:
                 continue
@@ -114,11 +114,11 @@ def _place_objects(rng: np.random.Generator, height: int, width: int, palette: l
     return specs, fulls
 
 
-def compose_scene(rng: np.random.Generator, height: int, width: int) -> SceneResult:
-    """Draw one scene and describe its objects."""
+def compose_scene(rng: np.random.Generator, height: int, width: int, turned: bool = False) -> SceneResult:
+    """Draw one scene and describe its objects (``turned``: objects in the wider poses of ``sample_spec``)."""
     background, bg_mean = make_background(rng, height, width)
     palette = contrasting_colours(bg_mean)
-    specs, fulls = _place_objects(rng, height, width, palette)
+    specs, fulls = _place_objects(rng, height, width, palette, turned)
     # An object whose visible part is not representable by polygons (never seen in practice,
     # but checked) is removed and the scene re-derived without it.
     while True:
@@ -150,11 +150,11 @@ def compose_scene(rng: np.random.Generator, height: int, width: int) -> SceneRes
                        no_target=ex.no_target(scene, rng, list(COLOURS)))
 
 
-def _scene_for_index(args: tuple[int, int, tuple[tuple[int, int], tuple[int, int]]]) -> SceneResult:
-    seed, index, ((h_lo, h_hi), (w_lo, w_hi)) = args
+def _scene_for_index(args: tuple[int, int, tuple[tuple[int, int], tuple[int, int]], bool]) -> SceneResult:
+    seed, index, ((h_lo, h_hi), (w_lo, w_hi)), turned = args
     rng = np.random.default_rng([seed, index])
     height, width = int(rng.integers(h_lo, h_hi + 1)), int(rng.integers(w_lo, w_hi + 1))
-    return compose_scene(rng, height, width)
+    return compose_scene(rng, height, width, turned)
 
 
 def assign_splits(num_images: int, splits: Sequence[tuple[str, float]], seed: int) -> list[str]:
@@ -191,12 +191,13 @@ def _check_size_range(size_range) -> tuple[tuple[int, int], tuple[int, int]]:
 def generate_dataset(out_dir: str | Path, num_images: int, seed: int,
                      image_size_range=((160, 320), (160, 320)),
                      splits: Sequence[tuple[str, float]] = DEFAULT_SPLITS,
-                     progress: bool = True, workers: int = 1) -> Path:
+                     progress: bool = True, workers: int = 1, turned: bool = False) -> Path:
     """Write a synthetic REFER dataset of ``num_images`` scenes to ``out_dir`` and return it.
 
     ``image_size_range`` is ``((h_min, h_max), (w_min, w_max))`` in pixels, inclusive; each image
     draws its height and width independently (varied aspect ratios). Splits are per image.
-    ``workers > 1`` draws scenes in that many processes; the output is identical.
+    ``workers > 1`` draws scenes in that many processes; the output is identical. ``turned``: rectangles at any
+    angle and diamonds lying on their side too (``sample_spec``).
     """
     if int(num_images) < 1:
         raise DatasetError(f"num_images must be >= 1, got {num_images!r}")
@@ -207,7 +208,7 @@ def generate_dataset(out_dir: str | Path, num_images: int, seed: int,
 
     images, annotations, refs, samples, scenes = [], [], [], [], []
     next_ann, next_ref, next_sent = 1, 1, 1
-    jobs = [(int(seed), i, sizes) for i in range(int(num_images))]
+    jobs = [(int(seed), i, sizes, turned) for i in range(int(num_images))]
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         results = pool.map(_scene_for_index, jobs, chunksize=4) if pool else map(_scene_for_index, jobs)
