@@ -118,6 +118,11 @@ class Obj:
     mask: np.ndarray          # bool H x W (visible: objects never overlap)
     box: tuple[float, float, float, float]
 
+    @classmethod
+    def of(cls, colour: str, kind: str, mask: np.ndarray) -> "Obj":
+        ys, xs = np.nonzero(mask)
+        return cls(colour, kind, mask, (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)))
+
 
 @dataclass
 class Scene:
@@ -150,6 +155,12 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> np.ndar
         outer, inner = ring(5, -np.pi / 2 + angle), ring(5, -np.pi / 2 + angle + np.pi / 5, r * 0.45)
         return np.stack([outer, inner], 1).reshape(-1, 2)
     raise ValueError(kind)
+
+
+def _clear_of(mask: np.ndarray, taken: np.ndarray) -> bool:
+    """Whether the bool ``mask`` keeps 7 px away from every ``taken`` pixel."""
+    grown = cv2.dilate(mask.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
+    return not (grown & taken).any()
 
 
 def _shape_mask(kind: str, h: int, w: int, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
@@ -199,8 +210,7 @@ def make_scene(rng: np.random.Generator, style: str) -> Scene:
             r = side * rng.uniform(0.08, 0.16)
             cx, cy = rng.uniform(r + 4, w - r - 4), rng.uniform(r + 4, h - r - 4)
             mask = _shape_mask(k, h, w, cx, cy, r, rng.uniform(-0.15, 0.15))
-            grown = cv2.dilate(mask.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
-            if not (grown & taken).any():
+            if _clear_of(mask, taken):
                 break
         else:
             continue
@@ -219,8 +229,7 @@ def make_scene(rng: np.random.Generator, style: str) -> Scene:
             ring_b = ring.astype(bool)
             image[ring_b] = np.clip(colour * 0.35, 0, 255)
             mask = mask | ring_b
-        ys, xs = np.nonzero(mask)
-        objects.append(Obj(c, k, mask, (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))))
+        objects.append(Obj.of(c, k, mask))
     out = np.clip(image, 0, 255).astype(np.uint8)
     if style == "noisy":
         buf = io.BytesIO()
@@ -273,15 +282,13 @@ def make_drawn_scene(rng: np.random.Generator) -> Scene:
             stencil = Image.new("L", (w, h), 0)
             _draw(stencil, k, shape, 255, 255 if outline else None)
             mask = np.asarray(stencil) > 0
-            grown = cv2.dilate(mask.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
-            if not (grown & taken).any():
+            if _clear_of(mask, taken):
                 break
         else:
             continue
         taken |= mask
         _draw(image, k, shape, ImageColor.getrgb(c), (0, 0, 0) if outline else None)
-        ys, xs = np.nonzero(mask)
-        objects.append(Obj(c, k, mask, (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))))
+        objects.append(Obj.of(c, k, mask))
     return Scene(DRAWN, np.asarray(image).copy(), objects)
 
 

@@ -505,8 +505,8 @@ class Region(AddOn):
         """The first of the locator's candidates for ``phrase`` (ranks 0 to ``RELOCATE_RANKS``) whose box
         overlaps none of the ``taken`` boxes by more than ``GroupCount.overlap``, whose mask is one object's (its
         box fits the candidate's by IoU ``REPEAT_BOX_FIT``) of the named kind by its outline or ``sure_of``, and whose
-        box the head reads as the named colour (if any) with probability ``level`` (at least ``colour_level``): (pixel xyxy box, bool ``H x W``
-        mask, score), or None."""
+        box the head reads as the named colour (if any) with probability ``level`` (at least ``colour_level``):
+        (pixel xyxy box, bool ``H x W`` mask, score), or None."""
         locator = model.addons["locator"]
         keys = locator.read_image(model, [image])[0].keys
         ids = ref_phrase_ids(tokenizer, phrase)
