@@ -59,7 +59,7 @@ from shapes.region_verify import (REPEAT_BOX_FIT, REPEAT_MASK_HOLDS, REPEAT_MASK
                                   share_on, sureness)
 from shapes.ref_copy import RefCopy, TokenWords
 from shapes.ref_strict import StrictCopy
-from shapes.silhouette_kind import SilhouetteNet, kind_probabilities, sure_of
+from shapes.silhouette_kind import SilhouetteNet, kind_probabilities, shows_kind, sure_of
 from shapes.vision_stem import install_vision_stem
 
 TIGHTENED_NOTE = ("target {number} ({phrase!r}) boxed by its mask's tight box: its box was loose about the mask, "
@@ -327,10 +327,7 @@ class Presence(AddOn):
             return False
         names = plain_names(phrase, region.vocab)
         target = next(t for t in prediction.targets if t.phrase == phrase)
-        if not names or not names[1] or target.mask is None:
-            return False
-        kind = names[1][0]
-        return outline_kind(target.mask) == kind or sure_of(model, target.mask, kind)
+        return bool(names and names[1]) and shows_kind(model, target.mask, names[1][0])
 
 
 @register_addon
@@ -522,8 +519,7 @@ class Region(AddOn):
             pred = self.marked(model, image, box=box)
             mask = pred.masks[0]
             own = box_from_mask(mask)
-            if own is not None and box_iou(own, box) >= REPEAT_BOX_FIT and (outline_kind(mask) == kind
-                                                                          or sure_of(model, mask, kind)):
+            if own is not None and box_iou(own, box) >= REPEAT_BOX_FIT and shows_kind(model, mask, kind):
                 return box, mask, float(pred.scores[0])
         return None
 

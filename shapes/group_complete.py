@@ -52,9 +52,9 @@ def has_names(model, region, keys, image, box: list[float], mask: np.ndarray, na
               group_area: float) -> bool:
     """Whether the object in ``box`` (its ``mask``) has the named colours (the region head's reading, at
     ``GroupCount.confidence``) and kind (a clear outline of it, ``outline_kind``: the head misreads kinds on grey
-    scenes; or the ``silhouette`` network's sure reading of it, ``sure_of``). Where no kind is named, a clear outline of any kind will do, or else, on a mask of at least
-    ``MIN_AREA_SHARE`` of ``group_area`` (a speck of background texture can read as a colour and a kind), a solid
-    outline or the head's reading of some kind."""
+    scenes; or the ``silhouette`` network's sure reading of it, ``sure_of``). Where no kind is named, a clear
+    outline of any kind will do, or else, on a mask of at least ``MIN_AREA_SHARE`` of ``group_area`` (a speck of
+    background texture can read as a colour and a kind), a solid outline or the head's reading of some kind."""
     colours, kinds = names
     read = outline_kind(mask)
     if read is None and kinds and sure_of(model, mask, kinds[0]):

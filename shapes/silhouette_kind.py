@@ -84,6 +84,13 @@ def sure_of(model, mask: np.ndarray | None, kind: str) -> bool:
             and addon.probability(mask, kind) >= SURE)
 
 
+def shows_kind(model, mask: np.ndarray | None, kind: str) -> bool:
+    """Whether the bool ``H x W`` ``mask`` clearly has ``kind``: by its outline (``outline_kind``) or ``sure_of``."""
+    from shapes.outline_kind import outline_kind
+
+    return mask is not None and (outline_kind(mask) == kind or sure_of(model, mask, kind))
+
+
 # ---------------------------------------------------------------------------------------------------- training
 def roughened(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A tight bool crop ``h x w`` of a true mask made to look decoded (float ``h' x w'`` in 0-1, tight again):
